@@ -1,0 +1,73 @@
+"""The Agent API: what a user writes, running inside its own OS process.
+
+An agent is a class with callbacks, like an OTP gen_server:
+
+* ``init()``: load and set up; the supervisor counts the agent as running
+  only after it returned (persistent state is loaded before it, once the
+  store exists).  An exception here is a start failure.
+* ``handle_call(request)``: return the reply.  Raise ``OtpdError`` to send an
+  error reply and keep running; any other exception crashes the process,
+  which is what the supervisor is for.
+* ``handle_cast(message)``: no reply.
+* ``handle_info(message)``: timers set with ``send_after`` / ``send_interval``.
+* ``terminate(reason)``: last words on a clean stop (``"shutdown"``).
+
+Timers belong to the runtime's loop, never to threads of the agent.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from otpd.errors import OtpdError
+
+if TYPE_CHECKING:
+    from otpd.agent.runtime import Runtime
+
+
+class Agent:
+    """Base class of every agent. Subclass it and name it in the config."""
+
+    def __init__(self, agent_id: str, args: dict[str, Any], runtime: Runtime | None = None) -> None:
+        self.id = agent_id
+        self.args = args
+        self._runtime = runtime
+
+    # -- callbacks -----------------------------------------------------------
+
+    def init(self) -> None:
+        """Called once in the child before ``ready`` is sent."""
+
+    def handle_call(self, request: Any) -> Any:
+        raise OtpdError("bad_request", f"agent {self.id!r} takes no calls")
+
+    def handle_cast(self, message: Any) -> None:
+        """Called for each cast; nothing is sent back."""
+
+    def handle_info(self, message: Any) -> None:
+        """Called when a timer set by ``send_after`` / ``send_interval`` fires."""
+
+    def terminate(self, reason: str) -> None:
+        """Called on a clean stop, before the process exits."""
+
+    # -- services of the runtime ---------------------------------------------
+
+    def send_after(self, delay_s: float, message: Any) -> int:
+        """Deliver ``message`` to ``handle_info`` once, after ``delay_s``; returns a timer ref."""
+        return self._rt().add_timer(delay_s, message, interval=None)
+
+    def send_interval(self, every_s: float, message: Any) -> int:
+        """Deliver ``message`` to ``handle_info`` every ``every_s`` until cancelled."""
+        return self._rt().add_timer(every_s, message, interval=every_s)
+
+    def cancel_timer(self, ref: int) -> None:
+        self._rt().cancel_timer(ref)
+
+    def stop(self) -> None:
+        """Finish the current callback, then exit normally (a transient child stays down)."""
+        self._rt().stopping = "normal"
+
+    def _rt(self) -> Runtime:
+        if self._runtime is None:
+            raise RuntimeError("the agent is not running under the otpd runtime")
+        return self._runtime

@@ -1,0 +1,181 @@
+"""The child side: what runs in a forked agent process, from fork to exit.
+
+One loop per child, single-threaded: it reads frames from the channel (a
+socketpair to the daemon), runs the agent's callbacks, fires its timers and
+sends a heartbeat whenever it has been quiet for ``heartbeat_ms``.
+
+Channel frames (msgpack maps, ``t`` = type):
+  daemon -> child: ``{"t": "call", "ref": n, "req": x}``, ``{"t": "cast", "msg": x}``
+  child -> daemon: ``{"t": "ready"}``, ``{"t": "hb"}``, ``{"t": "start_error", "message": s}``,
+                   ``{"t": "reply", "ref": n, "ok": true, "result": x}`` or ``... "ok": false, "error": {...}}``
+
+The process exits with EXIT_NORMAL after ``Agent.stop()``, EXIT_SHUTDOWN after
+SIGTERM, EXIT_CRASH when an exception escapes a callback, and at once when
+the daemon is gone (channel EOF; PR_SET_PDEATHSIG covers a SIGKILLed daemon).
+"""
+
+from __future__ import annotations
+
+import heapq
+import importlib
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+from itertools import count
+from typing import Any, NoReturn
+
+import msgpack
+
+from otpd.agent.base import Agent
+from otpd.core.spec import AgentSpec
+from otpd.errors import OtpdError
+from otpd.posix import system
+
+MAX_FRAME = 64 * 1024 * 1024
+
+
+def child_main(channel_fd: int, spec: AgentSpec, daemon_pid: int) -> NoReturn:
+    """Entry point right after fork(); never returns."""
+    status = system.EXIT_CRASH
+    try:
+        status = _boot(channel_fd, spec, daemon_pid)
+    except BaseException:  # the process ends here whatever happened; say why first
+        try:
+            traceback.print_exc()
+            sys.stderr.flush()
+        except BaseException:
+            pass
+    finally:
+        os._exit(status)
+
+
+def _boot(channel_fd: int, spec: AgentSpec, daemon_pid: int) -> int:
+    if not system.die_with_parent(daemon_pid):
+        return system.EXIT_CRASH  # the daemon died before we could arm PDEATHSIG
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+    # Ctrl-C in a terminal reaches the whole group; the daemon stops us in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    system.close_inherited_fds(channel_fd)
+    system.set_title(f"otpd: agent {spec.id}")
+    runtime = Runtime(socket.socket(fileno=channel_fd), spec)
+    return runtime.run()
+
+
+def load_class(ref: str) -> type[Agent]:
+    module_name, _, class_name = ref.partition(":")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, Agent)):
+        raise TypeError(f"{ref} is not an Agent")
+    return cls
+
+
+class Runtime:
+    def __init__(self, channel: socket.socket, spec: AgentSpec) -> None:
+        self.channel = channel
+        self.spec = spec
+        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME)
+        self.timers: list[tuple[float, int]] = []
+        self.timer_info: dict[int, tuple[Any, float | None]] = {}
+        self.refs = count(1)
+        self.stopping: str | None = None  # "normal" or "shutdown" once decided
+        self.heartbeat_s = spec.heartbeat_ms / 1000.0
+        self.last_sent = time.monotonic()
+
+    # -- timers ---------------------------------------------------------------
+
+    def add_timer(self, delay_s: float, message: Any, interval: float | None) -> int:
+        ref = next(self.refs)
+        self.timer_info[ref] = (message, interval)
+        heapq.heappush(self.timers, (time.monotonic() + max(0.0, delay_s), ref))
+        return ref
+
+    def cancel_timer(self, ref: int) -> None:
+        self.timer_info.pop(ref, None)  # the heap entry is skipped when it comes up
+
+    def _fire_timers(self, agent: Agent) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now and self.stopping is None:
+            at, ref = heapq.heappop(self.timers)
+            info = self.timer_info.get(ref)
+            if info is None:
+                continue
+            message, interval = info
+            if interval is None:
+                del self.timer_info[ref]
+            else:
+                heapq.heappush(self.timers, (at + interval, ref))
+            agent.handle_info(message)
+
+    # -- the loop -------------------------------------------------------------
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.channel.sendall(msgpack.packb(frame, use_bin_type=True))
+        self.last_sent = time.monotonic()
+
+    def run(self) -> int:
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wfd)
+        signal.signal(signal.SIGTERM, lambda *_: None)  # recorded through the wake-up fd
+        try:
+            agent = load_class(self.spec.agent)(self.spec.id, dict(self.spec.args), self)
+            agent.init()
+        except Exception as exc:
+            self.send({"t": "start_error", "message": f"{type(exc).__name__}: {exc}"})
+            raise
+        self.send({"t": "ready"})
+        selector = selectors.DefaultSelector()
+        selector.register(self.channel, selectors.EVENT_READ, "channel")
+        selector.register(rfd, selectors.EVENT_READ, "signal")
+        while self.stopping is None:
+            for key, _ in selector.select(self._timeout()):
+                if key.data == "signal":
+                    self._on_signals(os.read(rfd, 64))
+                elif not self._on_channel(agent):
+                    return system.EXIT_NORMAL  # the daemon is gone: nothing to answer
+            self._fire_timers(agent)
+            if time.monotonic() - self.last_sent >= self.heartbeat_s:
+                self.send({"t": "hb"})
+        agent.terminate(self.stopping)
+        return system.EXIT_SHUTDOWN if self.stopping == "shutdown" else system.EXIT_NORMAL
+
+    def _timeout(self) -> float:
+        wait = self.last_sent + self.heartbeat_s - time.monotonic()
+        if self.timers:
+            wait = min(wait, self.timers[0][0] - time.monotonic())
+        return max(0.0, wait)
+
+    def _on_signals(self, data: bytes) -> None:
+        if signal.SIGTERM in data:
+            self.stopping = "shutdown"
+
+    def _on_channel(self, agent: Agent) -> bool:
+        try:
+            data = self.channel.recv(256 * 1024)
+        except ConnectionResetError:
+            return False
+        if not data:
+            return False
+        self.unpacker.feed(data)
+        for frame in self.unpacker:
+            self._dispatch(agent, frame)
+            if self.stopping is not None:
+                break
+        return True
+
+    def _dispatch(self, agent: Agent, frame: dict[str, Any]) -> None:
+        kind = frame.get("t")
+        if kind == "call":
+            try:
+                result = agent.handle_call(frame.get("req"))
+            except OtpdError as err:
+                self.send({"t": "reply", "ref": frame["ref"], "ok": False, "error": err.to_wire()})
+            else:
+                self.send({"t": "reply", "ref": frame["ref"], "ok": True, "result": result})
+        elif kind == "cast":
+            agent.handle_cast(frame.get("msg"))

@@ -1,0 +1,229 @@
+"""``otpctl``: drive a running otpd over its control socket.
+
+Exit codes: 0 ok; 1 the daemon answered with an error (its code is printed);
+2 usage; 3 the daemon cannot be reached.  ``--json`` prints exactly one JSON
+document (``events`` prints one per line).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from otpd.control.client import Client, Unreachable
+from otpd.errors import OtpdError
+
+EXIT_DAEMON_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+
+class Ctx:
+    def __init__(self, socket_path: str | None, as_json: bool) -> None:
+        self.socket_path = socket_path
+        self.as_json = as_json
+
+    def request(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = 60.0) -> Any:
+        try:
+            with Client(self.socket_path, timeout=timeout) as client:
+                return client.request(op, args)
+        except Unreachable as exc:
+            _die(str(exc), EXIT_UNREACHABLE)
+        except OtpdError as err:
+            if self.as_json:
+                click.echo(json.dumps({"error": err.to_wire()}))
+            _die(f"error {err.code}: {err.message}", EXIT_DAEMON_ERROR)
+
+    def show(self, result: Any, human: str | None = None) -> None:
+        if self.as_json or human is None:
+            click.echo(json.dumps(result, indent=None if self.as_json else 2, sort_keys=not self.as_json))
+        else:
+            click.echo(human)
+
+
+def _die(message: str, code: int) -> NoReturn:
+    click.echo(f"otpctl: {message}", err=True)
+    sys.exit(code)
+
+
+def _json_arg(text: str, name: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.UsageError(f"{name} is not valid JSON: {exc}") from None
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", envvar="OTPD_SOCKET", help="Control socket (default: $OTPD_SOCKET, "
+              "/run/otpd/otpd.sock if present, else the checkout's var/run/otpd.sock).")
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document.")
+@click.pass_context
+def main(ctx: click.Context, socket_path: str | None, as_json: bool) -> None:
+    """Control a running otpd."""
+    ctx.obj = Ctx(socket_path, as_json)
+
+
+def _table(children: list[dict[str, Any]]) -> str:
+    rows = [("ID", "TYPE", "SUPERVISOR", "PID", "STATE", "RESTARTS", "RESTART")]
+    rows += [(c["id"], c["type"], c["supervisor"], "-" if c["pid"] is None else str(c["pid"]), c["state"],
+              str(c["restarts"]), c["restart"]) for c in children]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+@main.command()
+@pass_ctx
+def status(c: Ctx) -> None:
+    """The daemon and every child."""
+    result = c.request("status")
+    d = result["daemon"]
+    running = sum(1 for ch in result["children"] if ch["state"] == "running")
+    head = (f"otpd {d['version']} pid {d['pid']} {d['state']}, up {d['uptime_s']:.1f}s, "
+            f"{running}/{len(result['children'])} children running")
+    c.show(result, head + "\n" + _table(result["children"]))
+
+
+@main.command()
+@pass_ctx
+def ps(c: Ctx) -> None:
+    """Children as a table."""
+    result = c.request("ps")
+    c.show(result, _table(result["children"]))
+
+
+@main.command()
+@pass_ctx
+def tree(c: Ctx) -> None:
+    """Children as the supervision tree."""
+    result = c.request("ps")
+    depth = {"root": 0}
+    lines = ["root"]
+    for ch in result["children"]:
+        depth[ch["id"]] = depth.get(ch["supervisor"], 0) + 1
+        pid = "" if ch["pid"] is None else f" pid {ch['pid']}"
+        lines.append(f"{'  ' * depth[ch['id']]}{ch['id']} [{ch['type']}] {ch['state']}{pid} restarts={ch['restarts']}")
+    c.show(result, "\n".join(lines))
+
+
+@main.command()
+@click.argument("child_id", metavar="ID")
+@click.option("--signal", "sig", default="KILL", show_default=True, help="Signal name or number.")
+@pass_ctx
+def kill(c: Ctx, child_id: str, sig: str) -> None:
+    """Send a signal to a child's process (chaos)."""
+    result = c.request("kill", {"id": child_id, "signal": sig})
+    c.show(result, f"{result['signal']} sent to {child_id} (pid {result['pid']})")
+
+
+@main.command()
+@click.argument("child_id", metavar="ID")
+@click.option("--state", default="running", show_default=True)
+@click.option("--not-pid", type=int, default=None, help="Wait for a process other than this PID.")
+@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds.")
+@pass_ctx
+def wait(c: Ctx, child_id: str, state: str, not_pid: int | None, timeout: float) -> None:
+    """Block until a child reaches a state (optionally with a new PID)."""
+    result = c.request("wait", {"id": child_id, "state": state, "not_pid": not_pid, "timeout": timeout},
+                       timeout=timeout + 10)
+    c.show(result, f"{child_id} {result['state']}" + (f" pid {result['pid']}" if result["pid"] else ""))
+
+
+@main.command()
+@click.option("--no-wait", is_flag=True, help="Return once the daemon accepted the request.")
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+@pass_ctx
+def shutdown(c: Ctx, no_wait: bool, timeout: float) -> None:
+    """Stop every child in reverse order, then the daemon."""
+    try:
+        with Client(c.socket_path, timeout=timeout) as client:
+            result = client.request("shutdown")
+            if not no_wait:
+                try:
+                    while True:
+                        client.receive()
+                except Unreachable:
+                    pass  # the daemon closed the socket as it exited
+    except Unreachable as exc:
+        _die(str(exc), EXIT_UNREACHABLE)
+    except OtpdError as err:
+        _die(f"error {err.code}: {err.message}", EXIT_DAEMON_ERROR)
+    c.show(result, f"otpd (pid {result['pid']}) " + ("stopping" if no_wait else "stopped"))
+
+
+@main.command()
+@click.argument("child_id", metavar="ID")
+@click.argument("request_json", metavar="REQUEST_JSON")
+@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds.")
+@pass_ctx
+def call(c: Ctx, child_id: str, request_json: str, timeout: float) -> None:
+    """Send a request to an agent and print its reply."""
+    request = _json_arg(request_json, "REQUEST_JSON")
+    result = c.request("call", {"id": child_id, "request": request, "timeout": timeout}, timeout=timeout + 10)
+    c.show(result, json.dumps(result))
+
+
+@main.command()
+@click.argument("child_id", metavar="ID")
+@click.argument("message_json", metavar="MESSAGE_JSON")
+@pass_ctx
+def cast(c: Ctx, child_id: str, message_json: str) -> None:
+    """Send a message to an agent; no reply."""
+    result = c.request("cast", {"id": child_id, "message": _json_arg(message_json, "MESSAGE_JSON")})
+    c.show(result, f"sent to {child_id}")
+
+
+def _lifecycle(op: str, doc: str) -> None:
+    @main.command(op, help=doc)
+    @click.argument("child_id", metavar="ID")
+    @pass_ctx
+    def command(c: Ctx, child_id: str) -> None:
+        result = c.request(op, {"id": child_id})
+        c.show(result, f"{child_id}: {result['state']}")
+
+
+_lifecycle("start", "Start a stopped child (and let restarts manage it again).")
+_lifecycle("stop", "Stop a child and keep it down until `start`.")
+_lifecycle("restart", "Stop a child, then start it.")
+_lifecycle("remove", "Stop a child of a dynamic supervisor and forget it.")
+
+
+@main.command()
+@click.argument("supervisor")
+@click.argument("child_id", metavar="ID")
+@click.option("--args", "args_json", default="{}", help="JSON object merged over the template's args.")
+@pass_ctx
+def add(c: Ctx, supervisor: str, child_id: str, args_json: str) -> None:
+    """Add a child to a dynamic supervisor, from its template."""
+    args = _json_arg(args_json, "--args")
+    if not isinstance(args, dict):
+        raise click.UsageError("--args must be a JSON object")
+    result = c.request("add", {"supervisor": supervisor, "id": child_id, "args": args})
+    c.show(result, f"{child_id} added to {supervisor}")
+
+
+@main.command()
+@click.option("--follow", is_flag=True, help="Keep printing events as they come.")
+@pass_ctx
+def events(c: Ctx, follow: bool) -> None:
+    """Print supervision events (started, ready, exited, restarted, escalated, stopped)."""
+    if not follow:
+        _die("only --follow is available in this version (no event history yet)", EXIT_USAGE)
+    try:
+        with Client(c.socket_path, timeout=None) as client:
+            for event in client.events():
+                click.echo(json.dumps(event) if c.as_json else _event_line(event))
+    except Unreachable:
+        sys.exit(0)  # the daemon stopped: the stream is over
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "id", "time"))
+    return f"{event['time']:.6f} {event['id']} {event['event']} {rest}".rstrip()

@@ -1,0 +1,398 @@
+"""Read and validate the TOML config into frozen specs.
+
+Validation happens once, here, at the edge: each table has a table of known
+keys, each key one small check.  Every problem is collected (not just the
+first) and named by its dotted key and its line in the file, e.g.
+``otpd.toml:14: root.children[1].restart: 'sometimes' is not one of ...``.
+tomllib gives no positions for values, so ``_key_lines`` maps each key to the
+line that sets it with a small scan of the text.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from otpd.core.spec import (
+    DEFAULT_HEARTBEAT_MS,
+    DEFAULT_HEARTBEAT_TIMEOUT_MS,
+    DEFAULT_MAX_RESTARTS,
+    DEFAULT_MAX_SECONDS,
+    DEFAULT_SHUTDOWN_MS,
+    RESTARTS,
+    STRATEGIES,
+    AgentSpec,
+    ChildSpec,
+    SupervisorSpec,
+    walk,
+)
+from otpd.errors import OtpdError
+
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,127}$")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+DURABILITIES = ("process", "fsync")
+SOCKET_NAME = "otpd.sock"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    state_dir: Path
+    runtime_dir: Path
+    socket: Path
+    socket_group: str | None
+    log_level: str
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    durability: str
+    map_size_mb: int
+    sync_interval_ms: int
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    daemon: DaemonConfig
+    store: StoreConfig
+    root: SupervisorSpec
+
+    def agent_classes(self) -> set[str]:
+        out = {n.agent for n in walk(self.root) if isinstance(n, AgentSpec)}
+        for node in walk(self.root):
+            if isinstance(node, SupervisorSpec) and node.template is not None:
+                out.add(node.template.agent)
+        return out
+
+
+class ConfigError(OtpdError):
+    def __init__(self, path: Path, errors: list[str]) -> None:
+        super().__init__("config_invalid", "\n".join(errors), {"path": str(path), "errors": errors})
+        self.errors = errors
+
+
+# -- key -> line ------------------------------------------------------------
+
+_HEADER_RE = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?")
+_KEY_RE = re.compile(r"""^\s*([A-Za-z0-9_\-]+|"[^"]*"|'[^']*')\s*=""")
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map dotted paths (``root.children[1].restart``) to 1-based line numbers."""
+    lines: dict[str, int] = {}
+    arrays: dict[str, int] = {}
+    current = ""
+    for number, line in enumerate(text.splitlines(), start=1):
+        header = _HEADER_RE.match(line)
+        if header:
+            parts = [p.strip().strip("\"'") for p in header.group(2).split(".")]
+            resolved: list[str] = []
+            for part in parts[:-1]:
+                resolved.append(part)
+                key = ".".join(resolved)
+                if key in arrays:
+                    resolved[-1] = f"{part}[{arrays[key] - 1}]"
+            resolved.append(parts[-1])
+            current = ".".join(resolved)
+            if header.group(1) == "[[":
+                arrays[current] = arrays.get(current, 0) + 1
+                current = f"{current}[{arrays[current] - 1}]"
+            lines.setdefault(current, number)
+            continue
+        key = _KEY_RE.match(line)
+        if key:
+            name = key.group(1).strip("\"'")
+            lines.setdefault(f"{current}.{name}" if current else name, number)
+    return lines
+
+
+class _Checker:
+    """Collects errors, each located by dotted path and line."""
+
+    def __init__(self, path: Path, lines: dict[str, int]) -> None:
+        self.path = path
+        self.lines = lines
+        self.errors: list[str] = []
+
+    def error(self, where: str, message: str) -> None:
+        probe = where
+        while probe and probe not in self.lines:
+            probe = probe.rpartition(".")[0]
+        line = self.lines.get(probe)
+        loc = f"{self.path.name}:{line}" if line else self.path.name
+        self.errors.append(f"{loc}: {where}: {message}")
+
+    def table(self, where: str, value: Any, known: dict[str, Callable[[str, Any], Any]]) -> dict[str, Any]:
+        """Check every key of a table; return the checked values of the valid ones."""
+        if not isinstance(value, dict):
+            self.error(where, f"must be a table, not {_type(value)}")
+            return {}
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            at = f"{where}.{key}" if where else key
+            check = known.get(key)
+            if check is None:
+                self.error(at, f"unknown key (known: {', '.join(sorted(known))})")
+                continue
+            try:
+                out[key] = check(at, item)
+            except _Bad as bad:
+                self.error(at, str(bad))
+        return out
+
+
+class _Bad(Exception):
+    pass
+
+
+def _type(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _str(_: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _Bad(f"must be a string, not {_type(value)}")
+    return value
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def check(at: str, value: Any) -> str:
+        _str(at, value)
+        if value not in choices:
+            raise _Bad(f"{value!r} is not one of {', '.join(choices)}")
+        return str(value)
+
+    return check
+
+
+def _int(low: int, high: int) -> Callable[[str, Any], int]:
+    def check(_: str, value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _Bad(f"must be an integer, not {_type(value)}")
+        if not low <= value <= high:
+            raise _Bad(f"{value} is out of range {low}..{high}")
+        return value
+
+    return check
+
+
+def _seconds(_: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _Bad(f"must be a number, not {_type(value)}")
+    if not 0 < value <= 86400:
+        raise _Bad(f"{value} is out of range (0, 86400]")
+    return float(value)
+
+
+def _shutdown(_: str, value: Any) -> int | None:
+    if value == "brutal_kill":
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 3_600_000:
+        raise _Bad(f"must be milliseconds (0..3600000) or \"brutal_kill\", not {value!r}")
+    return value
+
+
+def _id(_: str, value: Any) -> str:
+    _str(_, value)
+    if not ID_RE.match(value):
+        raise _Bad(f"{value!r} is not a valid id (letters, digits, _ . @ : -; at most 128)")
+    return str(value)
+
+
+def _args(_: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Bad(f"must be a table, not {_type(value)}")
+    return value
+
+
+def check_agent_class(ref: str) -> None:
+    """Import ``module:Class`` and check it is an Agent; raise _Bad with the reason."""
+    from otpd.agent.base import Agent
+
+    module_name, sep, class_name = ref.partition(":")
+    if not sep or not module_name or not class_name:
+        raise _Bad(f"{ref!r} is not \"module:Class\"")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure of user code is a config error
+        raise _Bad(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Agent)):
+        raise _Bad(f"{ref!r} is not a subclass of otpd.agent.base.Agent")
+
+
+def _agent_ref(_: str, value: Any) -> str:
+    _str(_, value)
+    check_agent_class(value)
+    return str(value)
+
+
+AGENT_KEYS: dict[str, Callable[[str, Any], Any]] = {
+    "id": _id,
+    "agent": _agent_ref,
+    "restart": _one_of(RESTARTS),
+    "shutdown_ms": _shutdown,
+    "heartbeat_ms": _int(10, 3_600_000),
+    "heartbeat_timeout_ms": _int(0, 86_400_000),
+    "args": _args,
+}
+SUPERVISOR_KEYS: dict[str, Callable[[str, Any], Any]] = {
+    "id": _id,
+    "supervisor": _one_of(("static", "dynamic")),
+    "strategy": _one_of(STRATEGIES),
+    "max_restarts": _int(0, 1_000_000),
+    "max_seconds": _seconds,
+    "restart": _one_of(RESTARTS),
+    "children": lambda _, v: v,  # checked node by node below
+    "template": lambda _, v: v,
+}
+ROOT_KEYS = {k: v for k, v in SUPERVISOR_KEYS.items() if k in ("strategy", "max_restarts", "max_seconds", "children")}
+
+
+def _agent_spec(c: _Checker, where: str, raw: dict[str, Any], child_id: str) -> AgentSpec | None:
+    if "agent" not in raw:
+        c.error(where, "missing key 'agent'")
+        return None
+    return AgentSpec(
+        id=child_id,
+        agent=raw["agent"],
+        restart=raw.get("restart", "permanent"),
+        shutdown_ms=raw.get("shutdown_ms", DEFAULT_SHUTDOWN_MS),
+        heartbeat_ms=raw.get("heartbeat_ms", DEFAULT_HEARTBEAT_MS),
+        heartbeat_timeout_ms=raw.get("heartbeat_timeout_ms", DEFAULT_HEARTBEAT_TIMEOUT_MS),
+        args=raw.get("args", {}),
+    )
+
+
+def _children(c: _Checker, where: str, value: Any, seen: set[str]) -> tuple[ChildSpec, ...]:
+    if not isinstance(value, list):
+        c.error(where, f"must be an array of tables ([[{where}]]), not {_type(value)}")
+        return ()
+    out: list[ChildSpec] = []
+    for i, item in enumerate(value):
+        spec = _child(c, f"{where}[{i}]", item, seen)
+        if spec is not None:
+            out.append(spec)
+    return tuple(out)
+
+
+def _child(c: _Checker, where: str, item: Any, seen: set[str]) -> ChildSpec | None:
+    if not isinstance(item, dict):
+        c.error(where, f"must be a table, not {_type(item)}")
+        return None
+    if "supervisor" in item and "agent" in item:
+        c.error(where, "has both 'agent' and 'supervisor': a child is one or the other")
+        return None
+    is_sup = "supervisor" in item
+    raw = c.table(where, item, SUPERVISOR_KEYS if is_sup else AGENT_KEYS)
+    child_id = raw.get("id")
+    if "id" not in item:
+        c.error(where, "missing key 'id'")
+    elif child_id is not None:
+        if child_id in seen or child_id == "root":
+            c.error(f"{where}.id", f"{child_id!r} is used twice (ids name children across the whole tree)")
+        seen.add(child_id)
+    if child_id is None:
+        return None
+    if not is_sup:
+        if "agent" not in item and "supervisor" not in item:
+            c.error(where, "needs 'agent = \"module:Class\"' or 'supervisor = \"static\"|\"dynamic\"'")
+            return None
+        return _agent_spec(c, where, raw, child_id)
+    return _supervisor(c, where, item, raw, child_id, seen)
+
+
+def _supervisor(
+    c: _Checker, where: str, item: dict[str, Any], raw: dict[str, Any], sup_id: str, seen: set[str]
+) -> SupervisorSpec | None:
+    kind = raw.get("supervisor", "static")
+    children: tuple[ChildSpec, ...] = ()
+    template = None
+    if kind == "dynamic":
+        if "children" in item:
+            c.error(f"{where}.children", "a dynamic supervisor's children are added at run time")
+        if raw.get("strategy", "one_for_one") != "one_for_one":
+            c.error(f"{where}.strategy", "a dynamic supervisor is one_for_one")
+        if "template" in item:
+            t_where = f"{where}.template"
+            t_keys = {k: v for k, v in AGENT_KEYS.items() if k != "id"}
+            t_raw = c.table(t_where, item["template"], t_keys)
+            if isinstance(item["template"], dict):
+                template = _agent_spec(c, t_where, {"restart": "transient", **t_raw}, "*")
+    else:
+        if "template" in item:
+            c.error(f"{where}.template", "only a dynamic supervisor has a template")
+        children = _children(c, f"{where}.children", item.get("children", []), seen)
+    return SupervisorSpec(
+        id=sup_id,
+        kind=kind,
+        strategy=raw.get("strategy", "one_for_one"),
+        max_restarts=raw.get("max_restarts", DEFAULT_MAX_RESTARTS),
+        max_seconds=raw.get("max_seconds", DEFAULT_MAX_SECONDS),
+        restart=raw.get("restart", "permanent"),
+        children=children,
+        template=template,
+    )
+
+
+def parse(text: str, path: Path) -> Config:
+    """Validate ``text`` (the contents of ``path``); raise ConfigError listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"{path.name}: not valid TOML: {exc}"]) from None
+    c = _Checker(path, _key_lines(text))
+    top = c.table("", data, {"daemon": lambda _, v: v, "store": lambda _, v: v, "root": lambda _, v: v})
+    base = path.parent
+    daemon = c.table("daemon", top.get("daemon", {}), {
+        "state_dir": _str, "runtime_dir": _str, "socket": _str, "socket_group": _str,
+        "log_level": _one_of(LOG_LEVELS),
+    })
+    store = c.table("store", top.get("store", {}), {
+        "durability": _one_of(DURABILITIES), "map_size_mb": _int(1, 1 << 24),
+        "sync_interval_ms": _int(1, 3_600_000),
+    })
+    root_raw = top.get("root", {})
+    root_keys = c.table("root", root_raw, ROOT_KEYS)
+    seen: set[str] = set()
+    children = _children(c, "root.children", root_raw.get("children", []) if isinstance(root_raw, dict) else [], seen)
+    if c.errors:
+        raise ConfigError(path, c.errors)
+    runtime_dir = base / daemon.get("runtime_dir", "var/run")
+    return Config(
+        path=path,
+        daemon=DaemonConfig(
+            state_dir=base / daemon.get("state_dir", "var/lib"),
+            runtime_dir=runtime_dir,
+            socket=base / daemon["socket"] if "socket" in daemon else runtime_dir / SOCKET_NAME,
+            socket_group=daemon.get("socket_group"),
+            log_level=daemon.get("log_level", "info"),
+        ),
+        store=StoreConfig(
+            durability=store.get("durability", "process"),
+            map_size_mb=store.get("map_size_mb", 1024),
+            sync_interval_ms=store.get("sync_interval_ms", 1000),
+        ),
+        root=SupervisorSpec(
+            id="root",
+            strategy=root_keys.get("strategy", "one_for_one"),
+            max_restarts=root_keys.get("max_restarts", DEFAULT_MAX_RESTARTS),
+            max_seconds=root_keys.get("max_seconds", DEFAULT_MAX_SECONDS),
+            children=children,
+        ),
+    )
+
+
+def load(path: str | Path) -> Config:
+    p = Path(path).resolve()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(p, [f"{p}: cannot read: {exc}"]) from None
+    return parse(text, p)

@@ -1,0 +1,32 @@
+"""Control-socket frames (DESIGN §4): msgpack maps, streamed, size-limited.
+
+Request ``{"id": n, "op": "...", "args": {...}}``; reply ``{"id": n, "ok": true,
+"result": ...}`` or ``{"id": n, "ok": false, "error": {"code", "message", "details"}}``.
+After ``events``, the connection carries ``{"event": ..., ...}`` frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+MAX_FRAME = 1 << 20  # a request larger than this closes the connection
+OUT_CAP = 16 << 20  # a client that lets this much pile up unread is dropped
+MAX_ID = (1 << 63) - 1
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpacker(max_frame: int = MAX_FRAME) -> msgpack.Unpacker:
+    return msgpack.Unpacker(raw=False, max_buffer_size=max_frame, strict_map_key=False)
+
+
+def ok(req_id: Any, result: Any) -> dict[str, Any]:
+    return {"id": req_id, "ok": True, "result": result}
+
+
+def fail(req_id: Any, error: dict[str, Any]) -> dict[str, Any]:
+    return {"id": req_id, "ok": False, "error": error}

@@ -1,0 +1,221 @@
+"""The control socket's server side: accept, frame, check, dispatch, buffer.
+
+Non-blocking throughout and driven by the daemon's selector.  A client is
+never allowed to block the loop: replies go to a per-connection buffer, and a
+client that lets ``OUT_CAP`` bytes pile up unread is disconnected.  Garbage
+(bytes that are not msgpack, or a frame over ``MAX_FRAME``) closes the
+connection; a well-formed frame that is not a valid request gets
+``bad_request``.  Peers are checked with SO_PEERCRED at accept.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import selectors
+import socket
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+from otpd.control import protocol
+from otpd.errors import OtpdError
+from otpd.posix import system
+
+Handler = Callable[["Connection", Any, dict[str, Any]], Any]
+DEFERRED = object()  # a handler's result meaning "the reply comes later"
+
+
+class Connection:
+    __slots__ = ("sock", "server", "unpacker", "out", "closed", "writing", "subscribed", "peer")
+
+    def __init__(self, sock: socket.socket, server: ControlServer, peer: tuple[int, int, int]) -> None:
+        self.sock = sock
+        self.server = server
+        self.unpacker = protocol.unpacker()
+        self.out = bytearray()
+        self.closed = False
+        self.writing = False
+        self.subscribed = False
+        self.peer = peer
+
+    def reply(self, req_id: Any, result: Any) -> None:
+        self.send(protocol.ok(req_id, result))
+
+    def error(self, req_id: Any, err: OtpdError) -> None:
+        self.send(protocol.fail(req_id, err.to_wire()))
+
+    def send(self, frame: Any) -> None:
+        if self.closed:
+            return
+        data = protocol.pack(frame)
+        if len(self.out) + len(data) > protocol.OUT_CAP:
+            self.close()  # it stopped reading: drop it rather than grow without bound
+            return
+        self.out += data
+        self.flush()
+
+    def flush(self) -> None:
+        while self.out and not self.closed:
+            try:
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.close()
+                return
+            del self.out[:sent]
+        want_write = bool(self.out) and not self.closed
+        if want_write != self.writing and not self.closed:
+            self.writing = want_write
+            mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0)
+            self.server.selector.modify(self.sock, mask, self.on_ready)
+
+    def on_ready(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self.flush()
+        if mask & selectors.EVENT_READ and not self.closed:
+            self.on_readable()
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(256 * 1024)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        try:
+            self.unpacker.feed(data)
+            for frame in self.unpacker:
+                self.server.dispatch(self, frame)
+                if self.closed:
+                    return
+        except (msgpack.UnpackException, ValueError):
+            self.close()  # not msgpack, or a frame over the limit: nothing to answer
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.out.clear()
+        self.server.forget(self)
+        try:
+            self.server.selector.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+        self.sock.close()
+
+
+class ControlServer:
+    def __init__(self, selector: selectors.BaseSelector, path: Path, group: str | None,
+                 handlers: dict[str, Handler], on_close: Callable[[Connection], None]) -> None:
+        self.selector = selector
+        self.path = path
+        self.group_gid = grp.getgrnam(group).gr_gid if group else None
+        self.handlers = handlers
+        self.on_close = on_close
+        self.connections: set[Connection] = set()
+        self.listener: socket.socket | None = None
+        self.uid = os.getuid()
+
+    def open(self) -> None:
+        runtime_dir = self.path.parent
+        runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o750 if self.group_gid is not None else 0o700)
+        mode = runtime_dir.stat().st_mode
+        if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+            raise OtpdError("config_invalid", f"runtime dir {runtime_dir} is world-writable")
+        self._refuse_if_live()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o117 if self.group_gid is not None else 0o177)
+        try:
+            sock.bind(str(self.path))
+        finally:
+            os.umask(old)
+        if self.group_gid is not None:
+            os.chown(self.path, -1, self.group_gid)
+        sock.listen(512)
+        sock.setblocking(False)
+        self.listener = sock
+        self.selector.register(sock, selectors.EVENT_READ, self.on_accept)
+
+    def _refuse_if_live(self) -> None:
+        if not self.path.exists():
+            return
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.path))
+        except OSError:
+            return  # stale socket of a dead daemon
+        finally:
+            probe.close()
+        raise OtpdError("already_exists", f"another otpd is listening on {self.path}")
+
+    def close(self) -> None:
+        for conn in list(self.connections):
+            conn.flush()
+            conn.close()
+        if self.listener is not None:
+            self.selector.unregister(self.listener)
+            self.listener.close()
+            self.listener = None
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def on_accept(self, _mask: int) -> None:
+        assert self.listener is not None
+        for _ in range(64):  # bounded, so a flood of connects cannot starve the loop
+            try:
+                sock, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return  # EMFILE and friends: the backlog keeps them until fds free up
+            sock.setblocking(False)
+            peer = system.peer_credentials(sock)
+            conn = Connection(sock, self, peer)
+            self.connections.add(conn)
+            self.selector.register(sock, selectors.EVENT_READ, conn.on_ready)
+            if not self._allowed(peer):
+                conn.error(None, OtpdError("permission_denied", f"uid {peer[1]} may not use this socket"))
+                conn.flush()
+                conn.close()
+
+    def _allowed(self, peer: tuple[int, int, int]) -> bool:
+        _pid, uid, gid = peer
+        return uid in (0, self.uid) or (self.group_gid is not None and gid == self.group_gid)
+
+    def forget(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.on_close(conn)
+
+    def dispatch(self, conn: Connection, frame: Any) -> None:
+        req_id = frame.get("id") if isinstance(frame, dict) else None
+        if not isinstance(req_id, int) or isinstance(req_id, bool) or not 0 <= req_id <= protocol.MAX_ID:
+            req_id = None
+        try:
+            if not isinstance(frame, dict) or req_id is None:
+                raise OtpdError("bad_request", "a request is a map with an integer 'id' and a string 'op'")
+            op, args = frame.get("op"), frame.get("args", {})
+            handler = self.handlers.get(op) if isinstance(op, str) else None
+            if handler is None:
+                raise OtpdError("bad_request", f"unknown op {op!r}", {"ops": sorted(self.handlers)})
+            if not isinstance(args, dict):
+                raise OtpdError("bad_request", "'args' must be a map")
+            result = handler(conn, req_id, args)
+        except OtpdError as err:
+            conn.error(req_id, err)
+            return
+        if result is not DEFERRED:
+            conn.reply(req_id, result)

@@ -1,0 +1,68 @@
+"""Child specifications: the validated, frozen shape of a supervision tree.
+
+The config layer builds these once at the edge; everything inside trusts them.
+Words are OTP's: restart types, strategies, intensity, shutdown / brutal_kill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+Restart = Literal["permanent", "transient", "temporary"]
+Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
+SupervisorKind = Literal["static", "dynamic"]
+
+RESTARTS: tuple[str, ...] = ("permanent", "transient", "temporary")
+STRATEGIES: tuple[str, ...] = ("one_for_one", "one_for_all", "rest_for_one")
+
+DEFAULT_MAX_RESTARTS = 3
+DEFAULT_MAX_SECONDS = 5.0
+DEFAULT_SHUTDOWN_MS = 5000
+DEFAULT_HEARTBEAT_MS = 2000
+DEFAULT_HEARTBEAT_TIMEOUT_MS = 10000
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One agent: an OS process running ``agent`` (``module:Class``)."""
+
+    id: str
+    agent: str
+    restart: Restart = "permanent"
+    # None means brutal_kill: SIGKILL at once, no SIGTERM.
+    shutdown_ms: int | None = DEFAULT_SHUTDOWN_MS
+    heartbeat_ms: int = DEFAULT_HEARTBEAT_MS
+    # 0 disables the liveness check for this child.
+    heartbeat_timeout_ms: int = DEFAULT_HEARTBEAT_TIMEOUT_MS
+    args: dict[str, Any] = field(default_factory=dict, compare=True, hash=False)
+
+
+@dataclass(frozen=True)
+class SupervisorSpec:
+    """A supervisor node inside the daemon (no process of its own)."""
+
+    id: str
+    kind: SupervisorKind = "static"
+    strategy: Strategy = "one_for_one"
+    max_restarts: int = DEFAULT_MAX_RESTARTS
+    max_seconds: float = DEFAULT_MAX_SECONDS
+    restart: Restart = "permanent"
+    children: tuple[ChildSpec, ...] = ()
+    # dynamic supervisors: the spec children added at run time start from
+    # (OTP's simple_one_for_one child spec); its id is a placeholder.
+    template: AgentSpec | None = None
+
+
+ChildSpec = Union[AgentSpec, SupervisorSpec]
+
+
+def walk(spec: SupervisorSpec) -> list[ChildSpec]:
+    """Every node under ``spec`` (itself included), depth first in start order."""
+    out: list[ChildSpec] = [spec]
+    for child in spec.children:
+        if isinstance(child, SupervisorSpec):
+            out.extend(walk(child))
+        else:
+            out.append(child)
+    return out

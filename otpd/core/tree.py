@@ -1,0 +1,508 @@
+"""The supervision tree as a pure state machine: events in, actions out.
+
+Theory of operation
+-------------------
+Inputs are events with a monotonic ``now``: a child was spawned, sent
+``ready``, exited with a reason; a timer fired; an operator command.  Outputs
+are actions for the shell: ``Spawn``, ``Signal``, ``SetTimer``, ``CancelTimer``,
+``Emit`` and ``Exit``.  Nothing here touches the OS or reads a clock.
+
+OTP's supervisor starts and stops children synchronously: starting waits for
+the child's init to return, stopping waits for its exit or the shutdown
+timeout.  Here every supervisor owns a queue of operations (``start X``,
+``stop X``) and runs them one at a time, each waiting for its matching event
+(``ready`` / exit) before the next.  That gives OTP's order without blocking
+the loop: children start in order, each ready before the next, and stop in
+reverse order.  A dynamic supervisor stops its children all at once, as
+Elixir's DynamicSupervisor does.  Operations are idempotent (starting a
+running child or stopping a stopped one does nothing), so a decision can
+re-queue what it needs without tracking what is already queued.
+
+On an exit the decision is: restart type x exit reason (``should_restart``),
+then the intensity window (``add_restart``), then the strategy's group
+(one_for_one: the child; one_for_all: every child; rest_for_one: the child
+and those after it).  The group's survivors are stopped in reverse order and
+the group is started again in order.  A child that failed to start (it exited
+before ``ready``) is restarted after a capped exponential backoff.  A
+supervisor over its intensity stops its children and fails to its parent; the
+root failing ends with ``Exit(EXIT_ESCALATED)``.
+
+Supervisors are nodes of this tree, not processes: their "exit" is the moment
+their last child is down after they gave up or were asked to stop.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from otpd.core.intensity import add_restart, backoff_delay
+from otpd.core.spec import AgentSpec, ChildSpec, Restart, SupervisorSpec
+from otpd.errors import OtpdError
+
+EXIT_OK = 0
+EXIT_ESCALATED = 4  # the root supervisor exceeded its intensity
+
+Reason = Literal["normal", "shutdown", "crash"]
+State = Literal["starting", "running", "stopping", "restarting", "stopped", "failed"]
+
+# Legal moves of a child's state; anything else is a bug in this module.
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "stopped": frozenset({"starting", "restarting"}),
+    "starting": frozenset({"running", "stopping", "restarting", "stopped", "failed"}),
+    "running": frozenset({"stopping", "restarting", "stopped", "failed"}),
+    "stopping": frozenset({"stopped", "failed"}),
+    "restarting": frozenset({"starting", "stopped"}),
+    "failed": frozenset({"starting", "restarting", "stopped"}),
+}
+UP_STATES = frozenset({"starting", "running"})
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def should_restart(restart: Restart, reason: Reason) -> bool:
+    """OTP's rule: permanent always, transient only after a crash, temporary never."""
+    if restart == "permanent":
+        return True
+    if restart == "transient":
+        return reason == "crash"
+    return False
+
+
+# -- actions ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spawn:
+    id: str
+    spec: AgentSpec
+
+
+@dataclass(frozen=True)
+class Signal:
+    id: str
+    signal: Literal["TERM", "KILL"]
+
+
+@dataclass(frozen=True)
+class SetTimer:
+    key: tuple[Any, ...]
+    at: float
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    key: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Emit:
+    event: str
+    id: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Exit:
+    status: int
+
+
+Action = Union[Spawn, Signal, SetTimer, CancelTimer, Emit, Exit]
+
+
+# -- nodes -----------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    spec: ChildSpec
+    parent: str | None
+    state: str = "stopped"
+    pid: int | None = None
+    restarts: int = 0
+    start_failures: int = 0
+    started_once: bool = False
+    held: bool = False  # stopped by an operator: group restarts leave it down
+    removing: bool = False  # a dynamic child to forget once it is down
+    # supervisor nodes only
+    children: list[str] = field(default_factory=list)
+    queue: deque[tuple[str, str]] = field(default_factory=deque)
+    waiting: set[str] = field(default_factory=set)
+    window: tuple[float, ...] = ()
+    failing: bool = False
+    delayed: dict[int, list[str]] = field(default_factory=dict)
+    timer_seq: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def is_supervisor(self) -> bool:
+        return isinstance(self.spec, SupervisorSpec)
+
+    @property
+    def sup(self) -> SupervisorSpec:
+        assert isinstance(self.spec, SupervisorSpec)
+        return self.spec
+
+
+class Tree:
+    """The whole supervision tree. Every public method returns the actions to run."""
+
+    def __init__(self, root: SupervisorSpec) -> None:
+        self.root_id = root.id
+        self.nodes: dict[str, Node] = {}
+        self._out: list[Action] = []
+        self._advancing: set[str] = set()
+        self._add(root, None)
+
+    def _add(self, spec: ChildSpec, parent: str | None) -> Node:
+        if spec.id in self.nodes:
+            raise OtpdError("already_exists", f"a child named {spec.id!r} exists")
+        node = Node(spec=spec, parent=parent)
+        self.nodes[spec.id] = node
+        if parent is not None:
+            self.nodes[parent].children.append(spec.id)
+        if isinstance(spec, SupervisorSpec):
+            for child in spec.children:
+                self._add(child, spec.id)
+        return node
+
+    # -- queries -----------------------------------------------------------
+
+    def get(self, child_id: str) -> Node:
+        node = self.nodes.get(child_id)
+        if node is None:
+            raise OtpdError("not_found", f"no child named {child_id!r}", {"id": child_id})
+        return node
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every node below the root, depth first in start order."""
+        out: list[dict[str, Any]] = []
+        stack = list(reversed(self.nodes[self.root_id].children))
+        while stack:
+            node = self.nodes[stack.pop()]
+            out.append(
+                {
+                    "id": node.id,
+                    "type": "supervisor" if node.is_supervisor else "agent",
+                    "supervisor": node.parent,
+                    "pid": node.pid,
+                    "state": node.state,
+                    "restarts": node.restarts,
+                    "restart": node.spec.restart,
+                }
+            )
+            stack.extend(reversed(node.children))
+        return out
+
+    # -- events from the shell ---------------------------------------------
+
+    def start(self, now: float) -> list[Action]:
+        root = self.nodes[self.root_id]
+        self._set(root, "starting")
+        root.queue.extend(("start", c) for c in root.children)
+        self._advance(root, now)
+        return self._flush()
+
+    def spawned(self, child_id: str, pid: int, now: float) -> list[Action]:
+        node = self.nodes.get(child_id)
+        if node is not None:
+            node.pid = pid
+            self._emit("started", node, pid=pid)
+        return self._flush()
+
+    def ready(self, child_id: str, now: float) -> list[Action]:
+        node = self.nodes.get(child_id)
+        if node is None or node.state != "starting":
+            return self._flush()  # late: it is already being stopped
+        self._set(node, "running")
+        node.start_failures = 0
+        self._emit("ready", node, pid=node.pid)
+        self._up(node, now)
+        return self._flush()
+
+    def exited(self, child_id: str, reason: Reason, now: float, **details: Any) -> list[Action]:
+        node = self.nodes.get(child_id)
+        live = ("starting", "running", "stopping")
+        if node is not None and not node.is_supervisor and node.state in live:
+            self._cancel(("kill", child_id))
+            self._down(node, reason, now, details)
+        return self._flush()
+
+    def timer(self, key: tuple[Any, ...], now: float) -> list[Action]:
+        kind = key[0]
+        if kind == "kill":
+            node = self.nodes.get(key[1])
+            if node is not None and node.state == "stopping" and node.pid is not None:
+                self._out.append(Signal(node.id, "KILL"))
+        elif kind == "restart":
+            sup = self.nodes.get(key[1])
+            if sup is not None:
+                targets = sup.delayed.pop(key[2], [])
+                if sup.state in UP_STATES:
+                    sup.queue.extend(("start", c) for c in targets)
+                    self._advance(sup, now)
+        return self._flush()
+
+    # -- operator commands -------------------------------------------------
+
+    def stop_child(self, child_id: str, now: float) -> list[Action]:
+        node, parent = self._child_and_parent(child_id)
+        node.held = True
+        self._requeue(parent, child_id, [("stop", child_id)])
+        self._advance(parent, now)
+        return self._flush()
+
+    def start_child(self, child_id: str, now: float) -> list[Action]:
+        node, parent = self._child_and_parent(child_id)
+        node.held = False
+        node.start_failures = 0
+        if parent.state in UP_STATES:
+            self._requeue(parent, child_id, [("start", child_id)])
+            self._advance(parent, now)
+        return self._flush()
+
+    def restart_child(self, child_id: str, now: float) -> list[Action]:
+        node, parent = self._child_and_parent(child_id)
+        node.held = False
+        if parent.state in UP_STATES:
+            self._requeue(parent, child_id, [("stop", child_id), ("start", child_id)])
+            self._advance(parent, now)
+        return self._flush()
+
+    def add_child(self, sup_id: str, spec: AgentSpec, now: float) -> list[Action]:
+        sup = self.get(sup_id)
+        if not sup.is_supervisor or sup.sup.kind != "dynamic":
+            raise OtpdError("bad_request", f"{sup_id!r} is not a dynamic supervisor")
+        if sup.state not in UP_STATES:
+            raise OtpdError("shutting_down", f"supervisor {sup_id!r} is {sup.state}")
+        self._add(spec, sup_id)
+        sup.queue.append(("start", spec.id))
+        self._advance(sup, now)
+        return self._flush()
+
+    def remove_child(self, child_id: str, now: float) -> list[Action]:
+        node, parent = self._child_and_parent(child_id)
+        if parent.sup.kind != "dynamic":
+            raise OtpdError("bad_request", f"{child_id!r} is not a child of a dynamic supervisor")
+        node.held = node.removing = True
+        if node.state in UP_STATES or node.state == "stopping":
+            self._requeue(parent, child_id, [("stop", child_id)])
+            self._advance(parent, now)
+        else:
+            self._forget(node)
+        return self._flush()
+
+    def shutdown(self, now: float) -> list[Action]:
+        root = self.nodes[self.root_id]
+        if root.state in UP_STATES:
+            self._begin_stop(root, now)
+        elif root.state != "stopping":
+            self._out.append(Exit(EXIT_OK))
+        return self._flush()
+
+    # -- the machinery -----------------------------------------------------
+
+    def _flush(self) -> list[Action]:
+        out, self._out = self._out, []
+        return out
+
+    def _set(self, node: Node, state: str) -> None:
+        if state != node.state and state not in TRANSITIONS[node.state]:
+            raise IllegalTransition(f"{node.id}: {node.state} -> {state}")
+        node.state = state
+
+    def _emit(self, event: str, node: Node, **details: Any) -> None:
+        self._out.append(Emit(event, node.id, details))
+
+    def _cancel(self, key: tuple[Any, ...]) -> None:
+        self._out.append(CancelTimer(key))
+
+    def _child_and_parent(self, child_id: str) -> tuple[Node, Node]:
+        node = self.get(child_id)
+        if node.parent is None:
+            raise OtpdError("bad_request", "the root supervisor is stopped by shutdown")
+        return node, self.nodes[node.parent]
+
+    def _requeue(self, sup: Node, child_id: str, ops: list[tuple[str, str]]) -> None:
+        """Replace whatever was pending for ``child_id`` with ``ops``."""
+        sup.queue = deque(op for op in sup.queue if op[1] != child_id)
+        if child_id in sup.waiting and self.nodes[child_id].state == "starting":
+            sup.waiting.discard(child_id)  # its stop preempts the start we waited on
+        sup.queue.extend(ops)
+
+    def _advance(self, sup: Node, now: float) -> None:
+        # A start or stop can finish at once (an empty nested supervisor) and
+        # call back into this supervisor's _advance: the outer loop goes on.
+        if sup.id in self._advancing:
+            return
+        self._advancing.add(sup.id)
+        try:
+            while not sup.waiting and sup.queue:
+                op, child_id = sup.queue.popleft()
+                child = self.nodes.get(child_id)
+                if child is None:
+                    continue
+                if op == "start":
+                    self._do_start(sup, child, now)
+                elif self._stop_now(child, now):
+                    sup.waiting.add(child_id)
+        finally:
+            self._advancing.discard(sup.id)
+        if not sup.waiting and not sup.queue and sup.id in self.nodes:
+            self._settle(sup, now)
+
+    def _do_start(self, sup: Node, child: Node, now: float) -> None:
+        if child.held or child.state in UP_STATES or child.state == "stopping":
+            return
+        self._set(child, "starting")
+        if child.started_once:
+            child.restarts += 1
+            self._emit("restarted", child, restarts=child.restarts)
+        child.started_once = True
+        sup.waiting.add(child.id)
+        if isinstance(child.spec, AgentSpec):
+            self._out.append(Spawn(child.id, child.spec))
+        else:
+            child.window = ()
+            child.failing = False
+            child.queue.extend(("start", c) for c in child.children)
+            self._advance(child, now)
+
+    def _stop_now(self, child: Node, now: float) -> bool:
+        """Begin stopping ``child``; True if the caller must wait for it to be down."""
+        if child.state == "stopping":
+            return True
+        if child.state not in UP_STATES:
+            if child.state == "restarting":
+                self._set(child, "stopped")
+            return False
+        if child.is_supervisor:
+            self._begin_stop(child, now)
+            return child.state == "stopping"
+        self._set(child, "stopping")
+        spec = child.spec
+        assert isinstance(spec, AgentSpec)
+        if spec.shutdown_ms is None:
+            self._out.append(Signal(child.id, "KILL"))
+        else:
+            self._out.append(Signal(child.id, "TERM"))
+            self._out.append(SetTimer(("kill", child.id), now + spec.shutdown_ms / 1000.0))
+        return True
+
+    def _begin_stop(self, sup: Node, now: float) -> None:
+        """Stop every child of ``sup``: in reverse order, or all at once if dynamic."""
+        self._set(sup, "stopping")
+        sup.queue.clear()
+        sup.waiting.clear()
+        sup.delayed.clear()
+        if sup.sup.kind == "dynamic":
+            for child_id in reversed(sup.children):
+                if self._stop_now(self.nodes[child_id], now):
+                    sup.waiting.add(child_id)
+        else:
+            sup.queue.extend(("stop", c) for c in reversed(sup.children))
+        self._advance(sup, now)
+
+    def _settle(self, sup: Node, now: float) -> None:
+        """The supervisor's queue is empty: it is now up, or down."""
+        if sup.state == "starting":
+            self._set(sup, "running")
+            if sup.parent is not None:
+                self._emit("ready", sup)
+                self._up(sup, now)
+            else:
+                self._emit("ready", sup)
+        elif sup.state == "stopping":
+            reason: Reason = "crash" if sup.failing else "shutdown"
+            if sup.parent is None:
+                self._set(sup, "failed" if sup.failing else "stopped")
+                self._out.append(Exit(EXIT_ESCALATED if sup.failing else EXIT_OK))
+            else:
+                self._down(sup, reason, now, {})
+
+    def _up(self, node: Node, now: float) -> None:
+        assert node.parent is not None
+        parent = self.nodes[node.parent]
+        if node.id in parent.waiting:
+            parent.waiting.discard(node.id)
+            self._advance(parent, now)
+
+    def _down(self, node: Node, reason: Reason, now: float, details: dict[str, Any]) -> None:
+        assert node.parent is not None
+        parent = self.nodes[node.parent]
+        was = node.state
+        node.pid = None
+        parent.waiting.discard(node.id)
+        if node.failing:
+            self._set(node, "failed")  # a supervisor that gave up: a crash to its parent
+        elif was == "stopping":
+            self._set(node, "stopped")
+            self._emit("stopped", node, reason=reason, **details)
+            if node.removing:
+                self._forget(node)
+            self._advance(parent, now)
+            return
+        start_failure = was == "starting"
+        self._emit("exited", node, reason=reason, start_failure=start_failure, **details)
+        restart = should_restart(node.spec.restart, reason)
+        if parent.state == "stopping" or node.removing or not restart:
+            self._set(node, "failed" if reason == "crash" else "stopped")
+            if node.removing or (parent.sup.kind == "dynamic" and not restart):
+                self._forget(node)
+            self._advance(parent, now)
+            return
+        node.start_failures = node.start_failures + 1 if start_failure else 0
+        self._restart(parent, node, now)
+        self._advance(parent, now)
+
+    def _restart(self, sup: Node, child: Node, now: float) -> None:
+        spec = sup.sup
+        sup.window, within = add_restart(sup.window, now, spec.max_restarts, spec.max_seconds)
+        if not within:
+            self._set(child, "failed")
+            self._emit(
+                "escalated",
+                sup,
+                child=child.id,
+                max_restarts=spec.max_restarts,
+                max_seconds=spec.max_seconds,
+            )
+            sup.failing = True
+            self._begin_stop(sup, now)
+            return
+        group = self._group(sup, child)
+        in_group = set(group)
+        sup.queue = deque(op for op in sup.queue if op[1] not in in_group)
+        sup.waiting -= in_group
+        sup.queue.extend(("stop", c) for c in reversed(group) if c != child.id)
+        self._set(child, "restarting")
+        targets = [
+            c for c in group if c == child.id or self.nodes[c].spec.restart != "temporary"
+        ]
+        delay = backoff_delay(child.start_failures)
+        if delay == 0.0:
+            sup.queue.extend(("start", c) for c in targets)
+        else:
+            sup.timer_seq += 1
+            sup.delayed[sup.timer_seq] = targets
+            self._out.append(SetTimer(("restart", sup.id, sup.timer_seq), now + delay))
+
+    def _group(self, sup: Node, child: Node) -> list[str]:
+        strategy = sup.sup.strategy
+        if strategy == "one_for_all":
+            return list(sup.children)
+        if strategy == "rest_for_one":
+            return sup.children[sup.children.index(child.id) :]
+        return [child.id]
+
+    def _forget(self, node: Node) -> None:
+        assert node.parent is not None
+        self.nodes[node.parent].children.remove(node.id)
+        del self.nodes[node.id]
+        self._emit("removed", node)

@@ -1,0 +1,571 @@
+"""The daemon: one single-threaded loop around the pure supervision core.
+
+The loop waits on one selector: the signal wake-up pipe, the control socket
+and its connections, and one socketpair per child.  Signal handlers only
+record (``signal.set_wakeup_fd`` writes the signal number to the pipe); the
+loop reads it and acts: SIGCHLD reaps with ``waitpid(-1, WNOHANG)`` until
+nothing is left, SIGTERM / SIGINT stop the tree in order.  Timers (shutdown
+deadlines, restart backoff, the heartbeat sweep, call and wait timeouts) sit
+in one heap; the loop sleeps exactly until the next one.  There is no polling.
+
+The core (``otpd.core.tree``) decides; ``_apply`` carries its actions out.
+
+PIDs: a child's PID is signalled only while the child is unreaped, so it
+cannot have been reused: a zombie keeps its PID until ``waitpid`` takes it,
+and that happens here, in the same thread that sends the signals.
+"""
+
+from __future__ import annotations
+
+import gc
+import heapq
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections import deque
+from itertools import count
+from typing import Any, TextIO
+
+import msgpack
+
+from otpd import __version__
+from otpd.config import Config
+from otpd.control import protocol
+from otpd.control.server import DEFERRED, Connection, ControlServer
+from otpd.core import tree as core
+from otpd.core.spec import AgentSpec
+from otpd.errors import OtpdError
+from otpd.posix import system
+
+EXIT_INTERNAL = 70
+LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Child:
+    """The daemon's side of one running agent process."""
+
+    __slots__ = ("id", "pid", "sock", "unpacker", "last_seen", "pending", "spec", "start_error", "out", "writing")
+
+    def __init__(self, child_id: str, pid: int, sock: socket.socket, spec: AgentSpec, now: float) -> None:
+        self.id = child_id
+        self.pid = pid
+        self.sock: socket.socket | None = sock
+        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20)
+        self.last_seen = now
+        self.pending: dict[int, tuple[Connection, Any]] = {}
+        self.spec = spec
+        self.start_error: str | None = None
+        self.out = bytearray()
+        self.writing = False
+
+
+CHILD_OUT_CAP = 64 << 20  # a child this far behind on reading its channel is hung
+
+
+class Waiter:
+    __slots__ = ("conn", "req_id", "state", "not_pid", "key")
+
+    def __init__(self, conn: Connection, req_id: Any, state: str, not_pid: int | None, key: tuple[Any, ...]) -> None:
+        self.conn, self.req_id, self.state, self.not_pid, self.key = conn, req_id, state, not_pid, key
+
+
+class Daemon:
+    def __init__(self, config: Config, log_stream: TextIO | None = None) -> None:
+        self.config = config
+        self.tree = core.Tree(config.root)
+        self.selector = selectors.DefaultSelector()
+        self.children: dict[str, Child] = {}
+        self.by_pid: dict[int, Child] = {}
+        self.timers: list[tuple[float, int, tuple[Any, ...]]] = []
+        self.timer_seq: dict[tuple[Any, ...], int] = {}
+        self.seq = count(1)
+        self.refs = count(1)
+        self.waiters: dict[str, list[Waiter]] = {}
+        self.subscribers: set[Connection] = set()
+        self.exit_status: int | None = None
+        self.started_at = time.monotonic()
+        self.pid = os.getpid()
+        self.log_stream = log_stream or sys.stderr
+        self.log_level = LEVELS[config.daemon.log_level]
+        self.work: deque[core.Action] = deque()
+        self.applying = False
+        self.sweep_s = self._sweep_interval()
+        self.server = ControlServer(
+            self.selector, config.daemon.socket, config.daemon.socket_group,
+            {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")},
+            self._forget_connection,
+        )
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def run(self) -> int:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, _record_only)
+        self.selector.register(wake_r, selectors.EVENT_READ, lambda _m: self._on_signals(os.read(wake_r, 512)))
+        self.server.open()
+        self.log("info", f"otpd {__version__} pid {self.pid} listening on {self.config.daemon.socket}")
+        gc.freeze()  # keep the forked children's copy-on-write pages shared
+        try:
+            self._apply(self.tree.start(time.monotonic()))
+            if self.sweep_s:
+                self._set_timer(("sweep",), time.monotonic() + self.sweep_s)
+            while self.exit_status is None:
+                self._once()
+        except Exception:
+            self.log("error", "internal error, stopping every child:\n" + traceback.format_exc())
+            self._kill_all()
+            self.exit_status = EXIT_INTERNAL
+        finally:
+            self.server.close()
+            signal.set_wakeup_fd(-1)
+        self.log("info", f"otpd exits with status {self.exit_status}")
+        return self.exit_status
+
+    def _once(self) -> None:
+        timeout = None
+        if self.timers:
+            timeout = max(0.0, self.timers[0][0] - time.monotonic())
+        for key, mask in self.selector.select(timeout):
+            key.data(mask)
+        self._run_timers()
+
+    def _on_signals(self, data: bytes) -> None:
+        if signal.SIGCHLD in data:
+            self._reap()
+        if signal.SIGTERM in data or signal.SIGINT in data:
+            self.log("info", "stop requested by signal; stopping children in reverse order")
+            self._apply(self.tree.shutdown(time.monotonic()))
+        if signal.SIGHUP in data:
+            self.log("warning", "SIGHUP: reload is not available in this version; ignored")
+
+    def _kill_all(self) -> None:
+        for child in list(self.children.values()):
+            _kill(child.pid, signal.SIGKILL)
+        for child in list(self.children.values()):
+            try:
+                os.waitpid(child.pid, 0)
+            except ChildProcessError:
+                pass
+
+    # -- the core's actions ----------------------------------------------------
+
+    def _apply(self, actions: list[core.Action]) -> None:
+        """Carry out actions in order; actions they lead to queue behind them."""
+        self.work.extend(actions)
+        if self.applying:
+            return
+        self.applying = True
+        try:
+            while self.work:
+                action = self.work.popleft()
+                match action:
+                    case core.Spawn():
+                        self._spawn(action.id, action.spec)
+                    case core.Signal():
+                        child = self.children.get(action.id)
+                        if child is not None:
+                            _kill(child.pid, signal.SIGKILL if action.signal == "KILL" else signal.SIGTERM)
+                    case core.SetTimer():
+                        self._set_timer(action.key, action.at)
+                    case core.CancelTimer():
+                        self.timer_seq.pop(action.key, None)
+                    case core.Emit():
+                        self._on_event(action)
+                    case core.Exit():
+                        self.exit_status = action.status
+        finally:
+            self.applying = False
+
+    def _spawn(self, child_id: str, spec: AgentSpec) -> None:
+        now = time.monotonic()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            ours.close()
+            theirs.close()
+            self.log("error", f"{child_id}: fork failed: {exc}")
+            self._apply(self.tree.exited(child_id, "crash", now, error=f"fork: {exc}"))
+            return
+        if pid == 0:  # pragma: no cover - runs in the child, which never returns
+            from otpd.agent.runtime import child_main
+
+            child_main(theirs.fileno(), spec, self.pid)
+        theirs.close()
+        ours.setblocking(False)
+        child = Child(child_id, pid, ours, spec, now)
+        self.children[child_id] = child
+        self.by_pid[pid] = child
+        self.selector.register(ours, selectors.EVENT_READ, lambda m, c=child: self._on_channel(c, m))
+        self._apply(self.tree.spawned(child_id, pid, now))
+
+    # -- child channels --------------------------------------------------------
+
+    def _on_channel(self, child: Child, mask: int) -> None:
+        sock = child.sock
+        if sock is None:
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._flush_child(child)
+            if not mask & selectors.EVENT_READ or child.sock is None:
+                return
+        try:
+            data = sock.recv(256 * 1024)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close_channel(child)  # the process is gone or going: SIGCHLD tells how
+            return
+        self._feed(child, data)
+
+    def _feed(self, child: Child, data: bytes) -> None:
+        child.last_seen = time.monotonic()
+        try:
+            child.unpacker.feed(data)
+            for frame in child.unpacker:
+                self._on_frame(child, frame)
+        except (msgpack.UnpackException, ValueError, TypeError, KeyError, AttributeError):
+            self.log("error", f"{child.id}: garbage on its channel; killing pid {child.pid}")
+            _kill(child.pid, signal.SIGKILL)
+
+    def _on_frame(self, child: Child, frame: dict[str, Any]) -> None:
+        kind = frame["t"]
+        if kind == "reply":
+            waiting = child.pending.pop(frame["ref"], None)
+            if waiting is not None:
+                conn, req_id = waiting
+                self.timer_seq.pop(("call", child.id, frame["ref"]), None)
+                if frame["ok"]:
+                    conn.reply(req_id, frame.get("result"))
+                else:
+                    conn.error(req_id, OtpdError.from_wire(frame.get("error")))
+        elif kind == "ready":
+            self._apply(self.tree.ready(child.id, time.monotonic()))
+        elif kind == "start_error":
+            child.start_error = str(frame.get("message"))
+
+    def _close_channel(self, child: Child) -> None:
+        if child.sock is not None:
+            self.selector.unregister(child.sock)
+            child.sock.close()
+            child.sock = None
+
+    def _drain(self, child: Child) -> None:
+        """Read what a dead child sent before it died, so its replies and ready count."""
+        while child.sock is not None:
+            try:
+                data = child.sock.recv(256 * 1024)
+            except OSError:
+                return
+            if not data:
+                return
+            self._feed(child, data)
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.by_pid.pop(pid, None)
+            if child is None:
+                continue  # not one of ours (tolerated)
+            self._on_exit(child, status)
+
+    def _on_exit(self, child: Child, status: int) -> None:
+        self._drain(child)
+        self._close_channel(child)
+        if self.children.get(child.id) is child:
+            del self.children[child.id]
+        reason, facts = system.decode_status(status)
+        if child.start_error:
+            facts["error"] = child.start_error
+        for ref, (conn, req_id) in child.pending.items():
+            self.timer_seq.pop(("call", child.id, ref), None)
+            conn.error(req_id, OtpdError("agent_crashed", f"agent {child.id!r} exited ({reason}) during the call",
+                                         {"id": child.id, "reason": reason, **facts}))
+        child.pending.clear()
+        self._apply(self.tree.exited(child.id, reason, time.monotonic(), pid=child.pid, **facts))
+
+    # -- timers ----------------------------------------------------------------
+
+    def _set_timer(self, key: tuple[Any, ...], at: float) -> None:
+        seq = next(self.seq)
+        self.timer_seq[key] = seq
+        heapq.heappush(self.timers, (at, seq, key))
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _at, seq, key = heapq.heappop(self.timers)
+            if self.timer_seq.get(key) != seq:
+                continue  # cancelled or replaced
+            del self.timer_seq[key]
+            kind = key[0]
+            if kind in ("kill", "restart"):
+                self._apply(self.tree.timer(key, now))
+            elif kind == "sweep":
+                self._sweep(now)
+            elif kind == "call":
+                self._call_timeout(key[1], key[2])
+            elif kind == "wait":
+                self._wait_timeout(key)
+
+    def _sweep_interval(self) -> float:
+        timeouts = [n.heartbeat_timeout_ms for n in _agent_specs(self.config) if n.heartbeat_timeout_ms]
+        return min(1.0, max(0.02, min(timeouts) / 5000.0)) if timeouts else 1.0
+
+    def _sweep(self, now: float) -> None:
+        """Kill children silent past their heartbeat timeout; they are then crashes."""
+        for child in self.children.values():
+            limit = child.spec.heartbeat_timeout_ms / 1000.0
+            if limit and child.sock is not None and now - child.last_seen > limit:
+                self.log("warning", f"{child.id}: silent for {now - child.last_seen:.1f}s; SIGKILL pid {child.pid}")
+                child.last_seen = now
+                _kill(child.pid, signal.SIGKILL)
+        self._set_timer(("sweep",), now + self.sweep_s)
+
+    # -- events ------------------------------------------------------------------
+
+    def _on_event(self, event: core.Emit) -> None:
+        details = " ".join(f"{k}={v}" for k, v in event.details.items())
+        self.log("warning" if event.event == "escalated" else "info", f"{event.id}: {event.event} {details}".rstrip())
+        if self.subscribers:
+            frame = {"event": event.event, "id": event.id, "time": time.time(), **event.details}
+            for conn in list(self.subscribers):
+                conn.send(frame)
+        for waiter in list(self.waiters.get(event.id, ())):
+            self._check_waiter(event.id, waiter)
+
+    def log(self, level: str, message: str) -> None:
+        if LEVELS[level] >= self.log_level:
+            print(f"otpd[{self.pid}] {level}: {message}", file=self.log_stream, flush=True)
+
+    # -- control operations (dispatched by name: op_<name>) -----------------------
+
+    def op_status(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        root = self.tree.nodes[self.tree.root_id]
+        return {
+            "daemon": {"pid": self.pid, "version": __version__, "state": root.state,
+                       "uptime_s": round(time.monotonic() - self.started_at, 3),
+                       "config": str(self.config.path)},
+            "children": self.tree.snapshot(),
+        }
+
+    def op_ps(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        return {"children": self.tree.snapshot()}
+
+    def op_kill(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        child_id = _arg(args, "id", str)
+        name = args.get("signal", "KILL")
+        try:
+            signum = system.signal_number(name)
+        except (KeyError, ValueError):
+            raise OtpdError("bad_request", f"unknown signal {name!r}") from None
+        node = self.tree.get(child_id)
+        child = self.children.get(child_id)
+        if node.is_supervisor or child is None:
+            raise OtpdError("agent_down", f"{child_id!r} has no process ({node.state})", {"id": child_id})
+        _kill(child.pid, signum)
+        return {"id": child_id, "pid": child.pid, "signal": signal.Signals(signum).name}
+
+    def op_wait(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        child_id = _arg(args, "id", str)
+        state = _arg(args, "state", str, "running")
+        if state not in core.TRANSITIONS:
+            raise OtpdError("bad_request", f"unknown state {state!r}", {"states": sorted(core.TRANSITIONS)})
+        not_pid = _arg(args, "not_pid", int, None)
+        timeout = _arg(args, "timeout", (int, float), 30.0)
+        self.tree.get(child_id)
+        key = ("wait", next(self.refs))
+        waiter = Waiter(conn, req_id, state, not_pid, key)
+        if self._check_waiter(child_id, waiter, register=True):
+            return DEFERRED
+        self._set_timer(key, time.monotonic() + max(0.0, float(timeout)))
+        return DEFERRED
+
+    def _check_waiter(self, child_id: str, waiter: Waiter, register: bool = False) -> bool:
+        node = self.tree.nodes.get(child_id)
+        done = node is None or (node.state == waiter.state and (waiter.not_pid is None or node.pid != waiter.not_pid))
+        if not done:
+            if register:
+                self.waiters.setdefault(child_id, []).append(waiter)
+            return False
+        if not register:
+            self.waiters[child_id].remove(waiter)
+            self.timer_seq.pop(waiter.key, None)
+        if node is None and waiter.state != "stopped":
+            waiter.conn.error(waiter.req_id, OtpdError("not_found", f"{child_id!r} was removed"))
+        else:
+            waiter.conn.reply(waiter.req_id, {"id": child_id, "state": waiter.state,
+                                              "pid": node.pid if node else None})
+        return True
+
+    def _wait_timeout(self, key: tuple[Any, ...]) -> None:
+        for child_id, waiters in self.waiters.items():
+            for waiter in waiters:
+                if waiter.key == key:
+                    waiters.remove(waiter)
+                    node = self.tree.nodes.get(child_id)
+                    waiter.conn.error(waiter.req_id, OtpdError(
+                        "timeout", f"{child_id!r} did not reach {waiter.state!r} in time",
+                        {"id": child_id, "state": node.state if node else None}))
+                    return
+
+    def op_shutdown(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        self.log("info", "shutdown requested over the control socket")
+        self._apply(self.tree.shutdown(time.monotonic()))
+        return {"stopping": True, "pid": self.pid}
+
+    def op_call(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        child = self._running_child(_arg(args, "id", str))
+        timeout = _arg(args, "timeout", (int, float), 5.0)
+        ref = next(self.refs)
+        if not self._send_child(child, {"t": "call", "ref": ref, "req": args.get("request")}):
+            raise OtpdError("agent_down", f"agent {child.id!r} is not reachable")
+        child.pending[ref] = (conn, req_id)
+        self._set_timer(("call", child.id, ref), time.monotonic() + max(0.0, float(timeout)))
+        return DEFERRED
+
+    def _call_timeout(self, child_id: str, ref: int) -> None:
+        child = self.children.get(child_id)
+        waiting = child.pending.pop(ref, None) if child else None
+        if waiting is not None:
+            conn, req_id = waiting
+            conn.error(req_id, OtpdError("timeout", f"agent {child_id!r} did not answer in time", {"id": child_id}))
+
+    def op_cast(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        child = self._running_child(_arg(args, "id", str))
+        if not self._send_child(child, {"t": "cast", "msg": args.get("message")}):
+            raise OtpdError("agent_down", f"agent {child.id!r} is not reachable")
+        return {"id": child.id}
+
+    def _running_child(self, child_id: str) -> Child:
+        node = self.tree.get(child_id)
+        child = self.children.get(child_id)
+        if node.state != "running" or child is None or child.sock is None:
+            raise OtpdError("agent_down", f"{child_id!r} is {node.state}", {"id": child_id, "state": node.state})
+        return child
+
+    def _send_child(self, child: Child, frame: dict[str, Any]) -> bool:
+        """Queue a frame for a child; never blocks the loop."""
+        if child.sock is None:
+            return False
+        try:
+            data = protocol.pack(frame)
+        except (TypeError, ValueError) as exc:
+            raise OtpdError("bad_request", f"cannot encode the request: {exc}") from None
+        if len(child.out) + len(data) > CHILD_OUT_CAP:
+            self.log("warning", f"{child.id}: not reading its channel; SIGKILL pid {child.pid}")
+            _kill(child.pid, signal.SIGKILL)
+            return False
+        was_idle = not child.out
+        child.out += data
+        if was_idle:
+            self._flush_child(child)
+        return True
+
+    def _flush_child(self, child: Child) -> None:
+        sock = child.sock
+        if sock is None:
+            return
+        while child.out:
+            try:
+                sent = sock.send(child.out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                child.out.clear()  # it is dying; SIGCHLD follows
+                break
+            del child.out[:sent]
+        if bool(child.out) != child.writing:
+            child.writing = bool(child.out)
+            mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if child.writing else 0)
+            self.selector.modify(sock, mask, lambda m, c=child: self._on_channel(c, m))
+
+    def op_start(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        return self._command(self.tree.start_child, args)
+
+    def op_stop(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        return self._command(self.tree.stop_child, args)
+
+    def op_restart(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        return self._command(self.tree.restart_child, args)
+
+    def op_remove(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        return self._command(self.tree.remove_child, args)
+
+    def _command(self, method: Any, args: dict[str, Any]) -> Any:
+        child_id = _arg(args, "id", str)
+        self._apply(method(child_id, time.monotonic()))
+        node = self.tree.nodes.get(child_id)
+        return {"id": child_id, "state": node.state if node else "removed"}
+
+    def op_add(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        """Add a child to a dynamic supervisor, from its template (nothing is imported)."""
+        sup_id = _arg(args, "supervisor", str)
+        child_id = _arg(args, "id", str)
+        from otpd.config import ID_RE
+
+        if not ID_RE.match(child_id):
+            raise OtpdError("bad_request", f"{child_id!r} is not a valid id")
+        node = self.tree.get(sup_id)
+        template = node.sup.template if node.is_supervisor else None
+        if template is None:
+            raise OtpdError("bad_request", f"{sup_id!r} is not a dynamic supervisor with a template")
+        extra = _arg(args, "args", dict, {})
+        spec = AgentSpec(id=child_id, agent=template.agent, restart=template.restart,
+                         shutdown_ms=template.shutdown_ms, heartbeat_ms=template.heartbeat_ms,
+                         heartbeat_timeout_ms=template.heartbeat_timeout_ms, args={**template.args, **extra})
+        self._apply(self.tree.add_child(sup_id, spec, time.monotonic()))
+        return {"id": child_id, "supervisor": sup_id}
+
+    def op_events(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        self.subscribers.add(conn)
+        return {"subscribed": True}
+
+    def _forget_connection(self, conn: Connection) -> None:
+        self.subscribers.discard(conn)
+        for waiters in self.waiters.values():
+            waiters[:] = [w for w in waiters if w.conn is not conn]
+
+
+def _record_only(_signum: int, _frame: Any) -> None:
+    """Signal handler: the wake-up fd already recorded the signal; the loop acts."""
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _arg(args: dict[str, Any], name: str, types: Any, default: Any = ...) -> Any:
+    if name not in args or args[name] is None:
+        if default is ...:
+            raise OtpdError("bad_request", f"missing argument {name!r}")
+        return default
+    value = args[name]
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise OtpdError("bad_request", f"argument {name!r} has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _agent_specs(config: Config) -> list[AgentSpec]:
+    from otpd.core.spec import SupervisorSpec, walk
+
+    out = [n for n in walk(config.root) if isinstance(n, AgentSpec)]
+    out += [n.template for n in walk(config.root) if isinstance(n, SupervisorSpec) and n.template]
+    return out

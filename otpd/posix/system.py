@@ -1,0 +1,87 @@
+"""The OS seam: the few process-level calls otpd makes that the stdlib lacks.
+
+Everything here is loaded in the daemon before any fork, so a child pays
+nothing to use it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import struct
+
+PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_prctl = _libc.prctl
+_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+_prctl.restype = ctypes.c_int
+
+try:  # a well-kept C extension; without it only the 15-byte comm name changes
+    from setproctitle import setproctitle as _setproctitle
+except ImportError:  # pragma: no cover - it is a dependency
+    _setproctitle = None
+
+# Child exit statuses the daemon decodes (see decode_status).
+EXIT_NORMAL = 0
+EXIT_CRASH = 70  # EX_SOFTWARE: an exception escaped the agent
+EXIT_SHUTDOWN = 79  # stopped cleanly on SIGTERM (OTP's reason `shutdown`)
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Ask the kernel to SIGKILL us when the parent dies; False if it already has.
+
+    PR_SET_PDEATHSIG fires on the parent's death only from now on: a parent
+    that died between fork() and this call would be missed, so check
+    getppid() after arming it (the parent is then init or a subreaper).
+    """
+    if _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return False
+    return os.getppid() == parent_pid
+
+
+def set_title(title: str) -> None:
+    if _setproctitle is not None:
+        _setproctitle(title)
+    else:  # pragma: no cover
+        _prctl(PR_SET_NAME, ctypes.cast(ctypes.c_char_p(title.encode()[:15]), ctypes.c_void_p).value or 0, 0, 0, 0)
+
+
+def close_inherited_fds(keep: int) -> None:
+    """Close every fd above stderr except ``keep`` (close_range(2) under the hood)."""
+    os.closerange(3, keep)
+    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process on the other end of a Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+def decode_status(status: int) -> tuple[str, dict[str, int]]:
+    """A wait status as OTP's exit reason plus the raw facts (status or signal)."""
+    if os.WIFSIGNALED(status):
+        return "crash", {"signal": os.WTERMSIG(status)}
+    code = os.WEXITSTATUS(status)
+    if code == EXIT_NORMAL:
+        return "normal", {"status": code}
+    if code == EXIT_SHUTDOWN:
+        return "shutdown", {"status": code}
+    return "crash", {"status": code}
+
+
+def signal_number(name: str | int) -> int:
+    """'KILL', 'SIGKILL', 'kill' or 9 -> 9; ValueError for anything else."""
+    if isinstance(name, int) and not isinstance(name, bool):
+        return int(signal.Signals(name))
+    if isinstance(name, str):
+        upper = name.upper()
+        if upper.isdigit():
+            return int(signal.Signals(int(upper)))
+        return int(signal.Signals[upper if upper.startswith("SIG") else "SIG" + upper])
+    raise ValueError(f"not a signal: {name!r}")
