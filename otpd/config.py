@@ -104,9 +104,9 @@ def _key_lines(text: str) -> dict[str, int]:
                 current = f"{current}[{arrays[current] - 1}]"
             lines.setdefault(current, number)
             continue
-        key = _KEY_RE.match(line)
-        if key:
-            name = key.group(1).strip("\"'")
+        assignment = _KEY_RE.match(line)
+        if assignment:
+            name = assignment.group(1).strip("\"'")
             lines.setdefault(f"{current}.{name}" if current else name, number)
     return lines
 

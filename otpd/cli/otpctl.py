@@ -74,7 +74,7 @@ def _table(children: list[dict[str, Any]]) -> str:
     rows += [(c["id"], c["type"], c["supervisor"], "-" if c["pid"] is None else str(c["pid"]), c["state"],
               str(c["restarts"]), c["restart"]) for c in children]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
 @main.command()

@@ -17,7 +17,8 @@ MAX_ID = (1 << 63) - 1
 
 
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
 
 
 def unpacker(max_frame: int = MAX_FRAME) -> msgpack.Unpacker:

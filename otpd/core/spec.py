@@ -7,7 +7,7 @@ Words are OTP's: restart types, strategies, intensity, shutdown / brutal_kill.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 Restart = Literal["permanent", "transient", "temporary"]
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
@@ -54,7 +54,7 @@ class SupervisorSpec:
     template: AgentSpec | None = None
 
 
-ChildSpec = Union[AgentSpec, SupervisorSpec]
+ChildSpec = AgentSpec | SupervisorSpec
 
 
 def walk(spec: SupervisorSpec) -> list[ChildSpec]:

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from otpd.core.intensity import add_restart, backoff_delay
 from otpd.core.spec import AgentSpec, ChildSpec, Restart, SupervisorSpec
@@ -110,7 +110,7 @@ class Exit:
     status: int
 
 
-Action = Union[Spawn, Signal, SetTimer, CancelTimer, Emit, Exit]
+Action = Spawn | Signal | SetTimer | CancelTimer | Emit | Exit
 
 
 # -- nodes -----------------------------------------------------------------

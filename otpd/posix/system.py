@@ -11,6 +11,10 @@ import os
 import signal
 import socket
 import struct
+from collections.abc import Callable
+from typing import Any
+
+from otpd.core.tree import Reason
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
@@ -20,6 +24,7 @@ _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _prctl.restype = ctypes.c_int
 
+_setproctitle: Callable[[str], None] | None
 try:  # a well-kept C extension; without it only the 15-byte comm name changes
     from setproctitle import setproctitle as _setproctitle
 except ImportError:  # pragma: no cover - it is a dependency
@@ -63,7 +68,7 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
-def decode_status(status: int) -> tuple[str, dict[str, int]]:
+def decode_status(status: int) -> tuple[Reason, dict[str, Any]]:
     """A wait status as OTP's exit reason plus the raw facts (status or signal)."""
     if os.WIFSIGNALED(status):
         return "crash", {"signal": os.WTERMSIG(status)}
