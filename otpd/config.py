@@ -32,10 +32,11 @@ from otpd.core.spec import (
     walk,
 )
 from otpd.errors import OtpdError
+from otpd.store.lmdb_store import StoreSettings
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,127}$")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DURABILITIES = ("process", "fsync")
+DURABILITIES = ("process", "fsync", "none")
 SOCKET_NAME = "otpd.sock"
 
 
@@ -52,6 +53,7 @@ class DaemonConfig:
 class StoreConfig:
     durability: str
     map_size_mb: int
+    map_size_max_mb: int
     sync_interval_ms: int
 
 
@@ -61,6 +63,13 @@ class Config:
     daemon: DaemonConfig
     store: StoreConfig
     root: SupervisorSpec
+
+    def store_settings(self) -> StoreSettings:
+        return StoreSettings(
+            path=self.daemon.state_dir / "store", durability=self.store.durability,
+            map_size_mb=self.store.map_size_mb, map_size_max_mb=self.store.map_size_max_mb,
+            sync_interval_ms=self.store.sync_interval_ms,
+        )
 
     def agent_classes(self) -> set[str]:
         out = {n.agent for n in walk(self.root) if isinstance(n, AgentSpec)}
@@ -225,6 +234,12 @@ def check_agent_class(ref: str) -> None:
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Agent)):
         raise _Bad(f"{ref!r} is not a subclass of otpd.agent.base.Agent")
+    from otpd.agent.state import validate_declaration
+
+    try:
+        validate_declaration(cls)
+    except TypeError as exc:
+        raise _Bad(f"{ref}: bad state declaration: {exc}") from None
 
 
 def _agent_ref(_: str, value: Any) -> str:
@@ -356,7 +371,7 @@ def parse(text: str, path: Path) -> Config:
     })
     store = c.table("store", top.get("store", {}), {
         "durability": _one_of(DURABILITIES), "map_size_mb": _int(1, 1 << 24),
-        "sync_interval_ms": _int(1, 3_600_000),
+        "map_size_max_mb": _int(1, 1 << 24), "sync_interval_ms": _int(1, 3_600_000),
     })
     root_raw = top.get("root", {})
     root_keys = c.table("root", root_raw, ROOT_KEYS)
@@ -377,6 +392,7 @@ def parse(text: str, path: Path) -> Config:
         store=StoreConfig(
             durability=store.get("durability", "process"),
             map_size_mb=store.get("map_size_mb", 1024),
+            map_size_max_mb=max(store.get("map_size_max_mb", 65536), store.get("map_size_mb", 1024)),
             sync_interval_ms=store.get("sync_interval_ms", 1000),
         ),
         root=SupervisorSpec(

@@ -26,7 +26,26 @@ if TYPE_CHECKING:
 
 
 class Agent:
-    """Base class of every agent. Subclass it and name it in the config."""
+    """Base class of every agent. Subclass it and name it in the config.
+
+    State (see ``otpd.agent.state``): ``fields`` maps names to defaults (a
+    zero-argument callable is a factory), ``persistent_fields`` lists those
+    saved to the store, ``collections`` maps names to ``PersistentQueue`` /
+    ``PersistentMap``, ``state_version`` and ``migrations`` ({n: f(state) ->
+    state at n + 1}) upgrade old records.  Persistent state is loaded before
+    ``init`` and committed after every batch of messages that changed it,
+    before any reply of that batch is sent.
+    """
+
+    state_version: int = 1
+    fields: dict[str, Any] = {}
+    persistent_fields: tuple[str, ...] = ()
+    collections: dict[str, type] = {}
+    migrations: dict[int, Any] = {}
+
+    @classmethod
+    def persists(cls) -> bool:
+        return bool(cls.persistent_fields or cls.collections)
 
     def __init__(self, agent_id: str, args: dict[str, Any], runtime: Runtime | None = None) -> None:
         self.id = agent_id
@@ -48,7 +67,15 @@ class Agent:
         """Called when a timer set by ``send_after`` / ``send_interval`` fires."""
 
     def terminate(self, reason: str) -> None:
-        """Called on a clean stop, before the process exits."""
+        """Called on a clean stop, before the process exits (changes it makes are saved)."""
+
+    def on_before_save(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Turn the persistent fields into msgpack-able values (a set -> a list, ...)."""
+        return state
+
+    def on_after_load(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The reverse of ``on_before_save``, after migrations."""
+        return state
 
     # -- services of the runtime ---------------------------------------------
 

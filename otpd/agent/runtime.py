@@ -6,8 +6,15 @@ sends a heartbeat whenever it has been quiet for ``heartbeat_ms``.
 
 Channel frames (msgpack maps, ``t`` = type):
   daemon -> child: ``{"t": "call", "ref": n, "req": x}``, ``{"t": "cast", "msg": x}``
-  child -> daemon: ``{"t": "ready"}``, ``{"t": "hb"}``, ``{"t": "start_error", "message": s}``,
+  child -> daemon: ``{"t": "ready", "seq": n}``, ``{"t": "hb"}``, ``{"t": "seq", "seq": n}``,
+                   ``{"t": "start_error", "code": c, "message": s}``,
                    ``{"t": "reply", "ref": n, "ok": true, "result": x}`` or ``... "ok": false, "error": {...}}``
+
+Write before the reply, with group commit: everything the channel holds is
+read at once, every frame is applied, the state is committed once, and only
+then are the replies of that batch sent.  If the commit fails (``store_full``)
+the agent is rolled back to its last commit and every reply of the batch
+becomes that error.
 
 The process exits with EXIT_NORMAL after ``Agent.stop()``, EXIT_SHUTDOWN after
 SIGTERM, EXIT_CRASH when an exception escapes a callback, and at once when
@@ -31,18 +38,27 @@ from typing import Any, NoReturn
 import msgpack
 
 from otpd.agent.base import Agent
+from otpd.agent.state import StateKeeper
 from otpd.core.spec import AgentSpec
 from otpd.errors import OtpdError
 from otpd.posix import system
+from otpd.store.lmdb_store import Store, StoreSettings
 
 MAX_FRAME = 64 * 1024 * 1024
+MAX_BATCH = 8 * 1024 * 1024
 
 
-def child_main(channel_fd: int, spec: AgentSpec, daemon_pid: int) -> NoReturn:
+class StartFailed(Exception):
+    """init or the state load failed; already reported to the daemon."""
+
+
+def child_main(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSettings | None) -> NoReturn:
     """Entry point right after fork(); never returns."""
     status = system.EXIT_CRASH
     try:
-        status = _boot(channel_fd, spec, daemon_pid)
+        status = _boot(channel_fd, spec, daemon_pid, store)
+    except StartFailed as failed:
+        _stderr_line(f"otpd agent {spec.id}: {failed}")
     except BaseException:  # the process ends here whatever happened; say why first
         try:
             traceback.print_exc()
@@ -53,7 +69,15 @@ def child_main(channel_fd: int, spec: AgentSpec, daemon_pid: int) -> NoReturn:
         os._exit(status)
 
 
-def _boot(channel_fd: int, spec: AgentSpec, daemon_pid: int) -> int:
+def _stderr_line(line: str) -> None:
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except BaseException:
+        pass
+
+
+def _boot(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSettings | None) -> int:
     if not system.die_with_parent(daemon_pid):
         return system.EXIT_CRASH  # the daemon died before we could arm PDEATHSIG
     signal.set_wakeup_fd(-1)
@@ -63,7 +87,7 @@ def _boot(channel_fd: int, spec: AgentSpec, daemon_pid: int) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     system.close_inherited_fds(channel_fd)
     system.set_title(f"otpd: agent {spec.id}")
-    runtime = Runtime(socket.socket(fileno=channel_fd), spec)
+    runtime = Runtime(socket.socket(fileno=channel_fd), spec, store)
     return runtime.run()
 
 
@@ -76,9 +100,13 @@ def load_class(ref: str) -> type[Agent]:
 
 
 class Runtime:
-    def __init__(self, channel: socket.socket, spec: AgentSpec) -> None:
+    def __init__(self, channel: socket.socket, spec: AgentSpec, store: StoreSettings | None = None) -> None:
         self.channel = channel
         self.spec = spec
+        self.store_settings = store
+        self.keeper: StateKeeper | None = None
+        self.sync_s = store.sync_interval_ms / 1000.0 if store and store.durability == "process" else None
+        self.next_sync = float("inf")
         self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME)
         self.timers: list[tuple[float, int]] = []
         self.timer_info: dict[int, tuple[Any, float | None]] = {}
@@ -122,13 +150,8 @@ class Runtime:
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wfd)
         signal.signal(signal.SIGTERM, lambda *_: None)  # recorded through the wake-up fd
-        try:
-            agent = load_class(self.spec.agent)(self.spec.id, dict(self.spec.args), self)
-            agent.init()
-        except Exception as exc:
-            self.send({"t": "start_error", "message": f"{type(exc).__name__}: {exc}"})
-            raise
-        self.send({"t": "ready"})
+        agent, keeper = self._start()
+        self.send({"t": "ready", "seq": keeper.seq})
         selector = selectors.DefaultSelector()
         selector.register(self.channel, selectors.EVENT_READ, "channel")
         selector.register(rfd, selectors.EVENT_READ, "signal")
@@ -138,14 +161,65 @@ class Runtime:
                     self._on_signals(os.read(rfd, 64))
                 elif not self._on_channel(agent):
                     return system.EXIT_NORMAL  # the daemon is gone: nothing to answer
-            self._fire_timers(agent)
-            if time.monotonic() - self.last_sent >= self.heartbeat_s:
+            if self.timers:
+                self._fire_timers(agent)
+                self._commit_then_send([])
+            now = time.monotonic()
+            if now >= self.next_sync:
+                self._sync()
+            if now - self.last_sent >= self.heartbeat_s:
                 self.send({"t": "hb"})
         agent.terminate(self.stopping)
+        self._commit_then_send([])
+        self._sync()
         return system.EXIT_SHUTDOWN if self.stopping == "shutdown" else system.EXIT_NORMAL
 
+    def _start(self) -> tuple[Agent, StateKeeper]:
+        """Build the agent, load its state, run init; report a failure to the daemon."""
+        try:
+            cls = load_class(self.spec.agent)
+            agent = cls(self.spec.id, dict(self.spec.args), self)
+            settings = self.store_settings
+            store = None
+            if settings is not None and settings.durability != "none" and cls.persists():
+                store = Store(settings.path, settings.map_size_mb, settings.map_size_max_mb, settings.durability)
+            keeper = self.keeper = StateKeeper(agent, store)
+            keeper.load()
+            agent.init()
+            keeper.commit()
+        except OtpdError as err:
+            self.send({"t": "start_error", "code": err.code, "message": err.message})
+            raise StartFailed(f"{err.code}: {err.message}") from None
+        except Exception as exc:
+            self.send({"t": "start_error", "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
+            raise
+        return agent, keeper
+
+    def _sync(self) -> None:
+        keeper = self.keeper
+        if keeper is not None and keeper.store is not None and keeper.unsynced:
+            keeper.store.sync()
+            keeper.unsynced = False
+        self.next_sync = float("inf")
+
+    def _commit_then_send(self, replies: list[dict[str, Any]]) -> None:
+        keeper = self.keeper
+        assert keeper is not None
+        try:
+            wrote = keeper.commit()
+        except OtpdError as err:  # store_full: the agent is back at its last commit
+            replies = [{"t": "reply", "ref": r["ref"], "ok": False, "error": err.to_wire()} for r in replies]
+            wrote = False
+        if wrote:
+            replies.append({"t": "seq", "seq": keeper.seq})
+            if self.sync_s is not None and self.next_sync == float("inf"):
+                self.next_sync = time.monotonic() + self.sync_s
+        if replies:
+            self.channel.sendall(b"".join(_pack_reply(r) for r in replies))
+            self.last_sent = time.monotonic()
+
     def _timeout(self) -> float:
-        wait = self.last_sent + self.heartbeat_s - time.monotonic()
+        wait = min(self.last_sent + self.heartbeat_s, self.next_sync) - time.monotonic()
         if self.timers:
             wait = min(wait, self.timers[0][0] - time.monotonic())
         return max(0.0, wait)
@@ -155,27 +229,49 @@ class Runtime:
             self.stopping = "shutdown"
 
     def _on_channel(self, agent: Agent) -> bool:
-        try:
-            data = self.channel.recv(256 * 1024)
-        except ConnectionResetError:
-            return False
-        if not data:
-            return False
-        self.unpacker.feed(data)
-        for frame in self.unpacker:
-            self._dispatch(agent, frame)
-            if self.stopping is not None:
+        """Read everything the channel holds, apply it all, commit once, reply to all."""
+        chunks: list[bytes] = []
+        size = 0
+        eof = False
+        while size < MAX_BATCH:
+            try:
+                data = self.channel.recv(256 * 1024, socket.MSG_DONTWAIT if chunks else 0)
+            except (BlockingIOError, InterruptedError):
                 break
-        return True
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                eof = True
+                break
+            chunks.append(data)
+            size += len(data)
+        if chunks:
+            self.unpacker.feed(b"".join(chunks))
+            replies: list[dict[str, Any]] = []
+            for frame in self.unpacker:
+                self._dispatch(agent, frame, replies)
+                if self.stopping is not None:
+                    break
+            self._commit_then_send(replies)
+        return not eof
 
-    def _dispatch(self, agent: Agent, frame: dict[str, Any]) -> None:
+    def _dispatch(self, agent: Agent, frame: dict[str, Any], replies: list[dict[str, Any]]) -> None:
         kind = frame.get("t")
         if kind == "call":
             try:
                 result = agent.handle_call(frame.get("req"))
             except OtpdError as err:
-                self.send({"t": "reply", "ref": frame["ref"], "ok": False, "error": err.to_wire()})
+                replies.append({"t": "reply", "ref": frame["ref"], "ok": False, "error": err.to_wire()})
             else:
-                self.send({"t": "reply", "ref": frame["ref"], "ok": True, "result": result})
+                replies.append({"t": "reply", "ref": frame["ref"], "ok": True, "result": result})
         elif kind == "cast":
             agent.handle_cast(frame.get("msg"))
+
+
+def _pack_reply(frame: dict[str, Any]) -> bytes:
+    try:
+        return msgpack.packb(frame, use_bin_type=True)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        error = OtpdError("internal", f"the agent's reply cannot be encoded: {exc}")
+        return msgpack.packb({"t": "reply", "ref": frame.get("ref"), "ok": False,  # type: ignore[no-any-return]
+                              "error": error.to_wire()}, use_bin_type=True)

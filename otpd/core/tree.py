@@ -226,11 +226,18 @@ class Tree:
         self._up(node, now)
         return self._flush()
 
-    def exited(self, child_id: str, reason: Reason, now: float, **details: Any) -> list[Action]:
+    def exited(self, child_id: str, reason: Reason, now: float, fatal: bool = False,
+               **details: Any) -> list[Action]:
+        """A child process ended. ``fatal``: it failed to start for a reason a restart
+        cannot fix (its stored state is corrupt); it stays ``failed`` until an operator
+        starts it, and its siblings keep running."""
         node = self.nodes.get(child_id)
         live = ("starting", "running", "stopping")
         if node is not None and not node.is_supervisor and node.state in live:
             self._cancel(("kill", child_id))
+            if fatal and node.state == "starting":
+                node.held = True
+                details["fatal"] = True
             self._down(node, reason, now, details)
         return self._flush()
 
@@ -450,10 +457,10 @@ class Tree:
             return
         start_failure = was == "starting"
         self._emit("exited", node, reason=reason, start_failure=start_failure, **details)
-        restart = should_restart(node.spec.restart, reason)
+        restart = should_restart(node.spec.restart, reason) and not node.held
         if parent.state == "stopping" or node.removing or not restart:
             self._set(node, "failed" if reason == "crash" else "stopped")
-            if node.removing or (parent.sup.kind == "dynamic" and not restart):
+            if node.removing or (parent.sup.kind == "dynamic" and not restart and not details.get("fatal")):
                 self._forget(node)
             self._advance(parent, now)
             return

@@ -49,7 +49,8 @@ HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 class Child:
     """The daemon's side of one running agent process."""
 
-    __slots__ = ("id", "pid", "sock", "unpacker", "last_seen", "pending", "spec", "start_error", "out", "writing")
+    __slots__ = ("id", "pid", "sock", "unpacker", "last_seen", "pending", "spec", "start_error", "out", "writing",
+                 "fatal")
 
     def __init__(self, child_id: str, pid: int, sock: socket.socket, spec: AgentSpec, now: float) -> None:
         self.id = child_id
@@ -62,6 +63,7 @@ class Child:
         self.start_error: str | None = None
         self.out = bytearray()
         self.writing = False
+        self.fatal = False  # a start failure that a restart cannot fix (store_corrupt)
 
 
 CHILD_OUT_CAP = 64 << 20  # a child this far behind on reading its channel is hung
@@ -95,6 +97,8 @@ class Daemon:
         self.work: deque[core.Action] = deque()
         self.applying = False
         self.sweep_s = self._sweep_interval()
+        self.store_settings = config.store_settings()
+        self.seqs: dict[str, int] = {}  # highest committed seq seen per agent: it never goes back
         self.server = ControlServer(
             self.selector, config.daemon.socket, config.daemon.socket_group,
             {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")},
@@ -197,7 +201,7 @@ class Daemon:
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
             from otpd.agent.runtime import child_main
 
-            child_main(theirs.fileno(), spec, self.pid)
+            child_main(theirs.fileno(), spec, self.pid, self.store_settings)
         theirs.close()
         ours.setblocking(False)
         child = Child(child_id, pid, ours, spec, now)
@@ -248,10 +252,22 @@ class Daemon:
                     conn.reply(req_id, frame.get("result"))
                 else:
                     conn.error(req_id, OtpdError.from_wire(frame.get("error")))
+        elif kind == "seq":
+            self.seqs[child.id] = max(self.seqs.get(child.id, 0), int(frame["seq"]))
         elif kind == "ready":
+            self._check_seq(child, int(frame.get("seq", 0)))
             self._apply(self.tree.ready(child.id, time.monotonic()))
         elif kind == "start_error":
-            child.start_error = str(frame.get("message"))
+            child.start_error = f"{frame.get('code', 'internal')}: {frame.get('message')}"
+            child.fatal = frame.get("code") == "store_corrupt"
+
+    def _check_seq(self, child: Child, seq: int) -> None:
+        """A reload must find every commit the agent reported: seq never goes back."""
+        known = self.seqs.get(child.id, 0)
+        if seq < known:
+            self.log("error", f"{child.id}: reloaded seq {seq} < {known} committed before: state went back")
+            self._on_event(core.Emit("seq_regressed", child.id, {"seq": seq, "known": known}))
+        self.seqs[child.id] = max(known, seq)
 
     def _close_channel(self, child: Child) -> None:
         if child.sock is not None:
@@ -296,7 +312,7 @@ class Daemon:
             conn.error(req_id, OtpdError("agent_crashed", f"agent {child.id!r} exited ({reason}) during the call",
                                          {"id": child.id, "reason": reason, **facts}))
         child.pending.clear()
-        self._apply(self.tree.exited(child.id, reason, time.monotonic(), pid=child.pid, **facts))
+        self._apply(self.tree.exited(child.id, reason, time.monotonic(), fatal=child.fatal, pid=child.pid, **facts))
 
     # -- timers ----------------------------------------------------------------
 
