@@ -227,3 +227,83 @@ def events(c: Ctx, follow: bool) -> None:
 def _event_line(event: dict[str, Any]) -> str:
     rest = " ".join(f"{k}={v}" for k, v in event.items() if k not in ("event", "id", "time"))
     return f"{event['time']:.6f} {event['id']} {event['event']} {rest}".rstrip()
+
+
+STATE_VERBS = ("show", "export", "import", "quarantine")
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("words", nargs=-1, required=True, metavar="ID | show ID | export [ID...] | import FILE | quarantine ID")
+@click.option("--config", "config_path", type=click.Path(), default=None,
+              help="The daemon's config, to find its state_dir (default: the checkout's config/otpd.toml).")
+@pass_ctx
+def state(c: Ctx, words: tuple[str, ...], config_path: str | None) -> None:
+    """Read, back up, restore or quarantine persisted agent state (works with the daemon stopped)."""
+    verb, rest = (words[0], words[1:]) if words[0] in STATE_VERBS else ("show", words)
+    from otpd.store import tools
+
+    try:
+        if verb == "show":
+            if len(rest) != 1:
+                raise click.UsageError("state [show] takes one ID")
+            with _open_store(config_path, readonly=True) as store:
+                click.echo(json.dumps(tools.show(store, rest[0]), indent=None if c.as_json else 2))
+        elif verb == "export":
+            with _open_store(config_path, readonly=True) as store:
+                for line in tools.export(store, list(rest) or None):
+                    click.echo(line)
+        elif verb == "import":
+            if len(rest) != 1:
+                raise click.UsageError("state import takes one FILE ('-' for stdin)")
+            with click.open_file(rest[0]) as fh:
+                records = tools.parse_export(fh)
+            _refuse_running(c, list(records))
+            with _open_store(config_path, readonly=False) as store:
+                ids = tools.import_records(store, records)
+            c.show({"imported": ids}, f"imported {len(ids)} agent(s): {', '.join(ids)}")
+        else:
+            if len(rest) != 1:
+                raise click.UsageError("state quarantine takes one ID")
+            _refuse_running(c, list(rest))
+            with _open_store(config_path, readonly=False) as store:
+                key = store.quarantine(rest[0])
+            c.show({"id": rest[0], "quarantined_as": key},
+                   f"{rest[0]}: record moved aside as {key!r}; `otpctl start {rest[0]}` starts it fresh")
+    except OtpdError as err:
+        if c.as_json:
+            click.echo(json.dumps({"error": err.to_wire()}))
+        _die(f"error {err.code}: {err.message}", EXIT_DAEMON_ERROR)
+
+
+class _open_store:
+    """The store named by a config, opened for this command only."""
+
+    def __init__(self, config_path: str | None, readonly: bool) -> None:
+        from otpd.cli.otpd_main import DEFAULT_CONFIG
+        from otpd.config import ConfigError, load
+        from otpd.store.lmdb_store import Store
+
+        try:
+            config = load(config_path or DEFAULT_CONFIG)
+        except ConfigError as err:
+            _die("bad config:\n" + "\n".join(err.errors), EXIT_USAGE)
+        s = config.store_settings()
+        self.store = Store(s.path, s.map_size_mb, s.map_size_max_mb, "process", readonly=readonly)
+
+    def __enter__(self) -> Any:
+        return self.store
+
+    def __exit__(self, *_: Any) -> None:
+        self.store.close()
+
+
+def _refuse_running(c: Ctx, ids: list[str]) -> None:
+    """Writing under a running agent would fork its memory from its disk: refuse."""
+    try:
+        with Client(c.socket_path, timeout=10) as client:
+            children = client.request("ps")["children"]
+    except Unreachable:
+        return  # no daemon: nothing runs
+    busy = [ch["id"] for ch in children if ch["id"] in ids and ch["state"] in ("starting", "running", "stopping")]
+    if busy:
+        raise OtpdError("bad_request", f"{', '.join(busy)} running: stop it first (otpctl stop ID)")

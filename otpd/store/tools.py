@@ -1,0 +1,151 @@
+"""Operator tools over the store: show, export, import, quarantine.
+
+They open the store themselves, so they work while the daemon is stopped
+(LMDB lets any number of processes read while agents write).
+
+Export format: JSON lines, one record per line.
+
+  {"type": "agent", "id": ID, "raw": B64, "value": VIEW}
+  {"type": "item",  "id": ID, "key": B64, "raw": B64, "value": VIEW}
+
+``raw`` is the record's exact msgpack bytes (base64), so an export is lossless
+for every msgpack type; ``key`` is the item key after the agent's prefix.
+``value`` is a readable JSON view (bytes as ``{"$bytes": B64}``); it is null,
+with an ``error``, when the bytes do not decode.  To fix a record by hand,
+edit ``value`` and delete ``raw``: import encodes ``value`` when ``raw`` is
+absent (``{"$bytes": ...}`` turns back into bytes).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from otpd.errors import OtpdError
+from otpd.store.lmdb_store import Store, agent_prefix, decode, encode
+
+
+def view(obj: Any) -> Any:
+    """A JSON-able view of a msgpack value."""
+    if isinstance(obj, bytes):
+        return {"$bytes": base64.b64encode(obj).decode()}
+    if isinstance(obj, dict):
+        return {k if isinstance(k, str) else json.dumps(view(k)): view(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [view(v) for v in obj]
+    return obj
+
+
+def unview(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"$bytes"}:
+            return base64.b64decode(obj["$bytes"])
+        return {k: unview(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [unview(v) for v in obj]
+    return obj
+
+
+def _view_raw(raw: bytes) -> tuple[Any, str | None]:
+    try:
+        return view(decode(raw)), None
+    except Exception as exc:  # a corrupt record is exported as bytes, with the reason
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def show(store: Store, agent_id: str, max_items: int = 1000) -> dict[str, Any]:
+    """An agent's persisted state: the main record and up to ``max_items`` items per collection."""
+    raw = store.read_raw(agent_id)
+    if raw is None:
+        raise OtpdError("not_found", f"no persisted state for {agent_id!r}", {"id": agent_id})
+    record = store.read(agent_id)  # raises store_corrupt with the reason
+    assert record is not None
+    out = view(record)
+    prefix = agent_prefix(agent_id)
+    items: dict[str, list[Any]] = {}
+    truncated: dict[str, bool] = {}
+    markers = record.get("collections") or {}
+    for key, value in store.scan_items(prefix):
+        raw_name, _, rest = key[len(prefix):].partition(b"\x00")
+        name = raw_name.decode()
+        bucket = items.setdefault(name, [])
+        if len(bucket) >= max_items:
+            truncated[name] = True
+            continue
+        if "head" in markers.get(name, {}):  # a queue: items in order
+            bucket.append(_view_raw(value)[0])
+        else:  # a map: [key, value] pairs
+            bucket.append([_view_raw(rest)[0], _view_raw(value)[0]])
+    out["items"] = items
+    if truncated:
+        out["items_truncated"] = truncated
+    return {"id": agent_id, **out}
+
+
+def export(store: Store, ids: Iterable[str] | None = None) -> Iterator[str]:
+    """JSON lines for the given agents (all when ``ids`` is None)."""
+    for agent_id in (ids if ids is not None else store.agent_ids()):
+        raw = store.read_raw(agent_id)
+        if raw is None:
+            raise OtpdError("not_found", f"no persisted state for {agent_id!r}", {"id": agent_id})
+        value, error = _view_raw(raw)
+        line: dict[str, Any] = {"type": "agent", "id": agent_id, "raw": base64.b64encode(raw).decode(),
+                                "value": value}
+        if error:
+            line["error"] = error
+        yield json.dumps(line, sort_keys=True)
+        prefix = agent_prefix(agent_id)
+        for key, item in store.scan_items(prefix):
+            value, error = _view_raw(item)
+            line = {"type": "item", "id": agent_id, "key": base64.b64encode(key[len(prefix):]).decode(),
+                    "raw": base64.b64encode(item).decode(), "value": value}
+            if error:
+                line["error"] = error
+            yield json.dumps(line, sort_keys=True)
+
+
+def parse_export(lines: Iterable[str]) -> dict[str, tuple[bytes, list[tuple[bytes, bytes]]]]:
+    """Check a whole export before anything is written: {id: (main record, [(item key, value)])}."""
+    agents: dict[str, bytes] = {}
+    items: dict[str, list[tuple[bytes, bytes]]] = {}
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            line = json.loads(text)
+            kind, agent_id = line["type"], line["id"]
+            if not isinstance(agent_id, str) or kind not in ("agent", "item"):
+                raise ValueError("bad 'type' or 'id'")
+            raw = base64.b64decode(line["raw"], validate=True) if "raw" in line else encode(unview(line["value"]))
+            if kind == "agent":
+                agents[agent_id] = raw
+            else:
+                key = agent_prefix(agent_id) + base64.b64decode(line["key"], validate=True)
+                items.setdefault(agent_id, []).append((key, raw))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise OtpdError("bad_request", f"line {number}: not an export record ({exc})") from None
+    stray = set(items) - set(agents)
+    if stray:
+        raise OtpdError("bad_request", f"items without their agent record: {', '.join(sorted(stray))}")
+    return {agent_id: (main, items.get(agent_id, [])) for agent_id, main in agents.items()}
+
+
+def import_records(store: Store, records: dict[str, tuple[bytes, list[tuple[bytes, bytes]]]]) -> list[str]:
+    """Restore agents from ``parse_export``. ``seq`` is moved past the one on disk, so it still only grows."""
+    for agent_id, (main, items) in records.items():
+        store.put_raw(agent_id, _past_seq(store, agent_id, main), items)
+    return sorted(records)
+
+
+def _past_seq(store: Store, agent_id: str, main: bytes) -> bytes:
+    try:
+        record = decode(main)
+        current = store.read(agent_id)
+    except Exception:
+        return main  # a record restored as raw bytes (or over a corrupt one) is kept exactly
+    if isinstance(record, dict) and isinstance(record.get("seq"), int) and current is not None:
+        record["seq"] = max(record["seq"], current["seq"]) + 1
+        return encode(record)
+    return main
