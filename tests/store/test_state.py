@@ -1,0 +1,279 @@
+"""The state API and the LMDB store, in one process: a real LMDB in a temp dir.
+
+A "crash" here is dropping every object and loading from a fresh Store, which
+is what a restarted agent does; the tests with real SIGKILLs are in tests/system.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from otpd.agent.base import Agent
+from otpd.agent.state import PersistentMap, PersistentQueue, StateKeeper, validate_declaration
+from otpd.errors import OtpdError
+from otpd.store import tools
+from otpd.store.lmdb_store import Store, encode
+
+
+class Counter(Agent):
+    state_version = 1
+    fields = {"count": 0, "seen": set, "recent": collections.deque, "at": None, "scratch": list}
+    persistent_fields = ("count", "seen", "recent", "at")
+    collections = {"queue": PersistentQueue, "table": PersistentMap}
+
+    def on_before_save(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {**state, "seen": sorted(state["seen"]), "recent": list(state["recent"]),
+                "at": state["at"].isoformat() if state["at"] else None}
+
+    def on_after_load(self, state: dict[str, Any]) -> dict[str, Any]:
+        return {**state, "seen": set(state["seen"]), "recent": collections.deque(state["recent"], maxlen=3),
+                "at": datetime.datetime.fromisoformat(state["at"]) if state["at"] else None}
+
+
+def boot(path: Path, cls: type[Agent] = Counter, **store_kw: Any) -> tuple[Any, StateKeeper]:
+    agent = cls("c1", {})
+    store = Store(path, **store_kw)
+    keeper = StateKeeper(agent, store)
+    try:
+        keeper.load()
+    except BaseException:
+        store.close()
+        raise
+    return agent, keeper
+
+
+def test_mutable_defaults_come_from_factories_and_are_not_shared(tmp_path: Path) -> None:
+    a, _ = boot(tmp_path / "a")
+    b, _ = boot(tmp_path / "b")
+    a.seen.add(1)
+    a.scratch.append(1)
+    assert b.seen == set() and b.scratch == []
+
+
+def test_state_survives_a_reload_with_hooks_for_non_msgpack_types(tmp_path: Path) -> None:
+    agent, keeper = boot(tmp_path)
+    agent.count = 7
+    agent.seen |= {"x", "y"}
+    agent.recent.extend([1, 2])
+    agent.at = datetime.datetime(2026, 1, 2, 3, 4, 5)
+    agent.scratch.append("not persistent")
+    for i in range(10):
+        agent.queue.append({"task": i})
+    agent.table["k"] = b"\x00bytes"
+    assert keeper.commit()
+    keeper.store.close()  # type: ignore[union-attr]
+
+    again, keeper2 = boot(tmp_path)
+    assert again.count == 7 and again.seen == {"x", "y"}
+    assert again.recent == collections.deque([1, 2]) and again.at == datetime.datetime(2026, 1, 2, 3, 4, 5)
+    assert again.scratch == []
+    assert list(again.queue) == [{"task": i} for i in range(10)]
+    assert again.table["k"] == b"\x00bytes" and len(again.table) == 1
+    assert keeper2.seq == 1
+
+
+def test_nothing_changed_means_no_commit_and_seq_only_grows(tmp_path: Path) -> None:
+    agent, keeper = boot(tmp_path)
+    assert not keeper.commit()
+    seqs = []
+    for i in range(5):
+        agent.count = i + 1
+        assert keeper.commit()
+        seqs.append(keeper.seq)
+    assert seqs == [1, 2, 3, 4, 5]
+    agent.scratch.append(1)  # not persistent: not a change
+    assert not keeper.commit()
+
+
+def test_queue_and_map_read_their_own_uncommitted_writes(tmp_path: Path) -> None:
+    agent, keeper = boot(tmp_path)
+    agent.queue.append("a")
+    agent.queue.append("b")
+    assert agent.queue.popleft() == "a" and len(agent.queue) == 1
+    agent.table["x"] = 1
+    agent.table["x"] = 2
+    assert len(agent.table) == 1 and agent.table["x"] == 2
+    del agent.table["x"]
+    assert "x" not in agent.table and len(agent.table) == 0
+    with pytest.raises(KeyError):
+        del agent.table["x"]
+    keeper.commit()
+    assert list(agent.table.items()) == [] and list(agent.queue) == ["b"]
+
+
+def test_a_commit_writes_only_the_changed_items(tmp_path: Path) -> None:
+    agent, keeper = boot(tmp_path)
+    for i in range(1000):
+        agent.queue.append(i)
+    keeper.commit()
+    agent.queue.append("one more")
+    assert len(keeper.pending) == 1  # O(1) per change, whatever the queue's length
+    keeper.commit()
+    agent.queue.popleft()
+    assert len(keeper.pending) == 1
+
+
+def test_migrations_run_from_each_older_version(tmp_path: Path) -> None:
+    class V1(Agent):
+        state_version = 1
+        fields = {"name": ""}
+        persistent_fields = ("name",)
+
+    class V3(Agent):
+        state_version = 3
+        fields = {"first": "", "last": "", "title": ""}
+        persistent_fields = ("first", "last", "title")
+        migrations = {
+            1: lambda s: {"first": s["name"].split()[0], "last": s["name"].split()[-1]},
+            2: lambda s: {**s, "title": "dr"},
+        }
+
+    old, keeper = boot(tmp_path, V1)
+    old.name = "Ada Lovelace"
+    keeper.commit()
+    keeper.store.close()  # type: ignore[union-attr]
+    new, keeper = boot(tmp_path, V3)
+    assert (new.first, new.last, new.title) == ("Ada", "Lovelace", "dr")
+    new.title = "countess"
+    keeper.commit()
+    assert keeper.store.read("c1")["version"] == 3  # type: ignore[union-attr,index]
+
+
+def test_missing_migration_and_newer_record_are_store_corrupt_and_keep_the_record(tmp_path: Path) -> None:
+    class V1(Agent):
+        fields = {"n": 0}
+        persistent_fields = ("n",)
+
+    class V3(V1):
+        state_version = 3
+        migrations = {2: lambda s: s}  # nothing from 1
+
+    agent, keeper = boot(tmp_path, V1)
+    agent.n = 1
+    keeper.commit()
+    keeper.store.close()  # type: ignore[union-attr]
+    with pytest.raises(OtpdError) as err:
+        boot(tmp_path, V3)
+    assert err.value.code == "store_corrupt" and "c1" in err.value.message
+    assert "no migration from state_version 1" in err.value.message
+
+    class V0(V1):
+        state_version = 0
+
+    with pytest.raises(OtpdError) as err:
+        boot(tmp_path, V0)
+    assert err.value.code == "store_corrupt"
+    store = Store(tmp_path)
+    assert store.read("c1")["state"] == {"n": 1}  # type: ignore[index]
+    store.close()
+
+
+def test_undecodable_record_is_store_corrupt_and_never_deleted(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.put_raw("c1", b"\xc1\xc1 not msgpack", [])
+    with pytest.raises(OtpdError) as err:
+        StateKeeper(Counter("c1", {}), store).load()
+    assert err.value.code == "store_corrupt"
+    assert store.read_raw("c1") == b"\xc1\xc1 not msgpack"
+    key = store.quarantine("c1")
+    assert store.read_raw("c1") is None
+    with store.env.begin() as txn:
+        assert bytes(txn.get(key.encode(), db=store.quarantined)) == b"\xc1\xc1 not msgpack"
+    store.close()
+    agent, keeper = boot(tmp_path)  # starts fresh
+    assert agent.count == 0
+
+
+def test_store_full_rolls_back_to_the_last_commit_and_the_agent_goes_on(tmp_path: Path) -> None:
+    agent, keeper = boot(tmp_path, map_size_mb=1, map_size_max_mb=1)
+    agent.count = 1
+    agent.queue.append("kept")
+    keeper.commit()
+    agent.count = 2
+    for _ in range(200):
+        agent.queue.append("x" * 10_000)  # 2 MB into a 1 MiB map
+    with pytest.raises(OtpdError) as err:
+        keeper.commit()
+    assert err.value.code == "store_full"
+    assert agent.count == 1 and list(agent.queue) == ["kept"]  # memory is back at the disk's state
+    agent.count = 3
+    assert keeper.commit()  # a small change still fits
+
+
+def test_a_full_map_grows_up_to_its_maximum(tmp_path: Path) -> None:
+    agent, keeper = boot(tmp_path, map_size_mb=1, map_size_max_mb=16)
+    for _ in range(200):
+        agent.queue.append("x" * 10_000)
+    assert keeper.commit()
+    assert keeper.store.map_size() > 1 << 20  # type: ignore[union-attr]
+
+
+def test_declarations_are_checked() -> None:
+    class Bad(Agent):
+        fields = {"a": 0}
+        persistent_fields = ("a", "b")
+
+    with pytest.raises(TypeError, match="b"):
+        validate_declaration(Bad)
+
+
+MSGPACK_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False) | st.text() | st.binary(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(MSGPACK_VALUES, min_size=1, max_size=8))
+def test_export_then_import_is_lossless(tmp_path_factory: pytest.TempPathFactory, values: list[Any]) -> None:
+    path = tmp_path_factory.mktemp("exp")
+    agent, keeper = boot(path)
+    for v in values:
+        agent.queue.append(v)
+        agent.table[len(agent.table)] = v
+    agent.count = len(values)
+    keeper.commit()
+    store = keeper.store
+    assert store is not None
+    before = {k: v for k, v in store.scan_items(b"c1\x00")}
+    main_before = store.read("c1")
+    lines = list(tools.export(store, ["c1"]))
+    store.quarantine("c1")
+    tools.import_records(store, tools.parse_export(lines))
+    assert {k: v for k, v in store.scan_items(b"c1\x00")} == before
+    assert store.read("c1") == main_before
+    edited = [line.replace('"raw"', '"unused"') for line in lines]  # import from the JSON view
+    tools.import_records(store, tools.parse_export(edited))
+    assert store.read("c1")["state"] == main_before["state"]  # type: ignore[index]
+    store.close()
+
+
+def test_import_keeps_seq_growing(tmp_path: Path) -> None:
+    agent, keeper = boot(tmp_path)
+    agent.count = 1
+    keeper.commit()
+    lines = list(tools.export(keeper.store, ["c1"]))  # type: ignore[arg-type]
+    for i in range(3):
+        agent.count = i + 2
+        keeper.commit()
+    tools.import_records(keeper.store, tools.parse_export(lines))  # type: ignore[arg-type]
+    record = keeper.store.read("c1")  # type: ignore[union-attr]
+    assert record["state"]["count"] == 1 and record["seq"] == 5  # type: ignore[index]
+
+
+def test_a_broken_export_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    with pytest.raises(OtpdError) as err:
+        tools.parse_export(['{"type": "agent", "id": "a", "raw": "AQ=="}', "{not json"])
+    assert err.value.code == "bad_request" and "line 2" in err.value.message
+    with pytest.raises(OtpdError):
+        tools.parse_export(['{"type": "item", "id": "a", "key": "AA==", "raw": "AQ=="}'])
+    assert encode(1) == b"\x01"
