@@ -1,0 +1,30 @@
+"""Agents with persistent state for the daemon-level tests (named in their configs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from otpd.agent.base import Agent
+from otpd.agent.state import PersistentQueue
+
+
+class QueueAgent(Agent):
+    """The design's critical test subject: a persisted queue plus counters."""
+
+    fields = {"added": 0, "taken": 0}
+    persistent_fields = ("added", "taken")
+    collections = {"items": PersistentQueue}
+
+    items: PersistentQueue
+    added: int
+    taken: int
+
+    def handle_call(self, request: Any) -> Any:
+        op = request["op"]
+        if op == "add":
+            self.items.append(request["item"])
+            self.added += 1
+        elif op == "take":
+            self.taken += 1
+            return {"item": self.items.popleft()}
+        return {"items": list(self.items), "added": self.added, "taken": self.taken}

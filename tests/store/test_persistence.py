@@ -1,0 +1,177 @@
+"""State across real crashes: a real daemon, real forks, SIGKILL by PID, a real LMDB."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from otpd.errors import OtpdError
+from otpd.store.lmdb_store import Store
+
+QUEUE = """
+[[root.children]]
+id = "q"
+agent = "tests.store.state_agents:QueueAgent"
+"""
+KV = """
+[root]
+max_restarts = 1000
+max_seconds = 1
+
+[[root.children]]
+id = "kv"
+agent = "otpd.agents.kv:KVAgent"
+
+[[root.children]]
+id = "echo"
+agent = "otpd.agents.echo:EchoAgent"
+"""
+
+
+def call(d: Any, child: str, request: Any, timeout: float = 10.0) -> Any:
+    return d.request("call", {"id": child, "request": request, "timeout": timeout}, timeout=timeout + 5)
+
+
+def kill_and_wait(d: Any, child: str) -> None:
+    pid = d.pid_of(child)
+    os.kill(pid, signal.SIGKILL)
+    d.wait(child, "running", not_pid=pid)
+
+
+def test_ten_items_and_counters_survive_sigkill_of_the_agent(daemon: Any) -> None:
+    d = daemon(QUEUE)
+    for i in range(10):
+        call(d, "q", {"op": "add", "item": {"n": i}})
+    call(d, "q", {"op": "take"})
+    before = call(d, "q", {"op": "list"})
+    kill_and_wait(d, "q")
+    assert call(d, "q", {"op": "list"}) == before
+    assert before["items"] == [{"n": i} for i in range(1, 10)] and before["added"] == 10 and before["taken"] == 1
+
+
+def test_state_survives_sigkill_of_the_daemon(daemon: Any) -> None:
+    d = daemon(KV)
+    for i in range(20):
+        call(d, "kv", {"op": "put", "key": f"k{i}", "value": i})
+    d.sigkill()
+    d.wait_exit()
+    d2 = daemon("", config_path=d.config_path)
+    assert call(d2, "kv", {"op": "len"}) == {"len": 20, "puts": 20}
+    assert call(d2, "kv", {"op": "get", "key": "k7"}) == {"found": True, "value": 7}
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(st.one_of(
+    st.tuples(st.just("put"), st.integers(0, 5), st.integers()),
+    st.tuples(st.just("delete"), st.integers(0, 5), st.just(0)),
+    st.tuples(st.just("kill_agent"), st.just(0), st.just(0)),
+    st.tuples(st.just("kill_daemon"), st.just(0), st.just(0)),
+), min_size=1, max_size=12))
+@pytest.mark.timeout(300)
+def test_state_equals_the_acknowledged_calls_after_any_crashes(daemon: Any, steps: list[Any]) -> None:
+    d = daemon(KV)
+    model: dict[str, int] = {}
+    puts = 0
+    for op, k, v in steps:
+        key = f"k{k}"
+        if op == "put":
+            assert call(d, "kv", {"op": "put", "key": key, "value": v})["ok"]
+            model[key] = v
+            puts += 1
+        elif op == "delete":
+            assert call(d, "kv", {"op": "delete", "key": key})["deleted"] == (key in model)
+            model.pop(key, None)
+        elif op == "kill_agent":
+            kill_and_wait(d, "kv")
+        else:
+            d.sigkill()
+            d.wait_exit()
+            d = daemon("", config_path=d.config_path)
+        assert call(d, "kv", {"op": "len"}) == {"len": len(model), "puts": puts}
+        for key, value in model.items():
+            assert call(d, "kv", {"op": "get", "key": key}) == {"found": True, "value": value}
+    assert "seq_regressed" not in d.log.text()
+    d.request("shutdown")
+    d.wait_exit()
+
+
+def test_every_acknowledged_put_survives_a_kill_in_the_middle_of_a_pipeline(daemon: Any) -> None:
+    d = daemon(KV)
+    pid = d.pid_of("kv")
+    acked: set[int] = set()
+    with d.client(timeout=30) as c:
+        ids = [c.send("call", {"id": "kv", "request": {"op": "put", "key": i, "value": i}}) for i in range(2000)]
+        by_id = dict(zip(ids, range(2000), strict=True))
+        replies = 0
+        while replies < len(ids):
+            frame = c.receive()
+            replies += 1
+            if frame["ok"]:
+                acked.add(by_id[frame["id"]])
+            else:
+                assert frame["error"]["code"] in ("agent_crashed", "agent_down")
+            if replies == 200:
+                os.kill(pid, signal.SIGKILL)  # with ~1800 calls still in flight
+    assert 200 <= len(acked) < 2000
+    d.wait("kv", "running", not_pid=pid)
+    for key in sorted(acked)[:: max(1, len(acked) // 100)] + [max(acked)]:
+        assert call(d, "kv", {"op": "get", "key": key}) == {"found": True, "value": key}
+    assert call(d, "kv", {"op": "len"})["len"] >= len(acked)
+
+
+def test_corrupt_record_stops_only_that_agent_until_quarantined(daemon: Any, tmp_path: Path) -> None:
+    config = daemon.config(KV)
+    state_dir = Path(next(line.split('"')[1] for line in config.read_text().splitlines() if "state_dir" in line))
+    store = Store(state_dir / "store")
+    store.put_raw("kv", b"\xc1 garbage", [])
+    store.close()
+    d = daemon("", config_path=config, ready=False)
+    d.log.wait_for(r"kv: exited .*store_corrupt", timeout=20)
+    d.wait("kv", "failed")
+    d.wait("echo", "running")  # the rest of the tree goes on
+    assert call(d, "echo", "still here") == "still here"
+    with pytest.raises(OtpdError) as err:
+        call(d, "kv", {"op": "len"})
+    assert err.value.code == "agent_down"
+    store = Store(state_dir / "store", readonly=True)
+    assert store.read_raw("kv") == b"\xc1 garbage"  # never deleted
+    store.close()
+    from tests.conftest import run_cli
+
+    out = run_cli("otpctl", "--socket", str(d.socket), "state", "--config", str(config), "quarantine", "kv")
+    assert out.returncode == 0, out.stderr
+    d.request("start", {"id": "kv"})
+    d.wait("kv", "running")
+    assert call(d, "kv", {"op": "len"}) == {"len": 0, "puts": 0}
+
+
+def test_store_full_is_an_error_reply_and_the_agent_keeps_what_it_acknowledged(daemon: Any) -> None:
+    d = daemon('[store]\nmap_size_mb = 1\nmap_size_max_mb = 1\n' + KV)
+    acked = 0
+    with pytest.raises(OtpdError) as err:
+        for i in range(10_000):
+            call(d, "kv", {"op": "put", "key": i, "value": "x" * 4000})
+            acked += 1
+    assert err.value.code == "store_full"
+    pid = d.pid_of("kv")
+    assert call(d, "kv", {"op": "len"})["len"] == acked  # running, and the failed put is not there
+    kill_and_wait(d, "kv")
+    assert d.pid_of("kv") != pid
+    assert call(d, "kv", {"op": "len"})["len"] == acked
+
+
+def test_fsync_durability_commits_and_reloads(daemon: Any) -> None:
+    d = daemon('[store]\ndurability = "fsync"\n' + QUEUE)
+    start = time.monotonic()
+    for i in range(5):
+        call(d, "q", {"op": "add", "item": i})
+    assert time.monotonic() - start < 10
+    kill_and_wait(d, "q")
+    assert call(d, "q", {"op": "list"})["items"] == list(range(5))
