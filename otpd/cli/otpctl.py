@@ -307,3 +307,7 @@ def _refuse_running(c: Ctx, ids: list[str]) -> None:
     busy = [ch["id"] for ch in children if ch["id"] in ids and ch["state"] in ("starting", "running", "stopping")]
     if busy:
         raise OtpdError("bad_request", f"{', '.join(busy)} running: stop it first (otpctl stop ID)")
+
+
+if __name__ == "__main__":
+    main()

@@ -65,3 +65,7 @@ def check_config(config_path: Path) -> None:
 
     nodes = walk(config.root)
     click.echo(f"{config_path}: ok ({len(nodes) - 1} children; socket {config.daemon.socket})")
+
+
+if __name__ == "__main__":
+    main()

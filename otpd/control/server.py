@@ -49,6 +49,7 @@ class Connection:
         self.send(protocol.fail(req_id, err.to_wire()))
 
     def send(self, frame: Any) -> None:
+        """Queue a frame; the loop flushes every connection once per iteration."""
         if self.closed:
             return
         data = protocol.pack(frame)
@@ -56,7 +57,7 @@ class Connection:
             self.close()  # it stopped reading: drop it rather than grow without bound
             return
         self.out += data
-        self.flush()
+        self.server.dirty.add(self)
 
     def flush(self) -> None:
         while self.out and not self.closed:
@@ -121,6 +122,7 @@ class ControlServer:
         self.handlers = handlers
         self.on_close = on_close
         self.connections: set[Connection] = set()
+        self.dirty: set[Connection] = set()  # connections with output queued this iteration
         self.listener: socket.socket | None = None
         self.uid = os.getuid()
 
@@ -160,6 +162,11 @@ class ControlServer:
             probe.close()
         raise OtpdError("already_exists", f"another otpd is listening on {self.path}")
 
+    def flush_dirty(self) -> None:
+        """One write per connection per loop iteration, however many replies it got."""
+        while self.dirty:
+            self.dirty.pop().flush()
+
     def close(self) -> None:
         for conn in list(self.connections):
             conn.flush()
@@ -198,6 +205,7 @@ class ControlServer:
 
     def forget(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        self.dirty.discard(conn)
         self.on_close(conn)
 
     def dispatch(self, conn: Connection, frame: Any) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import math
 import os
 import selectors
 import signal
@@ -33,6 +34,7 @@ from typing import Any, TextIO
 import msgpack
 
 from otpd import __version__
+from otpd.agent.runtime import child_main  # imported here so that no child pays for it after fork
 from otpd.config import Config
 from otpd.control import protocol
 from otpd.control.server import DEFERRED, Connection, ControlServer
@@ -42,6 +44,7 @@ from otpd.errors import OtpdError
 from otpd.posix import system
 
 EXIT_INTERNAL = 70
+CALL_TICK = 0.05  # seconds: the resolution of call timeouts
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -58,7 +61,7 @@ class Child:
         self.sock: socket.socket | None = sock
         self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20)
         self.last_seen = now
-        self.pending: dict[int, tuple[Connection, Any]] = {}
+        self.pending: dict[int, tuple[Connection, Any, int]] = {}  # ref -> caller, deadline bucket
         self.spec = spec
         self.start_error: str | None = None
         self.out = bytearray()
@@ -95,6 +98,8 @@ class Daemon:
         self.log_stream = log_stream or sys.stderr
         self.log_level = LEVELS[config.daemon.log_level]
         self.work: deque[core.Action] = deque()
+        self.dirty_children: set[Child] = set()
+        self.call_buckets: dict[int, dict[tuple[str, int], None]] = {}
         self.applying = False
         self.sweep_s = self._sweep_interval()
         self.store_settings = config.store_settings()
@@ -139,6 +144,11 @@ class Daemon:
         for key, mask in self.selector.select(timeout):
             key.data(mask)
         self._run_timers()
+        # Writes go out once per iteration: a burst of calls reaches a child as one
+        # read (one group commit), and its replies reach each client as one write.
+        while self.dirty_children:
+            self._flush_child(self.dirty_children.pop())
+        self.server.flush_dirty()
 
     def _on_signals(self, data: bytes) -> None:
         if signal.SIGCHLD in data:
@@ -199,8 +209,6 @@ class Daemon:
             self._apply(self.tree.exited(child_id, "crash", now, error=f"fork: {exc}"))
             return
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
-            from otpd.agent.runtime import child_main
-
             child_main(theirs.fileno(), spec, self.pid, self.store_settings)
         theirs.close()
         ours.setblocking(False)
@@ -246,8 +254,8 @@ class Daemon:
         if kind == "reply":
             waiting = child.pending.pop(frame["ref"], None)
             if waiting is not None:
-                conn, req_id = waiting
-                self.timer_seq.pop(("call", child.id, frame["ref"]), None)
+                conn, req_id, bucket = waiting
+                self._forget_call(child.id, frame["ref"], bucket)
                 if frame["ok"]:
                     conn.reply(req_id, frame.get("result"))
                 else:
@@ -307,8 +315,8 @@ class Daemon:
         reason, facts = system.decode_status(status)
         if child.start_error:
             facts["error"] = child.start_error
-        for ref, (conn, req_id) in child.pending.items():
-            self.timer_seq.pop(("call", child.id, ref), None)
+        for ref, (conn, req_id, bucket) in child.pending.items():
+            self._forget_call(child.id, ref, bucket)
             conn.error(req_id, OtpdError("agent_crashed", f"agent {child.id!r} exited ({reason}) during the call",
                                          {"id": child.id, "reason": reason, **facts}))
         child.pending.clear()
@@ -333,8 +341,9 @@ class Daemon:
                 self._apply(self.tree.timer(key, now))
             elif kind == "sweep":
                 self._sweep(now)
-            elif kind == "call":
-                self._call_timeout(key[1], key[2])
+            elif kind == "calls":
+                for child_id, ref in self.call_buckets.pop(key[1], {}):
+                    self._call_timeout(child_id, ref)
             elif kind == "wait":
                 self._wait_timeout(key)
 
@@ -450,15 +459,27 @@ class Daemon:
         ref = next(self.refs)
         if not self._send_child(child, {"t": "call", "ref": ref, "req": args.get("request")}):
             raise OtpdError("agent_down", f"agent {child.id!r} is not reachable")
-        child.pending[ref] = (conn, req_id)
-        self._set_timer(("call", child.id, ref), time.monotonic() + max(0.0, float(timeout)))
+        # Call deadlines go in 50 ms buckets, one timer per bucket: a heavy call load
+        # does not fill the timer heap, and a timeout fires at most 50 ms late.
+        bucket = math.ceil((time.monotonic() + max(0.0, float(timeout))) / CALL_TICK)
+        calls = self.call_buckets.get(bucket)
+        if calls is None:
+            calls = self.call_buckets[bucket] = {}
+            self._set_timer(("calls", bucket), bucket * CALL_TICK)
+        calls[(child.id, ref)] = None
+        child.pending[ref] = (conn, req_id, bucket)
         return DEFERRED
+
+    def _forget_call(self, child_id: str, ref: int, bucket: int) -> None:
+        calls = self.call_buckets.get(bucket)
+        if calls is not None:
+            calls.pop((child_id, ref), None)
 
     def _call_timeout(self, child_id: str, ref: int) -> None:
         child = self.children.get(child_id)
         waiting = child.pending.pop(ref, None) if child else None
         if waiting is not None:
-            conn, req_id = waiting
+            conn, req_id, _bucket = waiting
             conn.error(req_id, OtpdError("timeout", f"agent {child_id!r} did not answer in time", {"id": child_id}))
 
     def op_cast(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
@@ -486,10 +507,8 @@ class Daemon:
             self.log("warning", f"{child.id}: not reading its channel; SIGKILL pid {child.pid}")
             _kill(child.pid, signal.SIGKILL)
             return False
-        was_idle = not child.out
         child.out += data
-        if was_idle:
-            self._flush_child(child)
+        self.dirty_children.add(child)
         return True
 
     def _flush_child(self, child: Child) -> None:

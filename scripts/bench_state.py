@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""Benchmarks of persistent state (issue 3): restore time, persistence overhead, fsync throughput.
+
+    python scripts/bench_state.py                 # everything, the figures of BENCHMARKS.md
+    python scripts/bench_state.py --only restore --sizes 1000,100000
+
+Each part starts its own daemon(s) on a temp dir and stops them (by PID) when done.
+
+* restore: a QueueAgent-like agent with N items in its persistent queue is
+  SIGKILLed by PID; the time until its replacement sent ``ready`` (state
+  loaded) is taken from the daemon's event stream (the kill is timed just
+  before os.kill).  Median / p90 / max over --kills kills per size.
+* overhead: acknowledged puts per second to KVAgent with durability=process
+  against durability=none, same agent, same client, rounds alternated in one
+  run; the ratio of medians.
+* fsync: 32 concurrent clients (one connection each, one call outstanding
+  each) putting to one KVAgent with durability=fsync; acknowledged writes/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import selectors
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from otpd.client import Client  # noqa: E402
+from otpd.control import protocol  # noqa: E402
+
+QUEUE_AGENT = "scripts.bench_state_agents:BenchQueue"
+
+
+class Daemon:
+    """One otpd on a temp dir, stopped by PID on exit."""
+
+    def __init__(self, body: str, root: Path, name: str) -> None:
+        self.dir = root / name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = self.dir / "otpd.toml"
+        self.config.write_text(f'[daemon]\nstate_dir = "lib"\nruntime_dir = "run"\nlog_level = "warning"\n\n{body}')
+        self.socket = self.dir / "run" / "otpd.sock"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.log = open(self.dir / "otpd.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen([sys.executable, "-m", "otpd.cli.otpd_main", "run", "--config",
+                                      str(self.config)], stdout=self.log, stderr=self.log, env=env)
+        deadline = time.monotonic() + 30
+        while True:  # bounded: until the socket answers
+            try:
+                with Client(self.socket, timeout=5) as c:
+                    c.request("wait", {"id": "root", "state": "running", "timeout": 30})
+                return self
+            except Exception:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError(f"otpd did not start; see {self.dir / 'otpd.log'}") from None
+                time.sleep(0.02)  # polling a socket that does not exist yet: nothing to wait on
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+# -- restore --------------------------------------------------------------------
+
+
+def fill_queue(state_dir: Path, agent_id: str, n: int) -> None:
+    """Write n queue items straight into the store, as the agent would (batches of 10,000)."""
+    from otpd.agent.state import StateKeeper
+    from otpd.store.lmdb_store import Store
+    from scripts.bench_state_agents import BenchQueue
+
+    store = Store(state_dir / "store", map_size_mb=4096)
+    agent = BenchQueue(agent_id, {})
+    keeper = StateKeeper(agent, store)
+    keeper.load()
+    for start in range(0, n, 10_000):
+        for i in range(start, min(n, start + 10_000)):
+            agent.items.append({"task": i, "payload": "x" * 64})
+        agent.added += min(n, start + 10_000) - start
+        keeper.commit()
+    store.close()
+
+
+def restore_times(d: Daemon, child: str, kills: int) -> list[float]:
+    out = []
+    with Client(d.socket) as ctl, Client(d.socket, timeout=30) as ev:
+        ev.request("events")
+        for _ in range(kills):
+            pid = next(c["pid"] for c in ctl.request("ps")["children"] if c["id"] == child)
+            t0 = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            while True:
+                frame = ev.receive()
+                if frame.get("event") == "ready" and frame.get("id") == child:
+                    out.append((time.perf_counter() - t0) * 1000)
+                    break
+    return out
+
+
+def bench_restore(root: Path, sizes: list[int], kills: int) -> list[str]:
+    body = "[store]\nmap_size_mb = 4096\n[root]\nmax_restarts = 1000000\nmax_seconds = 1\n"
+    for n in [0] + sizes:
+        body += f'\n[[root.children]]\nid = "q{n}"\nagent = "{QUEUE_AGENT}"\n'
+    d = Daemon(body, root, "restore")
+    for n in sizes:
+        fill_queue(d.dir / "lib", f"q{n}", n)
+    rows = ["| items in the queue | restore p50 (ms) | p90 | max | kills |", "|---:|---:|---:|---:|---:|"]
+    try:
+        d.start()
+        with Client(d.socket) as c:
+            for n in sizes:
+                assert c.request("call", {"id": f"q{n}", "request": {"op": "len"}})["len"] == n
+        for n in [0] + sizes:
+            times = restore_times(d, f"q{n}", kills)
+            rows.append(f"| {n:,} | {statistics.median(times):.2f} | {pct(times, 0.9):.2f} | {max(times):.2f} "
+                        f"| {kills} |")
+            print(rows[-1], flush=True)
+    finally:
+        d.stop()
+    return rows
+
+
+# -- overhead ---------------------------------------------------------------------
+
+
+def puts_per_second(sock_path: Path, n: int, window: int, start_key: int) -> float:
+    """Acknowledged puts/s from one client keeping ``window`` calls in flight."""
+    with Client(sock_path, timeout=60) as c:
+        t0 = time.perf_counter()
+        sent = done = 0
+        while done < n:
+            burst = bytearray()
+            while sent < n and sent - done < window:
+                burst += protocol.pack({"id": c.next_id, "op": "call", "args": {
+                    "id": "kv", "request": {"op": "put", "key": start_key + sent, "value": sent}}})
+                c.next_id += 1
+                sent += 1
+            if burst:
+                c.sock.sendall(burst)
+            frame = c.receive()
+            if not frame.get("ok"):
+                raise RuntimeError(frame)
+            done += 1
+        return n / (time.perf_counter() - t0)
+
+
+def bench_overhead(root: Path, rounds: int, n: int) -> list[str]:
+    body = '\n[[root.children]]\nid = "kv"\nagent = "otpd.agents.kv:KVAgent"\n'
+    on = Daemon('[store]\ndurability = "process"\n' + body, root, "persist-on").start()
+    off = Daemon('[store]\ndurability = "none"\n' + body, root, "persist-off").start()
+    rows = ["| load | durability=process (puts/s) | durability=none (puts/s) | ratio |", "|---|---:|---:|---:|"]
+    try:
+        for window, label in ((1, "one call at a time"), (64, "64 in flight"), (1000, "1,000 in flight")):
+            a: list[float] = []
+            b: list[float] = []
+            for r in range(rounds):
+                a.append(puts_per_second(on.socket, n, window, r * n))
+                b.append(puts_per_second(off.socket, n, window, r * n))
+            ma, mb = statistics.median(a), statistics.median(b)
+            rows.append(f"| {label} | {ma:,.0f} | {mb:,.0f} | {ma / mb:.3f} |")
+            print(rows[-1], flush=True)
+    finally:
+        on.stop()
+        off.stop()
+    return rows
+
+
+# -- fsync with concurrent clients --------------------------------------------------
+
+
+def concurrent_puts(sock_path: Path, clients: int, seconds: float) -> float:
+    sel = selectors.DefaultSelector()
+    conns = []
+    for i in range(clients):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(sock_path))
+        s.setblocking(False)
+        conns.append(s)
+        sel.register(s, selectors.EVENT_READ, [protocol.unpacker(), i, 0])
+    done = 0
+
+    def send(s: socket.socket, state: list[Any]) -> None:
+        state[2] += 1
+        key = state[1] * 10_000_000 + state[2]
+        s.send(protocol.pack({"id": state[2], "op": "call", "args": {
+            "id": "kv", "request": {"op": "put", "key": key, "value": key}}}))
+
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    for key in sel.get_map().values():
+        send(key.fileobj, key.data)  # type: ignore[arg-type]
+    while time.perf_counter() < end:
+        for key, _ in sel.select(1.0):
+            data = key.fileobj.recv(65536)  # type: ignore[union-attr]
+            key.data[0].feed(data)
+            for frame in key.data[0]:
+                if not frame.get("ok"):
+                    raise RuntimeError(frame)
+                done += 1
+                send(key.fileobj, key.data)  # type: ignore[arg-type]
+    elapsed = time.perf_counter() - t0
+    for s in conns:
+        s.close()
+    return done / elapsed
+
+
+def bench_fsync(root: Path, clients: int, seconds: float, rounds: int) -> list[str]:
+    body = '\n[[root.children]]\nid = "kv"\nagent = "otpd.agents.kv:KVAgent"\n'
+    d = Daemon('[store]\ndurability = "fsync"\n' + body, root, "fsync").start()
+    p = Daemon('[store]\ndurability = "process"\n' + body, root, "fsync-process").start()
+    rows = ["| durability | clients | acknowledged puts/s (median of rounds) |", "|---|---:|---:|"]
+    try:
+        f_rates = [concurrent_puts(d.socket, clients, seconds) for _ in range(rounds)]
+        p_rates = [concurrent_puts(p.socket, clients, seconds) for _ in range(rounds)]
+        rows.append(f"| fsync | {clients} | {statistics.median(f_rates):,.0f} |")
+        rows.append(f"| process | {clients} | {statistics.median(p_rates):,.0f} |")
+        print("\n".join(rows[-2:]), flush=True)
+    finally:
+        d.stop()
+        p.stop()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["restore", "overhead", "fsync"])
+    ap.add_argument("--sizes", default="1000,100000,1000000")
+    ap.add_argument("--kills", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--puts", type=int, default=20_000)
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=3.0)
+    args = ap.parse_args()
+    print("command: python scripts/bench_state.py " + " ".join(sys.argv[1:]), flush=True)
+    with tempfile.TemporaryDirectory(prefix="otpd-bench-") as tmp:
+        root = Path(tmp)
+        out: list[str] = []
+        if args.only in (None, "restore"):
+            out += ["", "Restore after SIGKILL"] + bench_restore(root, [int(s) for s in args.sizes.split(",")],
+                                                                  args.kills)
+        if args.only in (None, "overhead"):
+            out += ["", "Persistence overhead (KVAgent puts)"] + bench_overhead(root, args.rounds, args.puts)
+        if args.only in (None, "fsync"):
+            out += ["", "Concurrent clients"] + bench_fsync(root, args.clients, args.seconds, args.rounds)
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
