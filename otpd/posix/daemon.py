@@ -42,10 +42,12 @@ from otpd.core import tree as core
 from otpd.core.spec import AgentSpec
 from otpd.errors import OtpdError
 from otpd.posix import system
+from otpd.posix.notify import Notifier
 
 EXIT_INTERNAL = 70
 CALL_TICK = 0.05  # seconds: the resolution of call timeouts
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3}  # journald's <N> prefixes
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
@@ -97,6 +99,11 @@ class Daemon:
         self.pid = os.getpid()
         self.log_stream = log_stream or sys.stderr
         self.log_level = LEVELS[config.daemon.log_level]
+        self.journal = _stream_is_journal(self.log_stream)
+        self.notify = Notifier.from_env()  # before any fork: agents must not inherit it
+        self.ready_sent = False
+        self.status_dirty = False
+        self.last_status = ""
         self.work: deque[core.Action] = deque()
         self.dirty_children: set[Child] = set()
         self.call_buckets: dict[int, dict[tuple[str, int], None]] = {}
@@ -125,6 +132,8 @@ class Daemon:
             self._apply(self.tree.start(time.monotonic()))
             if self.sweep_s:
                 self._set_timer(("sweep",), time.monotonic() + self.sweep_s)
+            if self.notify.watchdog_interval:
+                self._set_timer(("watchdog",), time.monotonic() + self.notify.watchdog_interval)
             while self.exit_status is None:
                 self._once()
         except Exception:
@@ -134,6 +143,7 @@ class Daemon:
         finally:
             self.server.close()
             signal.set_wakeup_fd(-1)
+            self.notify.close()
         self.log("info", f"otpd exits with status {self.exit_status}")
         return self.exit_status
 
@@ -149,13 +159,14 @@ class Daemon:
         while self.dirty_children:
             self._flush_child(self.dirty_children.pop())
         self.server.flush_dirty()
+        if self.status_dirty:
+            self._notify_status()
 
     def _on_signals(self, data: bytes) -> None:
         if signal.SIGCHLD in data:
             self._reap()
         if signal.SIGTERM in data or signal.SIGINT in data:
-            self.log("info", "stop requested by signal; stopping children in reverse order")
-            self._apply(self.tree.shutdown(time.monotonic()))
+            self._begin_shutdown("stop requested by signal; stopping children in reverse order")
         if signal.SIGHUP in data:
             self.log("warning", "SIGHUP: reload is not available in this version; ignored")
 
@@ -341,6 +352,10 @@ class Daemon:
                 self._apply(self.tree.timer(key, now))
             elif kind == "sweep":
                 self._sweep(now)
+            elif kind == "watchdog":
+                # Sent from the loop itself: a stuck loop stops the pings and systemd acts.
+                self.notify.watchdog()
+                self._set_timer(("watchdog",), now + (self.notify.watchdog_interval or 1.0))
             elif kind == "calls":
                 for child_id, ref in self.call_buckets.pop(key[1], {}):
                     self._call_timeout(child_id, ref)
@@ -363,7 +378,33 @@ class Daemon:
 
     # -- events ------------------------------------------------------------------
 
+    def _notify_status(self) -> None:
+        """READY=1 once the root is up with every permanent agent running; STATUS= on change."""
+        self.status_dirty = False
+        if not self.notify.enabled:
+            return
+        counts: dict[str, int] = {}
+        waiting_for = 0
+        for node in self.tree.nodes.values():
+            if not node.is_supervisor:
+                counts[node.state] = counts.get(node.state, 0) + 1
+                if node.spec.restart == "permanent" and not node.held and node.state != "running":
+                    waiting_for += 1
+        status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("running", "restarting", "failed")) + " agents"
+        root = self.tree.nodes[self.tree.root_id]
+        if not self.ready_sent and root.state == "running" and waiting_for == 0:
+            self.ready_sent = True
+            self.last_status = status
+            self.notify.ready(status)
+        elif status != self.last_status and self.ready_sent:
+            self.last_status = status
+            self.notify.status(status)
+
     def _on_event(self, event: core.Emit) -> None:
+        self.status_dirty = True
+        if event.event == "stopped" and self.tree.nodes[self.tree.root_id].state == "stopping":
+            # Each child that stops is progress: keep systemd's stop timeout ahead of us.
+            self.notify.extend_timeout(int((self._longest_shutdown_s() + 5) * 1e6))
         details = " ".join(f"{k}={v}" for k, v in event.details.items())
         self.log("warning" if event.event == "escalated" else "info", f"{event.id}: {event.event} {details}".rstrip())
         if self.subscribers:
@@ -375,7 +416,19 @@ class Daemon:
 
     def log(self, level: str, message: str) -> None:
         if LEVELS[level] >= self.log_level:
-            print(f"otpd[{self.pid}] {level}: {message}", file=self.log_stream, flush=True)
+            if self.journal:  # journald reads the priority from the prefix and adds its own stamp
+                line = f"<{SYSLOG_PRIORITY[level]}>{message}"
+            else:
+                line = f"otpd[{self.pid}] {level}: {message}"
+            print(line, file=self.log_stream, flush=True)
+
+    def _longest_shutdown_s(self) -> float:
+        return max((s.shutdown_ms or 0 for s in _agent_specs(self.config)), default=0) / 1000.0
+
+    def _begin_shutdown(self, why: str) -> None:
+        self.log("info", why)
+        self.notify.stopping()
+        self._apply(self.tree.shutdown(time.monotonic()))
 
     # -- control operations (dispatched by name: op_<name>) -----------------------
 
@@ -449,8 +502,7 @@ class Daemon:
                     return
 
     def op_shutdown(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
-        self.log("info", "shutdown requested over the control socket")
-        self._apply(self.tree.shutdown(time.monotonic()))
+        self._begin_shutdown("shutdown requested over the control socket")
         return {"stopping": True, "pid": self.pid}
 
     def op_call(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
@@ -604,3 +656,14 @@ def _agent_specs(config: Config) -> list[AgentSpec]:
     out = [n for n in walk(config.root) if isinstance(n, AgentSpec)]
     out += [n.template for n in walk(config.root) if isinstance(n, SupervisorSpec) and n.template]
     return out
+
+
+def _stream_is_journal(stream: TextIO) -> bool:
+    """True when ``stream`` is journald's (JOURNAL_STREAM names its device:inode)."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        dev, ino = (int(x) for x in value.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
