@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from otpd.core.intensity import add_restart, backoff_delay
-from otpd.core.spec import AgentSpec, ChildSpec, Restart, SupervisorSpec
+from otpd.core.spec import AgentSpec, ChildSpec, Restart, SupervisorSpec, walk
 from otpd.errors import OtpdError
 
 EXIT_OK = 0
@@ -77,8 +77,12 @@ def should_restart(restart: Restart, reason: Reason) -> bool:
 
 @dataclass(frozen=True)
 class Spawn:
+    """Fork a process for ``id``, unless ``Tree.spawn_is_current(id, token)`` says the
+    node was replaced by later actions of the same batch."""
+
     id: str
     spec: AgentSpec
+    token: int
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,7 @@ class Node:
     restarts: int = 0
     start_failures: int = 0
     started_once: bool = False
+    token: int = 0  # which start this is: a Spawn with an older token is stale
     held: bool = False  # stopped by an operator: group restarts leave it down
     removing: bool = False  # a dynamic child to forget once it is down
     # supervisor nodes only
@@ -158,6 +163,8 @@ class Tree:
         self.nodes: dict[str, Node] = {}
         self._out: list[Action] = []
         self._advancing: set[str] = set()
+        self._token = 0
+        self._target: SupervisorSpec | None = None  # the last reload's spec, until its moves are done
         self._add(root, None)
 
     def _add(self, spec: ChildSpec, parent: str | None) -> Node:
@@ -208,6 +215,12 @@ class Tree:
         root.queue.extend(("start", c) for c in root.children)
         self._advance(root, now)
         return self._flush()
+
+    def spawn_is_current(self, child_id: str, token: int) -> bool:
+        """Should the shell fork for this Spawn? Not if its node is gone or started anew."""
+        node = self.nodes.get(child_id)
+        return node is not None and node.token == token and node.pid is None \
+            and node.state in ("starting", "stopping")
 
     def spawned(self, child_id: str, pid: int, now: float) -> list[Action]:
         node = self.nodes.get(child_id)
@@ -302,8 +315,99 @@ class Tree:
             self._requeue(parent, child_id, [("stop", child_id)])
             self._advance(parent, now)
         else:
-            self._forget(node)
+            self._forget(node, now)
         return self._flush()
+
+    def reload(self, root: SupervisorSpec, now: float) -> tuple[list[Action], dict[str, list[str]]]:
+        """Move the running tree to a new spec; return its actions and what changed.
+
+        Added children start, removed ones stop and are forgotten, agents whose
+        process would differ (``agent``, ``args``, ``heartbeat_ms``) are restarted,
+        and anything else (restart type, shutdown, heartbeat timeout, a
+        supervisor's flags or template) is updated in place.  Untouched children
+        keep their processes.  A node that moved to another supervisor, or a
+        supervisor that changed kind, is removed and added.  Children of dynamic
+        supervisors are not in the config and are left as they are.
+        """
+        summary: dict[str, list[str]] = {"added": [], "removed": [], "restarted": [], "updated": []}
+        new: dict[str, tuple[ChildSpec, str | None]] = {}
+        stack: list[tuple[ChildSpec, str | None]] = [(root, None)]
+        while stack:
+            spec, parent = stack.pop()
+            new[spec.id] = (spec, parent)
+            if isinstance(spec, SupervisorSpec):
+                stack.extend((c, spec.id) for c in spec.children)
+        for node in list(self.nodes.values()):
+            if self.nodes.get(node.id) is not node or self._is_dynamic_child(node):
+                continue
+            spec_parent = new.get(node.id)
+            if spec_parent is None or spec_parent[1] != node.parent or not _same_kind(node.spec, spec_parent[0]):
+                if node.parent is not None:
+                    self._remove_static(node, now)
+                    summary["removed"].append(node.id)
+        for child_id, (spec, _parent) in new.items():
+            current = self.nodes.get(child_id)
+            if current is None or self._doomed(current):
+                continue
+            if current.spec != spec:
+                restart = _needs_new_process(current.spec, spec)
+                current.spec = spec
+                if restart and current.state in UP_STATES and current.parent is not None:
+                    self._requeue(self.nodes[current.parent], child_id, [("stop", child_id), ("start", child_id)])
+                    summary["restarted"].append(child_id)
+                else:
+                    summary["updated"].append(child_id)
+        self._target = root
+        self._add_missing(root, new, summary, now)
+        for node in self.nodes.values():  # converge: a permanent child that is down comes up
+            if node.parent is not None and not node.held and node.spec.restart == "permanent" \
+                    and node.state in ("stopped", "failed") and not self._is_dynamic_child(node):
+                self.nodes[node.parent].queue.append(("start", node.id))
+        for sup in [n for n in self.nodes.values() if n.is_supervisor]:
+            if sup.id in self.nodes:
+                self._advance(sup, now)
+        self._emit("reloaded", self.nodes[self.root_id], **{k: v for k, v in summary.items() if v})
+        return self._flush(), summary
+
+    def _doomed(self, node: Node) -> bool:
+        """True if the node or an ancestor is being removed."""
+        at: Node | None = node
+        while at is not None:
+            if at.removing:
+                return True
+            at = self.nodes.get(at.parent) if at.parent is not None else None
+        return False
+
+    def _is_dynamic_child(self, node: Node) -> bool:
+        return node.parent is not None and self.nodes[node.parent].sup.kind == "dynamic"
+
+    def _remove_static(self, node: Node, now: float) -> None:
+        node.removing = node.held = True
+        if node.state in UP_STATES or node.state == "stopping":
+            assert node.parent is not None
+            self._requeue(self.nodes[node.parent], node.id, [("stop", node.id)])
+        else:
+            self._forget(node, now)
+
+    def _add_missing(self, sup_spec: SupervisorSpec, new: dict[str, tuple[ChildSpec, str | None]],
+                     summary: dict[str, list[str]], now: float) -> None:
+        """Create the nodes the running tree lacks and put each supervisor's children in config order."""
+        sup = self.nodes[sup_spec.id]
+        for spec in sup_spec.children:
+            existing = self.nodes.get(spec.id)
+            if existing is None:
+                subtree = walk(spec) if isinstance(spec, SupervisorSpec) else [spec]
+                if not any(n.id in self.nodes for n in subtree):
+                    self._add(spec, sup.id)
+                    if sup.state in UP_STATES:
+                        sup.queue.append(("start", spec.id))
+                # else: an id of its subtree is still on its way out; added when it is gone
+                summary["added"].append(spec.id)
+            elif existing.removing:
+                summary["added"].append(spec.id)  # moved here: added once the old one is gone
+            elif isinstance(spec, SupervisorSpec) and existing.parent == sup.id:
+                self._add_missing(spec, new, summary, now)
+        _sort_children(sup)
 
     def shutdown(self, now: float) -> list[Action]:
         root = self.nodes[self.root_id]
@@ -353,8 +457,8 @@ class Tree:
             while not sup.waiting and sup.queue:
                 op, child_id = sup.queue.popleft()
                 child = self.nodes.get(child_id)
-                if child is None:
-                    continue
+                if child is None or child.parent != sup.id:
+                    continue  # gone, or moved to another supervisor by a reload
                 if op == "start":
                     self._do_start(sup, child, now)
                 elif self._stop_now(child, now):
@@ -374,7 +478,9 @@ class Tree:
         child.started_once = True
         sup.waiting.add(child.id)
         if isinstance(child.spec, AgentSpec):
-            self._out.append(Spawn(child.id, child.spec))
+            self._token += 1
+            child.token = self._token
+            self._out.append(Spawn(child.id, child.spec, child.token))
         else:
             child.window = ()
             child.failing = False
@@ -452,7 +558,7 @@ class Tree:
             self._set(node, "stopped")
             self._emit("stopped", node, reason=reason, **details)
             if node.removing:
-                self._forget(node)
+                self._forget(node, now)
             self._advance(parent, now)
             return
         start_failure = was == "starting"
@@ -461,7 +567,7 @@ class Tree:
         if parent.state == "stopping" or node.removing or not restart:
             self._set(node, "failed" if reason == "crash" else "stopped")
             if node.removing or (parent.sup.kind == "dynamic" and not restart and not details.get("fatal")):
-                self._forget(node)
+                self._forget(node, now)
             self._advance(parent, now)
             return
         node.start_failures = node.start_failures + 1 if start_failure else 0
@@ -508,8 +614,41 @@ class Tree:
             return sup.children[sup.children.index(child.id) :]
         return [child.id]
 
-    def _forget(self, node: Node) -> None:
+    def _forget(self, node: Node, now: float) -> None:
+        """Delete a node that is down, with its whole subtree."""
         assert node.parent is not None
-        self.nodes[node.parent].children.remove(node.id)
-        del self.nodes[node.id]
+        parent = self.nodes[node.parent]
+        parent.children.remove(node.id)
+        parent.waiting.discard(node.id)
+        parent.queue = deque(op for op in parent.queue if op[1] != node.id)
+        stack = [node.id]
+        while stack:
+            gone = self.nodes.pop(stack.pop())
+            stack.extend(gone.children)
         self._emit("removed", node)
+        if self._target is not None and not any(n.removing for n in self.nodes.values()):
+            # The last removal of a reload is done: add what moved (from the newest config).
+            target, self._target = self._target, None
+            self._add_missing(target, {}, {"added": []}, now)
+            for sup in [n for n in self.nodes.values() if n.is_supervisor and n.queue]:
+                self._advance(sup, now)
+
+
+def _same_kind(old: ChildSpec, new: ChildSpec) -> bool:
+    if isinstance(old, SupervisorSpec) and isinstance(new, SupervisorSpec):
+        return old.kind == new.kind
+    return isinstance(old, AgentSpec) and isinstance(new, AgentSpec)
+
+
+def _needs_new_process(old: ChildSpec, new: ChildSpec) -> bool:
+    """An agent must be restarted when what its process runs would differ."""
+    if isinstance(old, AgentSpec) and isinstance(new, AgentSpec):
+        return (old.agent, old.args, old.heartbeat_ms) != (new.agent, new.args, new.heartbeat_ms)
+    return False
+
+
+def _sort_children(sup: Node) -> None:
+    """Config order for a static supervisor's children (a reload may have changed it)."""
+    if sup.sup.kind == "static":
+        order = {spec.id: i for i, spec in enumerate(sup.sup.children)}
+        sup.children.sort(key=lambda c: order.get(c, len(order)))

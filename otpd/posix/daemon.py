@@ -192,7 +192,8 @@ class Daemon:
                 action = self.work.popleft()
                 match action:
                     case core.Spawn():
-                        self._spawn(action.id, action.spec)
+                        if self.tree.spawn_is_current(action.id, action.token):
+                            self._spawn(action.id, action.spec)
                     case core.Signal():
                         child = self.children.get(action.id)
                         if child is not None:

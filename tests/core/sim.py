@@ -40,6 +40,8 @@ class Sim:
     def apply(self, actions: list[core.Action]) -> None:
         for action in actions:
             if isinstance(action, core.Spawn):
+                if not self.tree.spawn_is_current(action.id, action.token):
+                    continue
                 self.spawns.append(action.id)
                 pid = next(self.pids)
                 self.apply(self.tree.spawned(action.id, pid, self.now))

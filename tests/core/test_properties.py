@@ -3,6 +3,9 @@ that hold under any sequence of crashes, readiness, timers and commands."""
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -53,17 +56,21 @@ def test_add_restart_window_never_holds_stale_entries(times: list[float], max_re
         assert ok == (len(window) <= max_restarts)
 
 
+def tree_spec(strategy: str, inner: str, variant: int = 0) -> Any:
+    """The tree of the property tests; variants are what a reload may turn it into."""
+    s_children = [agent("b"), agent("c", restart="transient"), agent("d", restart="temporary")]
+    top = [agent("a"), sup("s", *s_children, strategy=inner, max_restarts=4, max_seconds=2),
+           sup("dyn", kind="dynamic", max_restarts=4, max_seconds=2), agent("e", shutdown_ms=None)]
+    if variant == 1:  # one removed, one added, one changed
+        top = [agent("a", restart="transient"), sup("s", s_children[0], agent("x"), strategy=inner),
+               top[2], agent("e", shutdown_ms=None), agent("f")]
+    elif variant == 2:  # a moved child and a removed supervisor
+        top = [agent("a"), sup("dyn", kind="dynamic"), agent("e", shutdown_ms=None), agent("b")]
+    return sup("root", *top, strategy=strategy, max_restarts=6, max_seconds=3)
+
+
 def build_tree(strategy: str, inner: str) -> Sim:
-    return Sim(
-        sup("root",
-            agent("a"),
-            sup("s", agent("b"), agent("c", restart="transient"), agent("d", restart="temporary"),
-                strategy=inner, max_restarts=4, max_seconds=2),
-            sup("dyn", kind="dynamic", max_restarts=4, max_seconds=2),
-            agent("e", shutdown_ms=None),
-            strategy=strategy, max_restarts=6, max_seconds=3),
-        auto_ready=False, auto_exit_on_term=False,
-    )
+    return Sim(tree_spec(strategy, inner), auto_ready=False, auto_exit_on_term=False)
 
 
 def check_invariants(sim: Sim) -> None:
@@ -93,7 +100,7 @@ def check_settled(sim: Sim) -> None:
 STRATEGIES = st.sampled_from(["one_for_one", "one_for_all", "rest_for_one"])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=int(os.environ.get("OTPD_PROPERTY_EXAMPLES", "300")), deadline=None)
 @given(strategy=STRATEGIES, inner=STRATEGIES, data=st.data())
 def test_any_event_sequence_keeps_the_tree_consistent_and_shutdown_completes(strategy: str, inner: str,
                                                                             data: st.DataObject) -> None:
@@ -105,7 +112,7 @@ def test_any_event_sequence_keeps_the_tree_consistent_and_shutdown_completes(str
         nodes = sim.tree.nodes
         agents = sorted(n.id for n in nodes.values() if not n.is_supervisor)
         step = data.draw(st.sampled_from(["ready", "crash", "term_ack", "advance", "stop", "start",
-                                          "restart", "add", "remove"]), label="step")
+                                          "restart", "add", "remove", "reload"]), label="step")
         cid = data.draw(st.sampled_from(agents), label="child") if agents else None
         node = nodes.get(cid) if cid else None
         try:
@@ -128,6 +135,9 @@ def test_any_event_sequence_keeps_the_tree_consistent_and_shutdown_completes(str
                 sim.apply(sim.tree.add_child("dyn", agent(f"w{added}", restart="transient"), sim.now))
             elif step == "remove" and cid and node and node.parent == "dyn":
                 sim.apply(sim.tree.remove_child(cid, sim.now))
+            elif step == "reload":
+                variant = data.draw(st.integers(0, 2), label="variant")
+                sim.apply(sim.tree.reload(tree_spec(strategy, inner, variant), sim.now)[0])
         except OtpdError as err:
             assert err.code in ("shutting_down", "not_found", "bad_request")
         check_invariants(sim)

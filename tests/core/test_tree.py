@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from otpd.core.intensity import BACKOFF_CAP_S, add_restart, backoff_delay
+from otpd.core.spec import AgentSpec
 from otpd.core.tree import EXIT_ESCALATED, EXIT_OK, IllegalTransition, should_restart
 from otpd.errors import OtpdError
 from tests.core.sim import Sim, agent, sup
@@ -332,3 +333,57 @@ def test_snapshot_is_depth_first_in_start_order() -> None:
 def test_add_restart_keeps_only_the_period() -> None:
     window, ok = add_restart((0.0, 1.0, 2.0), 6.5, 3, 5)
     assert window == (2.0, 6.5) and ok
+
+
+# -- reload ------------------------------------------------------------------------
+
+
+def test_reload_starts_added_stops_removed_restarts_changed_and_keeps_the_rest() -> None:
+    sim = Sim(sup("root", agent("a"), agent("b"), agent("c"), sup("s", agent("d")))).start()
+    pids = {c: sim.pid(c) for c in "abcd"}
+    changed_b = AgentSpec(id="b", agent="otpd.agents.kv:KVAgent")
+    new_root = sup("root", agent("a"), changed_b, sup("s", agent("d"), agent("e")), agent("f"))
+    actions, summary = sim.tree.reload(new_root, sim.now)
+    sim.apply(actions)
+    assert summary == {"added": ["e", "f"], "removed": ["c"], "restarted": ["b"], "updated": ["root", "s"]}
+    assert "c" not in sim.tree.nodes
+    assert sim.pid("a") == pids["a"] and sim.pid("d") == pids["d"]
+    assert sim.pid("b") != pids["b"] and sim.tree.nodes["b"].spec == changed_b
+    assert sim.state("e") == "running" and sim.state("f") == "running"
+    assert [c["id"] for c in sim.tree.snapshot()] == ["a", "b", "s", "d", "e", "f"]
+
+
+def test_reload_updates_supervision_settings_in_place() -> None:
+    sim = Sim(sup("root", agent("a", restart="permanent"), max_restarts=3)).start()
+    pid = sim.pid("a")
+    actions, summary = sim.tree.reload(sup("root", agent("a", restart="transient"), max_restarts=9), sim.now)
+    sim.apply(actions)
+    assert summary["updated"] == ["root", "a"] and sim.pid("a") == pid
+    sim.crash("a", "normal")
+    assert sim.state("a") == "stopped"  # transient now
+
+
+def test_reload_moves_a_child_between_supervisors() -> None:
+    sim = Sim(sup("root", sup("s1", agent("a")), sup("s2"))).start()
+    actions, summary = sim.tree.reload(sup("root", sup("s1"), sup("s2", agent("a"))), sim.now)
+    sim.apply(actions)
+    assert sim.tree.nodes["a"].parent == "s2" and sim.state("a") == "running"
+    assert "a" in summary["removed"] and "a" in summary["added"]
+
+
+def test_reload_leaves_dynamic_children_alone() -> None:
+    sim = Sim(sup("root", sup("dyn", kind="dynamic"))).start()
+    sim.apply(sim.tree.add_child("dyn", agent("w1", restart="transient"), sim.now))
+    pid = sim.pid("w1")
+    actions, _ = sim.tree.reload(sup("root", sup("dyn", kind="dynamic", max_restarts=7)), sim.now)
+    sim.apply(actions)
+    assert sim.pid("w1") == pid
+
+
+def test_reload_removing_a_supervisor_stops_its_subtree() -> None:
+    sim = Sim(sup("root", agent("a"), sup("s", agent("b"), agent("c")))).start()
+    sim.clear()
+    actions, summary = sim.tree.reload(sup("root", agent("a")), sim.now)
+    sim.apply(actions)
+    assert [c for c, _ in sim.signals] == ["c", "b"]
+    assert set(sim.tree.nodes) == {"root", "a"}
