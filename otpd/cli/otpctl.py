@@ -208,20 +208,32 @@ def add(c: Ctx, supervisor: str, child_id: str, args_json: str) -> None:
 
 
 @main.command()
-@click.option("--follow", is_flag=True, help="Keep printing events as they come.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing events as they come (one JSON per line with --json).")
+@click.option("--last", type=int, default=50, show_default=True, help="How many recent events to print first.")
 @pass_ctx
-def events(c: Ctx, follow: bool) -> None:
-    """Print supervision events (started, ready, exited, restarted, escalated, stopped)."""
+def events(c: Ctx, follow: bool, last: int) -> None:
+    """Print supervision events: started, ready, exited, restarted, escalated, stopped, reloaded."""
     if not follow:
-        _die("only --follow is available in this version (no event history yet)", EXIT_USAGE)
+        result = c.request("events", {"follow": False, "last": last})
+        c.show(result, "\n".join(_event_line(e) for e in result["events"]))
+        return
     try:
         with Client(c.socket_path, timeout=None) as client:
-            for event in client.events():
-                click.echo(json.dumps(event) if c.as_json else _event_line(event))
+            for event in client.events(last=last):
+                click.echo(json.dumps(event) if c.as_json else _event_line(event), nl=True)
     except Unreachable:
         sys.exit(0)  # the daemon stopped: the stream is over
     except KeyboardInterrupt:
         sys.exit(0)
+
+
+@main.command()
+@pass_ctx
+def reload(c: Ctx) -> None:
+    """Re-read the config: start added children, stop removed ones, restart changed ones."""
+    result = c.request("reload")
+    parts = [f"{k}: {', '.join(v)}" for k, v in result.items() if v]
+    c.show(result, "reloaded" + ("; " + "; ".join(parts) if parts else ": nothing changed"))
 
 
 def _event_line(event: dict[str, Any]) -> str:

@@ -116,9 +116,10 @@ class Client:
                 replies[frame["id"]] = err
         return [replies[i] for i in ids]
 
-    def events(self) -> Iterator[dict[str, Any]]:
-        """Subscribe and yield events as they come (blocks; the socket timeout applies)."""
-        self.request("events")
+    def events(self, last: int = 0) -> Iterator[dict[str, Any]]:
+        """Subscribe and yield events as they come, after the ``last`` recent ones
+        (blocks; the socket timeout applies)."""
+        yield from self.request("events", {"follow": True, "last": last})["events"]
         while True:
             frame = self.receive()
             if "event" in frame:

@@ -17,6 +17,7 @@ and that happens here, in the same thread that sends the signals.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import heapq
 import math
@@ -46,6 +47,7 @@ from otpd.posix.notify import Notifier
 
 EXIT_INTERNAL = 70
 CALL_TICK = 0.05  # seconds: the resolution of call timeouts
+EVENT_HISTORY = 1000  # events kept for `otpctl events` without --follow
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3}  # journald's <N> prefixes
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -94,6 +96,7 @@ class Daemon:
         self.refs = count(1)
         self.waiters: dict[str, list[Waiter]] = {}
         self.subscribers: set[Connection] = set()
+        self.history: deque[dict[str, Any]] = deque(maxlen=EVENT_HISTORY)
         self.exit_status: int | None = None
         self.started_at = time.monotonic()
         self.pid = os.getpid()
@@ -168,7 +171,10 @@ class Daemon:
         if signal.SIGTERM in data or signal.SIGINT in data:
             self._begin_shutdown("stop requested by signal; stopping children in reverse order")
         if signal.SIGHUP in data:
-            self.log("warning", "SIGHUP: reload is not available in this version; ignored")
+            try:
+                self._reload("SIGHUP")
+            except OtpdError as err:
+                self.log("error", f"reload refused, nothing changed:\n{err.message}")
 
     def _kill_all(self) -> None:
         for child in list(self.children.values()):
@@ -408,10 +414,10 @@ class Daemon:
             self.notify.extend_timeout(int((self._longest_shutdown_s() + 5) * 1e6))
         details = " ".join(f"{k}={v}" for k, v in event.details.items())
         self.log("warning" if event.event == "escalated" else "info", f"{event.id}: {event.event} {details}".rstrip())
-        if self.subscribers:
-            frame = {"event": event.event, "id": event.id, "time": time.time(), **event.details}
-            for conn in list(self.subscribers):
-                conn.send(frame)
+        frame = {"event": event.event, "id": event.id, "time": time.time(), **event.details}
+        self.history.append(frame)
+        for conn in list(self.subscribers):
+            conn.send(frame)
         for waiter in list(self.waiters.get(event.id, ())):
             self._check_waiter(event.id, waiter)
 
@@ -619,9 +625,55 @@ class Daemon:
         self._apply(self.tree.add_child(sup_id, spec, time.monotonic()))
         return {"id": child_id, "supervisor": sup_id}
 
+    def op_reload(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        return self._reload("the control socket")
+
+    def _reload(self, source: str) -> dict[str, Any]:
+        """Re-read the config file and move the running tree to it.
+
+        A config that does not validate is refused whole: the running tree is left
+        exactly as it was.  Settings that cannot change under a running daemon
+        (paths, the store) are reported in ``not_applied``; they take effect at the
+        next start.  Agent code is not re-imported: a new version of a module needs
+        a restart of the daemon.
+        """
+        from otpd.config import ConfigError, load
+
+        self.log("info", f"reload requested by {source}")
+        self.notify.reloading()
+        try:
+            try:
+                new = load(self.config.path)
+            except ConfigError as err:
+                raise OtpdError("config_invalid", "the new config is refused, nothing changed:\n" + err.message,
+                                {"errors": err.errors}) from None
+            old = self.config
+            not_applied = [f"daemon.{k}" for k in ("state_dir", "runtime_dir", "socket", "socket_group")
+                           if getattr(old.daemon, k) != getattr(new.daemon, k)]
+            not_applied += [f"store.{k}" for k in ("durability", "map_size_mb", "map_size_max_mb", "sync_interval_ms")
+                            if getattr(old.store, k) != getattr(new.store, k)]
+            actions, summary = self.tree.reload(new.root, time.monotonic())
+            self.config = dataclasses.replace(new, daemon=dataclasses.replace(
+                old.daemon, log_level=new.daemon.log_level), store=old.store)
+            self.log_level = LEVELS[new.daemon.log_level]
+            self.sweep_s = self._sweep_interval()
+            self._apply(actions)
+        finally:
+            self.ready_sent = False  # READY=1 again once the new tree is up (sd_notify's reload protocol)
+            self.status_dirty = True
+        for key in not_applied:
+            self.log("warning", f"reload: {key} changed; it takes effect when otpd restarts")
+        return {**summary, "not_applied": not_applied}
+
     def op_events(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
-        self.subscribers.add(conn)
-        return {"subscribed": True}
+        """The recent events (``last``, at most EVENT_HISTORY); with ``follow`` the connection
+        also becomes a stream of every event from now on."""
+        last = _arg(args, "last", int, EVENT_HISTORY)
+        recent = list(self.history)[-last:] if last > 0 else []
+        if _arg(args, "follow", bool, True):
+            self.subscribers.add(conn)
+            return {"subscribed": True, "events": recent}
+        return {"subscribed": False, "events": recent}
 
     def _forget_connection(self, conn: Connection) -> None:
         self.subscribers.discard(conn)
@@ -646,7 +698,7 @@ def _arg(args: dict[str, Any], name: str, types: Any, default: Any = ...) -> Any
             raise OtpdError("bad_request", f"missing argument {name!r}")
         return default
     value = args[name]
-    if not isinstance(value, types) or isinstance(value, bool):
+    if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
         raise OtpdError("bad_request", f"argument {name!r} has the wrong type ({type(value).__name__})")
     return value
 
