@@ -65,8 +65,8 @@ class Client:
 
     def send(self, op: str, args: dict[str, Any] | None = None) -> int:
         req_id = self.next_id
+        self._sendall(_encode({"id": req_id, "op": op, "args": args or {}}))
         self.next_id += 1
-        self._sendall(protocol.pack({"id": req_id, "op": op, "args": args or {}}))
         return req_id
 
     def _sendall(self, data: bytes) -> None:
@@ -104,7 +104,7 @@ class Client:
         ids = []
         for op, args in requests:
             ids.append(self.next_id)
-            data += protocol.pack({"id": self.next_id, "op": op, "args": args})
+            data += _encode({"id": self.next_id, "op": op, "args": args})
             self.next_id += 1
         self._sendall(bytes(data))
         replies: dict[int, Any] = {}
@@ -124,6 +124,13 @@ class Client:
             frame = self.receive()
             if "event" in frame:
                 yield frame
+
+
+def _encode(request: dict[str, Any]) -> bytes:
+    try:
+        return protocol.pack(request)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise OtpdError("bad_request", f"the request cannot be encoded as msgpack: {exc}") from None
 
 
 def _result(frame: dict[str, Any]) -> Any:

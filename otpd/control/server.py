@@ -15,6 +15,7 @@ import os
 import selectors
 import socket
 import stat
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,12 +94,18 @@ class Connection:
             return
         try:
             self.unpacker.feed(data)
-            for frame in self.unpacker:
-                self.server.dispatch(self, frame)
-                if self.closed:
-                    return
-        except (msgpack.UnpackException, ValueError):
-            self.close()  # not msgpack, or a frame over the limit: nothing to answer
+        except msgpack.BufferFull:
+            self.close()  # a frame over the limit
+            return
+        while not self.closed:
+            try:
+                frame = next(self.unpacker)
+            except StopIteration:
+                return
+            except Exception:  # whatever the decoder raises (even TypeError: a list as a map key)
+                self.close()  # not msgpack: nothing to answer
+                return
+            self.server.dispatch(self, frame)
 
     def close(self) -> None:
         if self.closed:
@@ -115,8 +122,10 @@ class Connection:
 
 class ControlServer:
     def __init__(self, selector: selectors.BaseSelector, path: Path, group: str | None,
-                 handlers: dict[str, Handler], on_close: Callable[[Connection], None]) -> None:
+                 handlers: dict[str, Handler], on_close: Callable[[Connection], None],
+                 log: Callable[[str, str], None]) -> None:
         self.selector = selector
+        self.log = log
         self.path = path
         self.group_gid = grp.getgrnam(group).gr_gid if group else None
         self.handlers = handlers
@@ -224,6 +233,10 @@ class ControlServer:
             result = handler(conn, req_id, args)
         except OtpdError as err:
             conn.error(req_id, err)
+            return
+        except Exception:  # a bug in a handler: answer it, log it, keep supervising
+            self.log("error", f"internal error in op {frame.get('op')!r}:\n{traceback.format_exc()}")
+            conn.error(req_id, OtpdError("internal", "internal error in the daemon (logged)"))
             return
         if result is not DEFERRED:
             conn.reply(req_id, result)

@@ -117,7 +117,7 @@ class Daemon:
         self.server = ControlServer(
             self.selector, config.daemon.socket, config.daemon.socket_group,
             {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")},
-            self._forget_connection,
+            self._forget_connection, self.log,
         )
 
     # -- lifecycle -----------------------------------------------------------
@@ -258,14 +258,16 @@ class Daemon:
         self._feed(child, data)
 
     def _feed(self, child: Child, data: bytes) -> None:
+        """Frames from a child. Anything malformed is the child's fault: it is killed."""
         child.last_seen = time.monotonic()
         try:
             child.unpacker.feed(data)
             for frame in child.unpacker:
                 self._on_frame(child, frame)
-        except (msgpack.UnpackException, ValueError, TypeError, KeyError, AttributeError):
+        except (msgpack.UnpackException, ValueError, TypeError, KeyError, AttributeError, IndexError):
             self.log("error", f"{child.id}: garbage on its channel; killing pid {child.pid}")
             _kill(child.pid, signal.SIGKILL)
+            self._close_channel(child)
 
     def _on_frame(self, child: Child, frame: dict[str, Any]) -> None:
         kind = frame["t"]
