@@ -37,6 +37,7 @@ from typing import Any, NoReturn
 
 import msgpack
 
+from otpd import codec
 from otpd.agent.base import Agent
 from otpd.agent.state import StateKeeper
 from otpd.core.spec import AgentSpec
@@ -143,7 +144,7 @@ class Runtime:
     # -- the loop -------------------------------------------------------------
 
     def send(self, frame: dict[str, Any]) -> None:
-        self.channel.sendall(msgpack.packb(frame, use_bin_type=True))
+        self.channel.sendall(codec.pack(frame))
         self.last_sent = time.monotonic()
 
     def run(self) -> int:
@@ -270,8 +271,7 @@ class Runtime:
 
 def _pack_reply(frame: dict[str, Any]) -> bytes:
     try:
-        return msgpack.packb(frame, use_bin_type=True)  # type: ignore[no-any-return]
+        return codec.pack(frame)
     except (TypeError, ValueError, OverflowError) as exc:
         error = OtpdError("internal", f"the agent's reply cannot be encoded: {exc}")
-        return msgpack.packb({"t": "reply", "ref": frame.get("ref"), "ok": False,  # type: ignore[no-any-return]
-                              "error": error.to_wire()}, use_bin_type=True)
+        return codec.pack({"t": "reply", "ref": frame.get("ref"), "ok": False, "error": error.to_wire()})

@@ -11,14 +11,14 @@ from typing import Any
 
 import msgpack
 
+from otpd import codec
+
 MAX_FRAME = 1 << 20  # a request larger than this closes the connection
 OUT_CAP = 16 << 20  # a client that lets this much pile up unread is dropped
 MAX_ID = (1 << 63) - 1
 
 
-def pack(obj: Any) -> bytes:
-    data: bytes = msgpack.packb(obj, use_bin_type=True)
-    return data
+pack = codec.pack
 
 
 def unpacker(max_frame: int = MAX_FRAME) -> msgpack.Unpacker:

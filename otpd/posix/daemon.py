@@ -98,7 +98,7 @@ class Daemon:
         self.subscribers: set[Connection] = set()
         self.history: deque[dict[str, Any]] = deque(maxlen=EVENT_HISTORY)
         self.exit_status: int | None = None
-        self.started_at = time.monotonic()
+        self.started_at = self.now = time.monotonic()
         self.pid = os.getpid()
         self.log_stream = log_stream or sys.stderr
         self.log_level = LEVELS[config.daemon.log_level]
@@ -154,7 +154,9 @@ class Daemon:
         timeout = None
         if self.timers:
             timeout = max(0.0, self.timers[0][0] - time.monotonic())
-        for key, mask in self.selector.select(timeout):
+        events = self.selector.select(timeout)
+        self.now = time.monotonic()  # one clock read per iteration for the hot paths
+        for key, mask in events:
             key.data(mask)
         self._run_timers()
         # Writes go out once per iteration: a burst of calls reaches a child as one
@@ -515,14 +517,20 @@ class Daemon:
         return {"stopping": True, "pid": self.pid}
 
     def op_call(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
-        child = self._running_child(_arg(args, "id", str))
-        timeout = _arg(args, "timeout", (int, float), 5.0)
+        # The hot path of the control plane: kept to a few dict operations.
+        child_id = args.get("id")
+        child = self.children.get(child_id) if type(child_id) is str else None
+        if child is None or child.sock is None or self.tree.nodes[child.id].state != "running":
+            child = self._running_child(_arg(args, "id", str))  # raises the precise error
+        timeout = args.get("timeout", 5.0)
+        if type(timeout) not in (int, float) or timeout < 0:
+            raise OtpdError("bad_request", "argument 'timeout' must be a non-negative number of seconds")
         ref = next(self.refs)
         if not self._send_child(child, {"t": "call", "ref": ref, "req": args.get("request")}):
             raise OtpdError("agent_down", f"agent {child.id!r} is not reachable")
         # Call deadlines go in 50 ms buckets, one timer per bucket: a heavy call load
         # does not fill the timer heap, and a timeout fires at most 50 ms late.
-        bucket = math.ceil((time.monotonic() + max(0.0, float(timeout))) / CALL_TICK)
+        bucket = math.ceil((self.now + timeout) / CALL_TICK)
         calls = self.call_buckets.get(bucket)
         if calls is None:
             calls = self.call_buckets[bucket] = {}

@@ -24,21 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import lmdb
-import msgpack
 
+from otpd import codec
 from otpd.errors import OtpdError
 
 MAX_READERS = 8192  # one slot per process that reads: every agent is a process
 SEP = b"\x00"
 
 
-def encode(obj: Any) -> bytes:
-    data: bytes = msgpack.packb(obj, use_bin_type=True)
-    return data
-
-
-def decode(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+encode = codec.pack
+decode = codec.unpack
 
 
 def agent_prefix(agent_id: str) -> bytes:

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Benchmarks of the control plane (issue 4), side by side with their floors.
+
+    python scripts/bench_control.py [--calls 5000] [--pipelined 100000] [--window 1000] [--ctl-runs 30]
+
+* round trip: one client, one call at a time, client -> daemon -> EchoAgent -> back;
+  p50/p99 in microseconds.  Floor, in the same run: a msgpack ping-pong between two
+  processes over a socketpair (one hop; the call makes two).
+* pipelined: one client keeping --window calls in flight; calls per second.
+* otpctl status: wall time of the whole command, interpreter start included.
+
+It starts its own daemon on a temp dir and stops it by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgpack
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from otpd.client import Client  # noqa: E402
+from otpd.control import protocol  # noqa: E402
+from scripts.bench_state import Daemon, pct  # noqa: E402
+
+
+def socketpair_floor(n: int) -> list[float]:
+    """One msgpack request/reply between two processes over a socketpair, in µs."""
+    a, b = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the echoing peer
+        a.close()
+        unpacker = msgpack.Unpacker(raw=False)
+        try:
+            while data := b.recv(65536):
+                unpacker.feed(data)
+                for frame in unpacker:
+                    b.sendall(msgpack.packb(frame))
+        finally:
+            os._exit(0)
+    b.close()
+    unpacker = msgpack.Unpacker(raw=False)
+    out = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        a.sendall(msgpack.packb({"id": i, "op": "call", "args": {"request": i}}))
+        while True:
+            unpacker.feed(a.recv(65536))
+            if next(unpacker, None) is not None:
+                break
+        out.append((time.perf_counter() - t0) * 1e6)
+    a.close()
+    os.waitpid(pid, 0)
+    return out
+
+
+def round_trips(sock: Path, n: int) -> list[float]:
+    out = []
+    with Client(sock) as c:
+        for i in range(n):
+            t0 = time.perf_counter()
+            c.request("call", {"id": "echo", "request": i})
+            out.append((time.perf_counter() - t0) * 1e6)
+    return out
+
+
+def pipelined(sock: Path, n: int, window: int) -> float:
+    with Client(sock, timeout=60) as c:
+        frame = bytearray()
+        t0 = time.perf_counter()
+        sent = done = 0
+        while done < n:
+            while sent < n and sent - done < window:
+                frame += protocol.pack({"id": sent, "op": "call", "args": {"id": "echo", "request": sent}})
+                sent += 1
+            if frame:
+                c.sock.sendall(frame)
+                frame.clear()
+            reply = c.receive()
+            if not reply.get("ok"):
+                raise RuntimeError(reply)
+            done += 1
+        return n / (time.perf_counter() - t0)
+
+
+def otpctl_status(sock: Path, runs: int) -> list[float]:
+    cmd = [str(Path(sys.executable).parent / "otpctl"), "--socket", str(sock), "status"]
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=5000)
+    ap.add_argument("--pipelined", type=int, default=100_000)
+    ap.add_argument("--window", type=int, default=1000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--ctl-runs", type=int, default=30)
+    args = ap.parse_args()
+    print("command: python scripts/bench_control.py " + " ".join(sys.argv[1:]), flush=True)
+    body = '\n[[root.children]]\nid = "echo"\nagent = "otpd.agents.echo:EchoAgent"\n'
+    with tempfile.TemporaryDirectory(prefix="otpd-bench-") as tmp:
+        d = Daemon(body, Path(tmp), "control").start()
+        try:
+            floor, rtt, rates = [], [], []
+            for _ in range(args.rounds):  # alternate, so both see the same machine
+                floor += socketpair_floor(args.calls)
+                rtt += round_trips(d.socket, args.calls)
+                rates.append(pipelined(d.socket, args.pipelined, args.window))
+            ctl = otpctl_status(d.socket, args.ctl_runs)
+        finally:
+            d.stop()
+    print("| figure | p50 | p99 | target |")
+    print("|---|---:|---:|---|")
+    print(f"| msgpack ping-pong over a socketpair (floor, one hop) | {statistics.median(floor):.0f} µs "
+          f"| {pct(floor, 0.99):.0f} µs | |")
+    print(f"| call round trip client → daemon → EchoAgent → client | {statistics.median(rtt):.0f} µs "
+          f"| {pct(rtt, 0.99):.0f} µs | p50 ≤ 100 µs |")
+    print(f"| pipelined calls/s, one client, {args.window} in flight (median of {args.rounds}) "
+          f"| {statistics.median(rates):,.0f} /s | min {min(rates):,.0f} /s | ≥ 100,000 /s |")
+    print(f"| `otpctl status` wall time ({args.ctl_runs} runs) | {statistics.median(ctl):.0f} ms "
+          f"| {pct(ctl, 0.99):.0f} ms | ≤ 150 ms |")
+
+
+if __name__ == "__main__":
+    main()
