@@ -69,7 +69,7 @@ def test_state_survives_sigkill_of_the_daemon(daemon: Any) -> None:
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(steps=st.lists(st.one_of(
-    st.tuples(st.just("put"), st.integers(0, 5), st.integers()),
+    st.tuples(st.just("put"), st.integers(0, 5), st.integers(-(2**63), 2**64 - 1)),
     st.tuples(st.just("delete"), st.integers(0, 5), st.just(0)),
     st.tuples(st.just("kill_agent"), st.just(0), st.just(0)),
     st.tuples(st.just("kill_daemon"), st.just(0), st.just(0)),
