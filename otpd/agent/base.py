@@ -66,6 +66,10 @@ class Agent:
     def handle_info(self, message: Any) -> None:
         """Called when a timer set by ``send_after`` / ``send_interval`` fires."""
 
+    def handle_event(self, event: dict[str, Any]) -> None:
+        """Called for each supervision event after ``subscribe_events()``
+        (``{"event": "exited", "id": ..., "reason": ..., ...}``, as ``otpctl events`` shows)."""
+
     def terminate(self, reason: str) -> None:
         """Called on a clean stop, before the process exits (changes it makes are saved)."""
 
@@ -93,6 +97,33 @@ class Agent:
     def stop(self) -> None:
         """Finish the current callback, then exit normally (a transient child stays down)."""
         self._rt().stopping = "normal"
+
+    def system(self, op: str, timeout: float = 10.0, **args: Any) -> Any:
+        """Ask the daemon, as otpctl would: ``self.system("add", supervisor="workflows",
+        id="wf-1", args={...})``, ``self.system("status")``, ``self.system("call", id=..., request=...)``.
+        Blocks until the answer; raises OtpdError.  Never call yourself this way (it would wait
+        for its own reply until the timeout)."""
+        return self._rt().system(op, args, timeout)
+
+    def subscribe_events(self) -> None:
+        """From now on, every supervision event reaches ``handle_event``."""
+        self.system("events", follow=True, last=0)
+
+    def after_commit(self, callback: Any) -> None:
+        """Run ``callback()`` once the changes made so far are committed (write before act)."""
+        self._rt().after.append(callback)
+
+    def run_in_worker(self, fn: Any, *args: Any, done: Any, workers: int = 4) -> None:
+        """Run ``fn(*args)`` on one of ``workers`` threads; ``done(result, error)`` is then
+        called on the agent's loop, where state may change (and is committed after it)."""
+        self._rt().run_in_worker(fn, args, done, workers)
+
+    def read_state(self, agent_id: str) -> dict[str, Any] | None:
+        """Another agent's persisted main record (read-only), or None."""
+        keeper = self._rt().keeper
+        if keeper is None or keeper.store is None:
+            raise OtpdError("bad_request", "read_state needs a store: declare persistent state")
+        return keeper.store.read(agent_id)
 
     def _rt(self) -> Runtime:
         if self._runtime is None:

@@ -26,12 +26,16 @@ from __future__ import annotations
 import heapq
 import importlib
 import os
+import queue
+import select
 import selectors
 import signal
 import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import count
 from typing import Any, NoReturn
 
@@ -115,6 +119,14 @@ class Runtime:
         self.stopping: str | None = None  # "normal" or "shutdown" once decided
         self.heartbeat_s = spec.heartbeat_ms / 1000.0
         self.last_sent = time.monotonic()
+        self.agent: Agent | None = None
+        self.backlog: list[dict[str, Any]] = []  # frames that came while a system call waited
+        self.after: list[Callable[[], None]] = []  # run once the next commit is on disk
+        self.selector = selectors.DefaultSelector()
+        self.pool: ThreadPoolExecutor | None = None
+        self.done: queue.SimpleQueue[tuple[Future[Any], Callable[[Any, BaseException | None], None]]] = \
+            queue.SimpleQueue()
+        self.done_r = self.done_w = -1
 
     # -- timers ---------------------------------------------------------------
 
@@ -147,19 +159,83 @@ class Runtime:
         self.channel.sendall(codec.pack(frame))
         self.last_sent = time.monotonic()
 
+    # -- agent -> daemon ----------------------------------------------------------
+
+    def system(self, op: str, args: dict[str, Any], timeout: float) -> Any:
+        """A request to the daemon, as otpctl makes them; blocks until its reply.
+
+        Frames that arrive meanwhile (calls, casts, events) wait in the backlog
+        and are handled, in order, once the current callback has returned."""
+        ref = next(self.refs)
+        self.send({"t": "sys", "ref": ref, "op": op, "args": args})
+        deadline = time.monotonic() + timeout
+        while True:
+            for frame in self.unpacker:
+                if frame.get("t") == "sysreply" and frame.get("ref") == ref:
+                    if frame.get("ok"):
+                        return frame.get("result")
+                    raise OtpdError.from_wire(frame.get("error"))
+                self.backlog.append(frame)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OtpdError("timeout", f"no answer from the daemon to {op!r} in {timeout}s")
+            ready, _, _ = select.select([self.channel], [], [], left)
+            if ready:
+                data = self.channel.recv(256 * 1024)
+                if not data:
+                    raise OtpdError("shutting_down", "the daemon is gone")
+                self.unpacker.feed(data)
+
+    def run_in_worker(self, fn: Callable[..., Any], args: tuple[Any, ...],
+                      done: Callable[[Any, BaseException | None], None], workers: int) -> None:
+        """Run ``fn(*args)`` on a worker thread; ``done(result, error)`` runs later on the loop."""
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otpd-worker")
+            self.done_r, self.done_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self.selector.register(self.done_r, selectors.EVENT_READ, "work")
+        future = self.pool.submit(fn, *args)
+        future.add_done_callback(lambda f: self._work_finished(f, done))
+
+    def _work_finished(self, future: Future[Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        """On the worker thread: hand the result to the loop (the only place agent code runs)."""
+        self.done.put((future, done))
+        try:
+            os.write(self.done_w, b"!")
+        except BlockingIOError:
+            pass  # the loop has a wake-up pending already
+
+    def _on_work_done(self) -> None:
+        try:
+            os.read(self.done_r, 4096)
+        except BlockingIOError:
+            pass
+        while not self.done.empty():
+            future, done = self.done.get()
+            error = future.exception()
+            done(None if error is not None else future.result(), error)
+
     def run(self) -> int:
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wfd)
         signal.signal(signal.SIGTERM, lambda *_: None)  # recorded through the wake-up fd
         agent, keeper = self._start()
+        self.agent = agent
         self.send({"t": "ready", "seq": keeper.seq})
-        selector = selectors.DefaultSelector()
+        self._commit_then_send([])  # after_commit work that init asked for
+        selector = self.selector
         selector.register(self.channel, selectors.EVENT_READ, "channel")
         selector.register(rfd, selectors.EVENT_READ, "signal")
         while self.stopping is None:
+            if self.backlog:
+                frames, self.backlog = self.backlog, []
+                self._apply(agent, frames)
+                continue
             for key, _ in selector.select(self._timeout()):
                 if key.data == "signal":
                     self._on_signals(os.read(rfd, 64))
+                elif key.data == "work":
+                    self._on_work_done()
+                    self._commit_then_send([])
                 elif not self._on_channel(agent):
                     return system.EXIT_NORMAL  # the daemon is gone: nothing to answer
             if self.timers:
@@ -211,6 +287,7 @@ class Runtime:
         except OtpdError as err:  # store_full: the agent is back at its last commit
             replies = [{"t": "reply", "ref": r["ref"], "ok": False, "error": err.to_wire()} for r in replies]
             wrote = False
+            self.after.clear()  # what they were waiting for was not saved
         if wrote:
             replies.append({"t": "seq", "seq": keeper.seq})
             if self.sync_s is not None and self.next_sync == float("inf"):
@@ -218,6 +295,11 @@ class Runtime:
         if replies:
             self.channel.sendall(b"".join(_pack_reply(r) for r in replies))
             self.last_sent = time.monotonic()
+        if self.after:
+            callbacks, self.after = self.after, []
+            for callback in callbacks:
+                callback()
+            self._commit_then_send([])  # what the callbacks changed
 
     def _timeout(self) -> float:
         wait = min(self.last_sent + self.heartbeat_s, self.next_sync) - time.monotonic()
@@ -248,13 +330,17 @@ class Runtime:
             size += len(data)
         if chunks:
             self.unpacker.feed(b"".join(chunks))
-            replies: list[dict[str, Any]] = []
-            for frame in self.unpacker:
-                self._dispatch(agent, frame, replies)
-                if self.stopping is not None:
-                    break
-            self._commit_then_send(replies)
+            self._apply(agent, list(self.unpacker))
         return not eof
+
+    def _apply(self, agent: Agent, frames: list[dict[str, Any]]) -> None:
+        """One batch: apply every frame, commit once, then send the replies."""
+        replies: list[dict[str, Any]] = []
+        for frame in frames:
+            self._dispatch(agent, frame, replies)
+            if self.stopping is not None:
+                break
+        self._commit_then_send(replies)
 
     def _dispatch(self, agent: Agent, frame: dict[str, Any], replies: list[dict[str, Any]]) -> None:
         kind = frame.get("t")
@@ -267,6 +353,9 @@ class Runtime:
                 replies.append({"t": "reply", "ref": frame["ref"], "ok": True, "result": result})
         elif kind == "cast":
             agent.handle_cast(frame.get("msg"))
+        elif kind == "event":
+            agent.handle_event(frame.get("e") or {})
+        # a "sysreply" here is the late answer to a system call that timed out: dropped
 
 
 def _pack_reply(frame: dict[str, Any]) -> bytes:

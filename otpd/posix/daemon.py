@@ -18,6 +18,7 @@ and that happens here, in the same thread that sends the signals.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import heapq
 import math
@@ -47,6 +48,9 @@ from otpd.posix.notify import Notifier
 
 EXIT_INTERNAL = 70
 CALL_TICK = 0.05  # seconds: the resolution of call timeouts
+FORWARDED_OPS = ("task.add", "task.stats", "task.list", "task.retry", "task.pause", "task.resume",
+                 "workflow.start", "workflow.status", "workflow.list", "workflow.cancel", "workflow.retry",
+                 "workflow.skip", "health")
 EVENT_HISTORY = 1000  # events kept for `otpctl events` without --follow
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3}  # journald's <N> prefixes
@@ -57,7 +61,7 @@ class Child:
     """The daemon's side of one running agent process."""
 
     __slots__ = ("id", "pid", "sock", "unpacker", "last_seen", "pending", "spec", "start_error", "out", "writing",
-                 "fatal")
+                 "fatal", "conn")
 
     def __init__(self, child_id: str, pid: int, sock: socket.socket, spec: AgentSpec, now: float) -> None:
         self.id = child_id
@@ -71,9 +75,37 @@ class Child:
         self.out = bytearray()
         self.writing = False
         self.fatal = False  # a start failure that a restart cannot fix (store_corrupt)
+        self.conn: ChildConnection | None = None  # made when the agent first asks the daemon
 
 
 CHILD_OUT_CAP = 64 << 20  # a child this far behind on reading its channel is hung
+
+
+class ChildConnection:
+    """An agent's channel seen as a control connection: agents speak otpctl's protocol too.
+
+    A ``{"t": "sys", "ref": n, "op": ..., "args": ...}`` frame from an agent is dispatched
+    like a request from a client; its reply goes back as ``{"t": "sysreply", ...}`` and
+    events it subscribed to as ``{"t": "event", "e": {...}}``."""
+
+    __slots__ = ("child", "daemon")
+
+    def __init__(self, child: Child, daemon: Daemon) -> None:
+        self.child = child
+        self.daemon = daemon
+
+    @property
+    def closed(self) -> bool:
+        return self.child.sock is None
+
+    def reply(self, req_id: Any, result: Any) -> None:
+        self.daemon._send_child(self.child, {"t": "sysreply", "ref": req_id, "ok": True, "result": result})
+
+    def error(self, req_id: Any, err: OtpdError) -> None:
+        self.daemon._send_child(self.child, {"t": "sysreply", "ref": req_id, "ok": False, "error": err.to_wire()})
+
+    def send(self, frame: Any) -> None:
+        self.daemon._send_child(self.child, {"t": "event", "e": frame})
 
 
 class Waiter:
@@ -114,9 +146,11 @@ class Daemon:
         self.sweep_s = self._sweep_interval()
         self.store_settings = config.store_settings()
         self.seqs: dict[str, int] = {}  # highest committed seq seen per agent: it never goes back
+        handlers = {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")}
+        for op in FORWARDED_OPS:
+            handlers[op] = functools.partial(self._forward, op)
         self.server = ControlServer(
-            self.selector, config.daemon.socket, config.daemon.socket_group,
-            {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")},
+            self.selector, config.daemon.socket, config.daemon.socket_group, handlers,
             self._forget_connection, self.log,
         )
 
@@ -287,6 +321,11 @@ class Daemon:
         elif kind == "ready":
             self._check_seq(child, int(frame.get("seq", 0)))
             self._apply(self.tree.ready(child.id, time.monotonic()))
+        elif kind == "sys":
+            if child.conn is None:
+                child.conn = ChildConnection(child, self)
+            self.server.dispatch(child.conn, {"id": frame["ref"], "op": frame["op"],  # type: ignore[arg-type]
+                                              "args": frame.get("args", {})})
         elif kind == "start_error":
             child.start_error = f"{frame.get('code', 'internal')}: {frame.get('message')}"
             child.fatal = frame.get("code") == "store_corrupt"
@@ -342,6 +381,8 @@ class Daemon:
             conn.error(req_id, OtpdError("agent_crashed", f"agent {child.id!r} exited ({reason}) during the call",
                                          {"id": child.id, "reason": reason, **facts}))
         child.pending.clear()
+        if child.conn is not None:
+            self._forget_connection(child.conn)  # type: ignore[arg-type]
         self._apply(self.tree.exited(child.id, reason, time.monotonic(), fatal=child.fatal, pid=child.pid, **facts))
 
     # -- timers ----------------------------------------------------------------
@@ -517,16 +558,17 @@ class Daemon:
         return {"stopping": True, "pid": self.pid}
 
     def op_call(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        return self._call(conn, req_id, args.get("id"), args.get("request"), args.get("timeout", 5.0))
+
+    def _call(self, conn: Connection, req_id: Any, child_id: Any, request: Any, timeout: Any) -> Any:
         # The hot path of the control plane: kept to a few dict operations.
-        child_id = args.get("id")
         child = self.children.get(child_id) if type(child_id) is str else None
         if child is None or child.sock is None or self.tree.nodes[child.id].state != "running":
-            child = self._running_child(_arg(args, "id", str))  # raises the precise error
-        timeout = args.get("timeout", 5.0)
+            child = self._running_child(_arg({"id": child_id}, "id", str))  # raises the precise error
         if type(timeout) not in (int, float) or timeout < 0:
             raise OtpdError("bad_request", "argument 'timeout' must be a non-negative number of seconds")
         ref = next(self.refs)
-        if not self._send_child(child, {"t": "call", "ref": ref, "req": args.get("request")}):
+        if not self._send_child(child, {"t": "call", "ref": ref, "req": request}):
             raise OtpdError("agent_down", f"agent {child.id!r} is not reachable")
         # Call deadlines go in 50 ms buckets, one timer per bucket: a heavy call load
         # does not fill the timer heap, and a timeout fires at most 50 ms late.
@@ -538,6 +580,23 @@ class Daemon:
         calls[(child.id, ref)] = None
         child.pending[ref] = (conn, req_id, bucket)
         return DEFERRED
+
+    def _forward(self, op: str, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        """``task.*`` / ``workflow.*`` / ``health``: a call to the agent that serves them.
+
+        ``task.add {"id": "tasks", "payload": ...}`` becomes ``call tasks {"op": "add", "payload": ...}``;
+        workflow ops go to the config's CoordinatorAgent and ``health`` to its MonitorAgent."""
+        family, _, verb = op.partition(".")
+        request = {k: v for k, v in args.items() if k != "timeout"}
+        if family == "task":
+            target = request.pop("id", None)
+        else:
+            role = "CoordinatorAgent" if family == "workflow" else "MonitorAgent"
+            target = next((s.id for s in _agent_specs(self.config) if s.agent.endswith(":" + role)), None)
+            if target is None:
+                raise OtpdError("not_found", f"no {role} in the config")
+        request["op"] = verb or family
+        return self._call(conn, req_id, target, request, args.get("timeout", 30.0))
 
     def _forget_call(self, child_id: str, ref: int, bucket: int) -> None:
         calls = self.call_buckets.get(bucket)
