@@ -20,5 +20,14 @@ def pack(obj: Any) -> bytes:
     return data
 
 
+def unpacker(max_frame: int) -> msgpack.Unpacker:
+    """A streaming decoder whose buffer starts small and grows up to ``max_frame``.
+
+    (msgpack's default first buffer is min(max_frame, 1 MiB): a MiB for every
+    connection and every child channel, whether it ever carries a big frame or not.)"""
+    return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=max_frame,
+                            read_size=min(max_frame, 16 * 1024))
+
+
 def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)

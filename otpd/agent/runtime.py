@@ -39,8 +39,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import count
 from typing import Any, NoReturn
 
-import msgpack
-
 from otpd import codec
 from otpd.agent.base import Agent
 from otpd.agent.state import StateKeeper
@@ -112,7 +110,7 @@ class Runtime:
         self.keeper: StateKeeper | None = None
         self.sync_s = store.sync_interval_ms / 1000.0 if store and store.durability == "process" else None
         self.next_sync = float("inf")
-        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME)
+        self.unpacker = codec.unpacker(MAX_FRAME)
         self.timers: list[tuple[float, int]] = []
         self.timer_info: dict[int, tuple[Any, float | None]] = {}
         self.refs = count(1)

@@ -18,8 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
+from otpd import codec
 from otpd.control import protocol
 from otpd.errors import OtpdError
 
@@ -51,7 +50,7 @@ class Client:
         except OSError as exc:
             self.sock.close()
             raise Unreachable(f"cannot reach otpd at {self.path}: {exc.strerror or exc}") from None
-        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 30, strict_map_key=False)
+        self.unpacker = codec.unpacker(1 << 30)
         self.next_id = 1
 
     def __enter__(self) -> Client:

@@ -22,7 +22,7 @@ pack = codec.pack
 
 
 def unpacker(max_frame: int = MAX_FRAME) -> msgpack.Unpacker:
-    return msgpack.Unpacker(raw=False, max_buffer_size=max_frame, strict_map_key=False)
+    return codec.unpacker(max_frame)
 
 
 def ok(req_id: Any, result: Any) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 import msgpack
 
-from otpd import __version__
+from otpd import __version__, codec
 from otpd.agent.runtime import child_main  # imported here so that no child pays for it after fork
 from otpd.config import Config
 from otpd.control import protocol
@@ -67,7 +67,7 @@ class Child:
         self.id = child_id
         self.pid = pid
         self.sock: socket.socket | None = sock
-        self.unpacker = msgpack.Unpacker(raw=False, max_buffer_size=64 << 20)
+        self.unpacker = codec.unpacker(64 << 20)
         self.last_seen = now
         self.pending: dict[int, tuple[Connection, Any, int]] = {}  # ref -> caller, deadline bucket
         self.spec = spec
@@ -489,6 +489,7 @@ class Daemon:
         return {
             "daemon": {"pid": self.pid, "version": __version__, "state": root.state,
                        "uptime_s": round(time.monotonic() - self.started_at, 3),
+                       "connections": len(self.server.connections),
                        "config": str(self.config.path)},
             "children": self.tree.snapshot(),
         }

@@ -171,18 +171,26 @@ def test_thousands_of_connections_opened_and_dropped_leak_nothing(daemon: Any) -
     proc = psutil.Process(d.pid)
     assert_healthy(d)
     fds, rss = proc.num_fds(), proc.memory_info().rss
-    for i in range(3000):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(str(d.socket))
-        if i % 2:
-            s.sendall(protocol.pack({"id": i, "op": "status"})[: i % 7])
-        s.close()
-    # The backlog drains 64 connections per wake-up: probe with round trips until it has.
-    deadline = time.monotonic() + 20
-    while proc.num_fds() != fds and time.monotonic() < deadline:
-        assert_healthy(d)
-    assert proc.num_fds() == fds
-    assert proc.memory_info().rss - rss < 4 << 20
+
+    def burst() -> int:
+        for i in range(3000):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(d.socket))
+            if i % 2:
+                s.sendall(protocol.pack({"id": i, "op": "status"})[: i % 7])
+            s.close()
+        # The backlog drains 64 connections per wake-up: probe with round trips until it has.
+        deadline = time.monotonic() + 20
+        while proc.num_fds() != fds and time.monotonic() < deadline:
+            assert_healthy(d)
+        assert proc.num_fds() == fds
+        assert d.status()["daemon"]["connections"] == 1  # ours: every dropped one is forgotten
+        return int(proc.memory_info().rss)
+
+    # RSS keeps the high-water mark of the busiest moment (how many connections were open at
+    # once varies from run to run), so only a bound is exact: a leak of even one 16 KiB
+    # buffer per connection would add over 300 MB across these 21,000 connections.
+    assert max(burst() for _ in range(7)) - rss < 16 << 20
 
 
 # -- many clients, slow clients -----------------------------------------------------------
