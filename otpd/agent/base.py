@@ -23,6 +23,7 @@ from otpd.errors import OtpdError
 
 if TYPE_CHECKING:
     from otpd.agent.runtime import Runtime
+    from otpd.store.lmdb_store import Store
 
 
 class Agent:
@@ -120,10 +121,17 @@ class Agent:
 
     def read_state(self, agent_id: str) -> dict[str, Any] | None:
         """Another agent's persisted main record (read-only), or None."""
+        return self._store().read(agent_id)
+
+    def delete_state(self, agent_id: str) -> bool:
+        """Delete another agent's records for good; only for one that will not run again."""
+        return self._store().delete_agent(agent_id)
+
+    def _store(self) -> Store:
         keeper = self._rt().keeper
         if keeper is None or keeper.store is None:
-            raise OtpdError("bad_request", "read_state needs a store: declare persistent state")
-        return keeper.store.read(agent_id)
+            raise OtpdError("bad_request", "this needs a store: declare persistent state")
+        return keeper.store
 
     def _rt(self) -> Runtime:
         if self._runtime is None:

@@ -321,5 +321,145 @@ def _refuse_running(c: Ctx, ids: list[str]) -> None:
         raise OtpdError("bad_request", f"{', '.join(busy)} running: stop it first (otpctl stop ID)")
 
 
+
+# -- the built-in agents: task / workflow / health -------------------------------------
+
+
+@main.group()
+def task() -> None:
+    """A TaskAgent's queue: add, stats, list, retry, pause, resume."""
+
+
+@task.command("add")
+@click.argument("agent_id", metavar="ID")
+@click.argument("payload_json", metavar="PAYLOAD_JSON")
+@click.option("--task-id", default=None, help="Idempotency key (default: a new id).")
+@pass_ctx
+def task_add(c: Ctx, agent_id: str, payload_json: str, task_id: str | None) -> None:
+    """Queue a task; answered once it is durable."""
+    args = {"id": agent_id, "payload": _json_arg(payload_json, "PAYLOAD_JSON")}
+    if task_id is not None:
+        args["task_id"] = task_id
+    result = c.request("task.add", args)
+    c.show(result, f"queued {result['task_id']}")
+
+
+@task.command("stats")
+@click.argument("agent_id", metavar="ID")
+@pass_ctx
+def task_stats(c: Ctx, agent_id: str) -> None:
+    """Counts of queued, running, completed, failed and dead tasks."""
+    result = c.request("task.stats", {"id": agent_id})
+    c.show(result, "\n".join(f"{k}: {v}" for k, v in result.items()))
+
+
+@task.command("list")
+@click.argument("agent_id", metavar="ID")
+@click.option("--dead", is_flag=True, help="The dead-letter list instead of the queue.")
+@click.option("--limit", type=int, default=100, show_default=True)
+@pass_ctx
+def task_list(c: Ctx, agent_id: str, dead: bool, limit: int) -> None:
+    """Queued and running tasks, or the dead letters with their last error."""
+    result = c.request("task.list", {"id": agent_id, "dead": dead, "limit": limit})
+    c.show(result, "\n".join(json.dumps(t) for t in result["tasks"]) or "(none)")
+
+
+@task.command("retry")
+@click.argument("agent_id", metavar="ID")
+@click.argument("task_id")
+@pass_ctx
+def task_retry(c: Ctx, agent_id: str, task_id: str) -> None:
+    """Move a dead task back to the queue."""
+    result = c.request("task.retry", {"id": agent_id, "task_id": task_id})
+    c.show(result, f"{task_id} queued again")
+
+
+def _task_switch(verb: str) -> None:
+    @task.command(verb, help=f"{verb.capitalize()} starting new tasks.")
+    @click.argument("agent_id", metavar="ID")
+    @pass_ctx
+    def command(c: Ctx, agent_id: str) -> None:
+        result = c.request(f"task.{verb}", {"id": agent_id})
+        c.show(result, f"{agent_id}: {result.get('status', verb)}")
+
+
+_task_switch("pause")
+_task_switch("resume")
+
+
+@main.group()
+def workflow() -> None:
+    """Workflows, through the config's CoordinatorAgent."""
+
+
+@workflow.command("start")
+@click.argument("definition", metavar="DEF_JSON|@FILE")
+@pass_ctx
+def workflow_start(c: Ctx, definition: str) -> None:
+    """Start a workflow; prints its id."""
+    if definition.startswith("@"):
+        try:
+            with open(definition[1:], encoding="utf-8") as fh:
+                definition = fh.read()
+        except OSError as exc:
+            raise click.UsageError(f"cannot read {definition[1:]}: {exc}") from None
+    result = c.request("workflow.start", {"definition": _json_arg(definition, "DEF_JSON")})
+    c.show(result, result["workflow_id"])
+
+
+@workflow.command("status")
+@click.argument("workflow_id", metavar="WF_ID")
+@pass_ctx
+def workflow_status(c: Ctx, workflow_id: str) -> None:
+    """A workflow's status, current step and results."""
+    result = c.request("workflow.status", {"workflow_id": workflow_id})
+    c.show(result, f"{workflow_id}: {result['status']} at step {result['current_step']}/{result['steps']}"
+                   + (f" ({result['parked_reason']})" if result.get("parked_reason") else ""))
+
+
+@workflow.command("list")
+@click.option("--state", default=None, help="running, completed, parked or cancelled.")
+@pass_ctx
+def workflow_list(c: Ctx, state: str | None) -> None:
+    """Workflows and the coordinator's counts."""
+    result = c.request("workflow.list", {"state": state})
+    lines = [f"{w['workflow_id']}  {w['status']}" for w in result["workflows"]]
+    lines.append(f"completed {result['completed_count']}, failed {result['failed_count']}, "
+                 f"cancelled {result['cancelled_count']}")
+    c.show(result, "\n".join(lines))
+
+
+def _workflow_verb(verb: str, doc: str) -> None:
+    @workflow.command(verb, help=doc)
+    @click.argument("workflow_id", metavar="WF_ID")
+    @pass_ctx
+    def command(c: Ctx, workflow_id: str) -> None:
+        result = c.request(f"workflow.{verb}", {"workflow_id": workflow_id})
+        c.show(result, f"{workflow_id}: {result['status']}")
+
+
+_workflow_verb("cancel", "Stop a running workflow for good.")
+_workflow_verb("retry", "Run a parked workflow's failing step again.")
+_workflow_verb("skip", "Skip a parked workflow's failing step (its result is null).")
+
+
+@main.command()
+@click.argument("agent_id", metavar="ID", required=False)
+@pass_ctx
+def health(c: Ctx, agent_id: str | None) -> None:
+    """Health of every agent (or one) from the MonitorAgent."""
+    result = c.request("health", {"id": agent_id} if agent_id else {})
+    rows = result.get("agents") if isinstance(result, dict) else None
+    if not isinstance(rows, list) or (rows and not isinstance(rows[0], dict)):
+        c.show(result)
+        return
+    keys = [k for k in ("id", "state", "pid", "rss_mb", "cpu_percent", "fds", "restarts", "uptime_s", "alerts")
+            if any(k in r for r in rows)]
+    table = [keys] + [[str(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(keys))]
+    c.show(result, "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                             for row in table))
+
+
 if __name__ == "__main__":
     main()

@@ -172,6 +172,21 @@ class Store:
             txn.delete(agent_id.encode(), db=self.main)
         return key
 
+    def delete_agent(self, agent_id: str) -> bool:
+        """Delete an agent's records for good (a finished workflow past its retention)."""
+        prefix = agent_prefix(agent_id)
+        with self.env.begin(write=True) as txn:
+            cursor = txn.cursor(db=self.items)
+            doomed = []
+            if cursor.set_range(prefix):
+                for k, _v in cursor:
+                    if not bytes(k).startswith(prefix):
+                        break
+                    doomed.append(bytes(k))
+            for k in doomed:
+                txn.delete(k, db=self.items)
+            return bool(txn.delete(agent_id.encode(), db=self.main))
+
     def put_raw(self, agent_id: str, main: bytes, items: list[tuple[bytes, bytes]], replace: bool = True) -> None:
         """Restore an agent's records (import): its old items are replaced."""
         prefix = agent_prefix(agent_id)

@@ -1,0 +1,219 @@
+"""CoordinatorAgent: the gateway that starts workflows and counts their outcomes.
+
+The design's "God" coordinator is decomposed: each workflow is its own process
+(``WorkflowProcess``) under a dynamic supervisor; this agent only
+
+* validates a definition, records the workflow (``workflows``: id -> entry) and, once that is
+  committed, adds the workflow's process to the supervisor (``args.supervisor``, default
+  ``"workflows"``);
+* learns outcomes from the supervisor's exit **events** and the workflow's own record, and
+  finalises each workflow exactly once (``completed_count`` / ``failed_count`` /
+  ``cancelled_count`` change only on a transition out of ``running``);
+* reconciles at start and whenever the workflows supervisor comes back: a workflow recorded as
+  running that has no process is either finished (its record says so) or started again, and it
+  resumes at its saved step.  So after a restart of this agent, of the supervisor, or of the
+  whole daemon, nothing is lost or run twice.
+
+Step handlers must match ``args.handlers`` (fnmatch patterns on ``module:function``, default
+``["otpd.examples.jobs:*"]``): nothing named on the wire is imported unless the config allows it.
+Finished workflows are kept (``args.retention``, default 1000); older ones are forgotten
+(their records deleted); the counters are lifetime counts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+import uuid
+from typing import Any
+
+from otpd.agent.base import Agent
+from otpd.agent.state import PersistentMap, PersistentQueue
+from otpd.agents.workflow import FINAL
+from otpd.errors import OtpdError
+
+
+class CoordinatorAgent(Agent):
+    state_version = 1
+    fields = {"completed_count": 0, "failed_count": 0, "cancelled_count": 0, "started_count": 0}
+    persistent_fields = tuple(fields)
+    collections = {"workflows": PersistentMap, "finished": PersistentQueue}
+
+    workflows: PersistentMap
+    finished: PersistentQueue
+    completed_count: int
+    failed_count: int
+    cancelled_count: int
+    started_count: int
+
+    def init(self) -> None:
+        self.supervisor = str(self.args.get("supervisor", "workflows"))
+        self.patterns = list(self.args.get("handlers", ["otpd.examples.jobs:*"]))
+        self.retention = int(self.args.get("retention", 1000))
+        self.poison_after = int(self.args.get("poison_after", 3))
+        self.subscribe_events()
+        self.send_after(0, "reconcile")
+
+    # -- requests ------------------------------------------------------------
+
+    def handle_call(self, request: Any) -> Any:
+        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+            raise OtpdError("bad_request", 'a coordinator request is {"op": "start"|"status"|"list"|...}')
+        handler = getattr(self, "op_" + request["op"], None)
+        if handler is None:
+            raise OtpdError("bad_request", f"unknown workflow op {request['op']!r}")
+        return handler(request)
+
+    def op_start(self, request: dict[str, Any]) -> Any:
+        definition = self._check(request.get("definition"))
+        wf_id = f"wf-{uuid.uuid4().hex[:16]}"
+        self.workflows[wf_id] = {"status": "running", "definition": definition, "created_at": time.time()}
+        self.started_count += 1
+        self.after_commit(lambda: self._launch(wf_id))  # recorded before its process exists
+        return {"workflow_id": wf_id}
+
+    def op_status(self, request: dict[str, Any]) -> Any:
+        wf_id = self._known(request)
+        entry = self.workflows[wf_id]
+        record = self.read_state(wf_id)
+        state = record["state"] if record else {}
+        steps = (entry.get("definition") or {}).get("steps") or []
+        return {"workflow_id": wf_id, "status": entry["status"], "steps": len(steps),
+                "current_step": state.get("current_step", 0), "task_results": state.get("task_results", []),
+                "started_at": state.get("started_at"), "finished_at": state.get("finished_at"),
+                "metadata": state.get("metadata", {}), "parked_reason": state.get("parked_reason"),
+                "attempts": state.get("attempts", {})}
+
+    def op_list(self, request: dict[str, Any]) -> Any:
+        wanted = request.get("state")
+        rows = [{"workflow_id": k, "status": v["status"], "created_at": v.get("created_at")}
+                for k, v in self.workflows.items() if wanted in (None, v["status"])]
+        return {"workflows": rows, "completed_count": self.completed_count, "failed_count": self.failed_count,
+                "cancelled_count": self.cancelled_count, "started_count": self.started_count}
+
+    def op_cancel(self, request: dict[str, Any]) -> Any:
+        wf_id = self._known(request)
+        entry = self.workflows[wf_id]
+        if entry["status"] in FINAL:
+            raise OtpdError("bad_request", f"{wf_id} is already {entry['status']}")
+        self._finalise(wf_id, "cancelled")
+        self.after_commit(lambda: self._remove(wf_id))
+        return {"workflow_id": wf_id, "status": "cancelled"}
+
+    def op_retry(self, request: dict[str, Any]) -> Any:
+        return self._unpark(request, "retry")
+
+    def op_skip(self, request: dict[str, Any]) -> Any:
+        return self._unpark(request, "skip")
+
+    def _unpark(self, request: dict[str, Any], how: str) -> Any:
+        wf_id = self._known(request)
+        entry = self.workflows[wf_id]
+        if entry["status"] != "parked":
+            raise OtpdError("bad_request", f"{wf_id} is {entry['status']}, not parked")
+        self.workflows[wf_id] = {**entry, "status": "running"}
+        self.failed_count -= 1
+        self.after_commit(lambda: self._launch(wf_id, resume=how))
+        return {"workflow_id": wf_id, "status": "running"}
+
+    def _known(self, request: dict[str, Any]) -> str:
+        wf_id = request.get("workflow_id")
+        if not isinstance(wf_id, str) or wf_id not in self.workflows:
+            raise OtpdError("not_found", f"no workflow {wf_id!r}", {"workflow_id": wf_id})
+        return wf_id
+
+    def _check(self, definition: Any) -> dict[str, Any]:
+        if not isinstance(definition, dict) or not isinstance(definition.get("steps"), list) \
+                or not definition["steps"]:
+            raise OtpdError("bad_request", 'a workflow is {"steps": [{"handler": "module:function", '
+                                           '"args": {...}}, ...], "metadata": {...}}')
+        for i, step in enumerate(definition["steps"]):
+            handler = step.get("handler") if isinstance(step, dict) else None
+            if not isinstance(handler, str) or ":" not in handler:
+                raise OtpdError("bad_request", f"step {i}: 'handler' must be \"module:function\"")
+            if not any(fnmatch.fnmatchcase(handler, p) for p in self.patterns):
+                raise OtpdError("bad_request", f"step {i}: handler {handler!r} is not allowed by the "
+                                               f"coordinator's config (handlers = {self.patterns})")
+            if not isinstance(step.get("args", {}), dict):
+                raise OtpdError("bad_request", f"step {i}: 'args' must be a map")
+        return definition
+
+    # -- processes and outcomes -----------------------------------------------
+
+    def _launch(self, wf_id: str, resume: str | None = None) -> None:
+        entry = self.workflows.get(wf_id)
+        if entry is None or entry["status"] != "running":
+            return
+        args = {"workflow_id": wf_id, "definition": entry["definition"], "poison_after": self.poison_after}
+        if resume:
+            args["resume"] = resume
+        try:
+            self.system("add", supervisor=self.supervisor, id=wf_id, args=args)
+        except OtpdError as err:
+            if err.code != "already_exists":  # running already: nothing to do
+                raise
+
+    def _remove(self, wf_id: str) -> None:
+        try:
+            self.system("remove", id=wf_id)
+        except OtpdError as err:
+            if err.code != "not_found":
+                raise
+
+    def handle_event(self, event: dict[str, Any]) -> None:
+        child, kind = event.get("id"), event.get("event")
+        if child == self.supervisor and kind == "ready":
+            self.send_after(0, "reconcile")  # the supervisor came back (empty): restart what runs
+        elif isinstance(child, str) and kind in ("exited", "stopped") and child in self.workflows:
+            if event.get("reason") != "crash":  # a crash is restarted by the supervisor
+                self._settle(child)
+
+    def handle_info(self, message: Any) -> None:
+        if message == "reconcile":
+            self._reconcile()
+
+    def _settle(self, wf_id: str) -> None:
+        """The workflow's process is down for good: its own record says how it ended."""
+        entry = self.workflows.get(wf_id)
+        if entry is None or entry["status"] != "running":
+            return
+        record = self.read_state(wf_id)
+        status = (record or {}).get("state", {}).get("status")
+        if status in FINAL:
+            self._finalise(wf_id, status)
+
+    def _finalise(self, wf_id: str, status: str) -> None:
+        """running -> a final status, once: the counters move only on this transition."""
+        entry = self.workflows[wf_id]
+        if entry["status"] != "running":
+            return
+        self.workflows[wf_id] = {**entry, "status": status, "finished_at": time.time()}
+        if status == "completed":
+            self.completed_count += 1
+        elif status == "parked":
+            self.failed_count += 1
+        else:
+            self.cancelled_count += 1
+        self.finished.append(wf_id)
+        while len(self.finished) > self.retention:  # the counters stay lifetime counts
+            old = self.finished.popleft()
+            if self.workflows.pop(old, None) is not None:
+                self.after_commit(lambda old=old: self.delete_state(old))
+
+    def _reconcile(self) -> None:
+        """Match the recorded workflows with the processes that exist."""
+        try:
+            children = {c["id"]: c["state"] for c in self.system("ps")["children"]
+                        if c["supervisor"] == self.supervisor}
+        except OtpdError:
+            self.send_after(0.5, "reconcile")  # the daemon is busy (shutting down?): later
+            return
+        for wf_id, entry in list(self.workflows.items()):
+            if entry["status"] != "running" or wf_id in children:
+                continue
+            record = self.read_state(wf_id)
+            status = (record or {}).get("state", {}).get("status")
+            if status in FINAL:
+                self._finalise(wf_id, status)
+            else:
+                self.after_commit(lambda wf_id=wf_id: self._launch(wf_id))

@@ -1,0 +1,359 @@
+"""TaskAgent: a persistent task queue run by a handler, at least once, with a dead-letter list.
+
+The seed design's TaskAgent (``task_queue``, ``processing_tasks``,
+``completed_count``, ``error_count``, ``status``), with its state on disk::
+
+    [[root.children]]
+    id = "tasks"
+    agent = "otpd.agents.task:TaskAgent"
+    args = { handler = "otpd.examples.jobs:echo", concurrency = 4, max_attempts = 3 }
+
+Args: ``handler`` (``module:function``, imported in the agent's process when it
+starts; ``fn(payload) -> result``, run on the runtime's worker threads),
+``concurrency`` (tasks run at once, default 4), ``max_attempts`` (default 3).
+
+Calls (``otpctl task ...`` forwards to them)::
+
+    {"op": "add", "payload": X, "task_id": "optional"} -> {"task_id": id}
+    {"op": "stats"}                 -> {"queued", "processing", "completed_count", "error_count",
+                                        "interrupted_count", "dead", "status", "concurrency", "max_attempts"}
+    {"op": "list", "dead": false, "limit": 100} -> {"tasks": [...]}  (processing, then queued; or dead letters)
+    {"op": "get", "task_id": id}    -> {"task_id", "state": queued|processing|completed|dead, ...}
+    {"op": "retry", "task_id": id}  -> {"task_id", "state": "queued"}   (a dead letter, attempts reset)
+    {"op": "pause"} / {"op": "resume"} -> {"status": ...}
+
+Guarantees:
+
+* An ``add`` is answered after the task is on disk (the runtime commits before it replies).
+  A task id is an idempotency key: adding an id the agent knows (queued, processing, completed
+  or dead) is ``already_exists``, so a client that lost a reply can simply add again.
+* Write before act: a task moves queue -> ``processing_tasks`` (attempts + 1) and is handed to a
+  worker only after that move is committed (``after_commit``).
+* At least once: every task found in ``processing_tasks`` when the agent starts was running when
+  the previous process died.  That attempt counts: the task runs again with attempts + 1, or goes
+  to the dead letters if it had used its ``max_attempts`` (a task that kills its agent cannot
+  crash-loop it).
+* A failure (the handler raised) below ``max_attempts`` goes back to the queue's tail; at
+  ``max_attempts`` the task goes to the dead letters with its last error.
+* A completion removes the task from processing and is counted once (the id's state becomes
+  ``completed``; results are not kept).
+* Paused: adds are accepted and queued, nothing new starts (running tasks finish).
+
+Every collection is one LMDB record per task, so adding, starting or finishing a task writes
+O(1) records whatever the queue's length, and a restart reads only the markers and the
+(at most ``concurrency``) tasks that were processing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from otpd.agent.base import Agent
+from otpd.agent.state import PersistentMap, PersistentQueue
+from otpd.errors import OtpdError
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 100_000
+
+
+def load_handler(ref: Any) -> Callable[[Any], Any]:
+    """Import ``module:function``; a clear ``config_invalid`` error otherwise."""
+    if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
+        raise OtpdError("config_invalid", f'handler must be "module:function", got {ref!r}')
+    module_name, _, name = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise OtpdError("config_invalid", f"handler {ref!r}: cannot import {module_name!r} "
+                        f"({type(exc).__name__}: {exc})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise OtpdError("config_invalid", f"handler {ref!r}: {module_name!r} has no function {name!r}")
+    return fn  # type: ignore[no-any-return]
+
+
+def _int_arg(args: dict[str, Any], name: str, default: int, minimum: int) -> int:
+    value = args.get(name, default)
+    if type(value) is not int or value < minimum:
+        raise OtpdError("config_invalid", f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _error_text(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 2000 else text[:2000] + "..."
+
+
+class TaskAgent(Agent):
+    state_version = 1
+    fields = {"completed_count": 0, "error_count": 0, "interrupted_count": 0, "status": "active", "next_id": 1}
+    persistent_fields = ("completed_count", "error_count", "interrupted_count", "status", "next_id")
+    collections = {
+        "task_queue": PersistentQueue,     # tasks waiting, FIFO: {id, payload, attempts, added_at, last_error?}
+        "processing_tasks": PersistentMap,  # task_id -> task (attempts counts the running one)
+        "dead_letters": PersistentMap,      # task_id -> task with last_error, attempts, dead_at
+        "task_ids": PersistentMap,          # task_id -> "queued" | "processing" | "completed" | "dead"
+    }
+
+    task_queue: PersistentQueue
+    processing_tasks: PersistentMap
+    dead_letters: PersistentMap
+    task_ids: PersistentMap
+    completed_count: int
+    error_count: int
+    interrupted_count: int
+    status: str
+    next_id: int
+
+    # -- start ------------------------------------------------------------------
+
+    def init(self) -> None:
+        args = self.args
+        unknown = sorted(set(args) - {"handler", "concurrency", "max_attempts"})
+        if unknown:
+            raise OtpdError("config_invalid", f"TaskAgent: unknown args {', '.join(unknown)}")
+        if "handler" not in args:
+            raise OtpdError("config_invalid", 'TaskAgent needs args.handler = "module:function"')
+        self.handler = load_handler(args["handler"])
+        self.concurrency = _int_arg(args, "concurrency", 4, 1)
+        self.max_attempts = _int_arg(args, "max_attempts", 3, 1)
+        self.scheduled: set[str] = set()  # moved to processing, handed to a worker once committed
+        self.submitted: set[str] = set()  # on a worker now
+        self.started = True
+        # Whatever is in processing was running when the last process died: that attempt counts.
+        again = []
+        for task_id, task in list(self.processing_tasks.items()):
+            self.interrupted_count += 1
+            if task["attempts"] >= self.max_attempts:
+                self.processing_tasks.pop(task_id)
+                task["last_error"] = f"the agent died during attempt {task['attempts']}"
+                self._bury(task)
+            else:
+                task["attempts"] += 1
+                task["started_at"] = time.time()
+                self.processing_tasks[task_id] = task
+                again.append(task)
+        if again:
+            self._schedule(again)
+        self._pump()
+
+    def on_after_load(self, state: dict[str, Any]) -> dict[str, Any]:
+        if getattr(self, "started", False):
+            # A failed commit (store_full) put the agent back at its last commit: what was
+            # scheduled is in the queue again, and a completion may have been undone.
+            self.resync = True
+        return state
+
+    # -- calls --------------------------------------------------------------------
+
+    def handle_call(self, request: Any) -> Any:
+        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+            raise OtpdError("bad_request", 'a task request is {"op": "add"|"stats"|"list"|"get"|"retry"|'
+                            '"pause"|"resume", ...}')
+        handler = getattr(self, "op_" + request["op"], None)
+        if handler is None:
+            raise OtpdError("bad_request", f"unknown task op {request['op']!r}",
+                            {"ops": ["add", "stats", "list", "get", "retry", "pause", "resume"]})
+        return handler(request)
+
+    def op_add(self, request: dict[str, Any]) -> Any:
+        if "payload" not in request:
+            raise OtpdError("bad_request", "missing 'payload'")
+        task_id = request.get("task_id")
+        if task_id is None:
+            task_id = self._new_id()
+        elif not isinstance(task_id, str) or not task_id or len(task_id) > 256:
+            raise OtpdError("bad_request", "task_id must be a non-empty string of at most 256 characters")
+        else:
+            state = self.task_ids.get(task_id)
+            if state is not None:
+                raise OtpdError("already_exists", f"task {task_id!r} exists ({state})",
+                                {"task_id": task_id, "state": state})
+        self.task_queue.append({"id": task_id, "payload": request["payload"], "attempts": 0,
+                                "added_at": time.time()})
+        self.task_ids[task_id] = "queued"
+        self._pump()
+        return {"task_id": task_id}
+
+    def op_stats(self, request: dict[str, Any]) -> Any:
+        return {
+            "queued": len(self.task_queue),
+            "processing": len(self.processing_tasks),
+            "completed_count": self.completed_count,
+            "error_count": self.error_count,
+            "interrupted_count": self.interrupted_count,
+            "dead": len(self.dead_letters),
+            "status": self.status,
+            "concurrency": self.concurrency,
+            "max_attempts": self.max_attempts,
+        }
+
+    def op_list(self, request: dict[str, Any]) -> Any:
+        dead = request.get("dead", False)
+        limit = request.get("limit", DEFAULT_LIMIT)
+        if not isinstance(dead, bool):
+            raise OtpdError("bad_request", "'dead' must be true or false")
+        if type(limit) is not int or not 0 <= limit <= MAX_LIMIT:
+            raise OtpdError("bad_request", f"'limit' must be an integer from 0 to {MAX_LIMIT}")
+        tasks: list[dict[str, Any]] = []
+        if dead:
+            for _task_id, task in self.dead_letters.items():
+                if len(tasks) >= limit:
+                    break
+                tasks.append(self._view(task, "dead"))
+            return {"tasks": tasks}
+        for _task_id, task in self.processing_tasks.items():
+            if len(tasks) >= limit:
+                break
+            tasks.append(self._view(task, "processing"))
+        for offset in range(min(len(self.task_queue), limit - len(tasks))):
+            tasks.append(self._view(self.task_queue.peek(offset), "queued"))
+        return {"tasks": tasks}
+
+    def op_get(self, request: dict[str, Any]) -> Any:
+        task_id = self._task_id(request)
+        state = self.task_ids.get(task_id)
+        if state is None:
+            raise OtpdError("not_found", f"no task {task_id!r}", {"task_id": task_id})
+        task = None
+        if state == "processing":
+            task = self.processing_tasks.get(task_id)
+        elif state == "dead":
+            task = self.dead_letters.get(task_id)
+        out = self._view(task, state) if task is not None else {"state": state}
+        out["task_id"] = task_id
+        return out
+
+    def op_retry(self, request: dict[str, Any]) -> Any:
+        task_id = self._task_id(request)
+        task = self.dead_letters.get(task_id)
+        if task is None:
+            raise OtpdError("not_found", f"no dead task {task_id!r}", {"task_id": task_id,
+                            "state": self.task_ids.get(task_id)})
+        del self.dead_letters[task_id]
+        task["attempts"] = 0
+        task.pop("dead_at", None)
+        task.pop("started_at", None)
+        self.task_queue.append(task)
+        self.task_ids[task_id] = "queued"
+        self._pump()
+        return {"task_id": task_id, "state": self.task_ids[task_id]}
+
+    def op_pause(self, request: dict[str, Any]) -> Any:
+        self.status = "paused"
+        return {"status": self.status}
+
+    def op_resume(self, request: dict[str, Any]) -> Any:
+        self.status = "active"
+        self._pump()
+        return {"status": self.status}
+
+    # -- running tasks --------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Start queued tasks while a slot is free: the move is committed before the work starts."""
+        if getattr(self, "resync", False):
+            self._resync()
+        if self.status != "active":
+            return
+        started = []
+        while len(self.scheduled) + len(self.submitted) < self.concurrency and self.task_queue:
+            task = self.task_queue.popleft()
+            task["attempts"] = task.get("attempts", 0) + 1
+            task["started_at"] = time.time()
+            self.processing_tasks[task["id"]] = task
+            self.task_ids[task["id"]] = "processing"
+            started.append(task)
+        if started:
+            self._schedule(started)
+
+    def _schedule(self, tasks: list[dict[str, Any]]) -> None:
+        ids = [task["id"] for task in tasks]
+        self.scheduled.update(ids)
+        payloads = [(task["id"], task["payload"]) for task in tasks]
+        self.after_commit(lambda: self._submit(payloads))
+
+    def _submit(self, payloads: list[tuple[str, Any]]) -> None:
+        for task_id, payload in payloads:
+            self.scheduled.discard(task_id)
+            self.submitted.add(task_id)
+            self.run_in_worker(self.handler, payload, done=lambda result, error, t=task_id:
+                               self._finished(t, error), workers=self.concurrency)
+
+    def _finished(self, task_id: str, error: BaseException | None) -> None:
+        """On the agent's loop: record the outcome (committed with the rest of this batch)."""
+        self.submitted.discard(task_id)
+        task = self.processing_tasks.get(task_id)
+        if task is None:  # cannot happen without a rollback; then the outcome is not ours to record
+            self._pump()
+            return
+        del self.processing_tasks[task_id]
+        if error is None:
+            self.task_ids[task_id] = "completed"
+            self.completed_count += 1
+        else:
+            self.error_count += 1
+            task["last_error"] = _error_text(error)
+            task.pop("started_at", None)
+            if task["attempts"] >= self.max_attempts:
+                self._bury(task)
+            else:
+                self.task_queue.append(task)
+                self.task_ids[task_id] = "queued"
+        self._pump()
+
+    def _bury(self, task: dict[str, Any]) -> None:
+        task["dead_at"] = time.time()
+        task.pop("started_at", None)
+        self.dead_letters[task["id"]] = task
+        self.task_ids[task["id"]] = "dead"
+        _log(f"otpd agent {self.id}: task {task['id']!r} dead after {task['attempts']} attempts: "
+             f"{task.get('last_error')}")
+
+    def _resync(self) -> None:
+        """After a rollback: re-run what is in processing but on no worker (its outcome was lost)."""
+        self.resync = False
+        self.scheduled.clear()  # their move was not committed: they are queued again
+        again = []
+        for task_id, task in list(self.processing_tasks.items()):
+            if task_id not in self.submitted:
+                again.append(task)
+        if again:
+            self._schedule(again)
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _new_id(self) -> str:
+        while True:
+            task_id = f"t{self.next_id}"
+            self.next_id += 1
+            if task_id not in self.task_ids:
+                return task_id
+
+    @staticmethod
+    def _task_id(request: dict[str, Any]) -> str:
+        task_id = request.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            raise OtpdError("bad_request", "missing 'task_id' (a string)")
+        return task_id
+
+    @staticmethod
+    def _view(task: dict[str, Any], state: str) -> dict[str, Any]:
+        out = {"task_id": task["id"], "state": state, "attempts": task.get("attempts", 0),
+               "payload": task.get("payload")}
+        for key in ("added_at", "started_at", "dead_at", "last_error"):
+            if task.get(key) is not None:
+                out[key] = task[key]
+        return out
+
+
+def _log(line: str) -> None:
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except OSError:
+        pass

@@ -1,0 +1,125 @@
+"""WorkflowProcess: one OS process per workflow, its state saved after every step.
+
+A definition is ``{"steps": [{"handler": "module:function", "args": {...}, "name": "..."}, ...],
+"metadata": {...}}``.  A step handler is ``fn(args, results) -> result``: it receives its own
+arguments and the results of the earlier steps, in order.
+
+The process is a transient child of a dynamic supervisor (the coordinator adds it).  Its
+state (``current_step``, ``task_results``, ``status``, ``started_at``, ``metadata``) is
+committed after every step, and the step's attempt count is committed *before* the step
+runs, so:
+
+* after a crash it resumes at ``current_step``; a step whose result was saved never runs again;
+* a step that crashed the process ``poison_after`` times is not run again: the workflow is
+  *parked* with the reason, and exits normally (the supervisor leaves it down);
+* a normal finish is a normal exit.  Its record stays in the store for the coordinator.
+
+Steps run on a worker thread, so the process keeps its heartbeat during a long step.  A step
+that raises crashes the process (the supervisor restarts it and it tries the step again).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from typing import Any
+
+from otpd.agent.base import Agent
+from otpd.errors import OtpdError
+
+FINAL = ("completed", "parked", "cancelled")
+
+
+def load_handler(ref: str) -> Any:
+    module_name, _, name = ref.partition(":")
+    fn = getattr(importlib.import_module(module_name), name, None)
+    if not callable(fn):
+        raise OtpdError("bad_request", f"{ref!r} is not a function")
+    return fn
+
+
+class StepCrashed(Exception):
+    """A step handler raised: the process ends as a crash, to be restarted."""
+
+
+class WorkflowProcess(Agent):
+    state_version = 1
+    fields = {
+        "workflow_id": "", "definition": dict, "current_step": 0, "task_results": list,
+        "status": "running", "started_at": None, "finished_at": None, "metadata": dict,
+        "attempts": dict, "parked_reason": None,
+    }
+    persistent_fields = tuple(fields)
+
+    workflow_id: str
+    definition: dict[str, Any]
+    current_step: int
+    task_results: list[Any]
+    status: str
+    started_at: float | None
+    finished_at: float | None
+    metadata: dict[str, Any]
+    attempts: dict[str, int]
+    parked_reason: str | None
+
+    def init(self) -> None:
+        if not self.workflow_id:  # the first start: the definition comes with the args
+            self.workflow_id = self.args.get("workflow_id") or self.id
+            self.definition = self.args["definition"]
+            self.metadata = dict(self.definition.get("metadata") or {})
+            self.started_at = time.time()
+        self._resume(self.args.get("resume"))
+        if self.status in FINAL:
+            self.stop()  # started again for a finished workflow: nothing to do
+        else:
+            self.send_after(0, "step")
+
+    def _resume(self, how: str | None) -> None:
+        """An operator's ``workflow retry`` / ``workflow skip`` of a parked workflow."""
+        if self.status != "parked" or how not in ("retry", "skip"):
+            return
+        self.attempts.pop(str(self.current_step), None)
+        if how == "skip":
+            self.task_results.append(None)
+            self.current_step += 1
+        self.status, self.parked_reason = "running", None
+
+    @property
+    def steps(self) -> list[dict[str, Any]]:
+        return list(self.definition.get("steps") or [])
+
+    def handle_info(self, message: Any) -> None:
+        if message != "step" or self.status != "running":
+            return
+        if self.current_step >= len(self.steps):
+            self.status, self.finished_at = "completed", time.time()
+            self.stop()
+            return
+        key = str(self.current_step)
+        tries = self.attempts.get(key, 0)
+        if tries >= int(self.args.get("poison_after", 3)):
+            step = self.steps[self.current_step]
+            self.status, self.finished_at = "parked", time.time()
+            self.parked_reason = (f"step {self.current_step} ({step.get('name') or step.get('handler')}) "
+                                  f"crashed {tries} times")
+            self.stop()
+            return
+        self.attempts = {**self.attempts, key: tries + 1}
+        self.after_commit(self._run_step)  # the attempt is on disk before the step runs
+
+    def _run_step(self) -> None:
+        step = self.steps[self.current_step]
+        fn = load_handler(step["handler"])
+        self.run_in_worker(fn, dict(step.get("args") or {}), list(self.task_results), done=self._step_done,
+                           workers=1)
+
+    def _step_done(self, result: Any, error: BaseException | None) -> None:
+        if error is not None:
+            raise StepCrashed(f"step {self.current_step} of {self.workflow_id} raised "
+                              f"{type(error).__name__}: {error}") from error
+        self.task_results.append(result)
+        self.current_step += 1
+        self.send_after(0, "step")  # the result is committed before the next step starts
+
+    def handle_call(self, request: Any) -> Any:
+        return {"workflow_id": self.workflow_id, "status": self.status, "current_step": self.current_step}

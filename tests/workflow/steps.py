@@ -1,0 +1,33 @@
+"""Step handlers for the workflow tests (allowed by the test configs' coordinator)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def _log(args: dict[str, Any], line: str) -> None:
+    with open(args["log"], "a", encoding="utf-8") as fh:
+        fh.write(line + "\n")
+
+
+def record(args: dict[str, Any], results: list[Any]) -> Any:
+    """Note that this step ran; return what it saw."""
+    _log(args, args["name"])
+    return {"name": args["name"], "earlier": len(results)}
+
+
+def gate(args: dict[str, Any], results: list[Any]) -> Any:
+    """Block until the test opens the FIFO for writing and writes to it."""
+    _log(args, "gate")
+    with open(args["fifo"], encoding="utf-8") as fh:  # blocks until the test is the writer
+        return {"gate": fh.read().strip(), "earlier": len(results)}
+
+
+def boom(args: dict[str, Any], results: list[Any]) -> Any:
+    _log(args, "boom")
+    raise RuntimeError("the poison step")
+
+
+def crash(args: dict[str, Any], results: list[Any]) -> Any:
+    os._exit(3)

@@ -1,0 +1,155 @@
+"""Workflows as processes: resume at the saved step through any kill, exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otpd.errors import OtpdError
+from tests.conftest import wait_pid_exit
+
+TREE = """
+[[root.children]]
+id = "workflows"
+supervisor = "dynamic"
+max_restarts = 10
+max_seconds = 5
+
+[root.children.template]
+agent = "otpd.agents.workflow:WorkflowProcess"
+restart = "transient"
+
+[[root.children]]
+id = "coordinator"
+agent = "otpd.agents.coordinator:CoordinatorAgent"
+args = { handlers = ["tests.workflow.steps:*", "otpd.examples.jobs:*"] }
+"""
+STEPS = "tests.workflow.steps:"
+
+
+def three_steps(tmp: Path) -> tuple[dict[str, Any], Path, Path]:
+    log, fifo = tmp / "steps.log", tmp / "gate.fifo"
+    os.mkfifo(fifo)
+    definition = {"metadata": {"test": True}, "steps": [
+        {"name": "a", "handler": STEPS + "record", "args": {"name": "a", "log": str(log)}},
+        {"name": "wait", "handler": STEPS + "gate", "args": {"fifo": str(fifo), "log": str(log)}},
+        {"name": "c", "handler": STEPS + "record", "args": {"name": "c", "log": str(log)}},
+    ]}
+    return definition, log, fifo
+
+
+def at_gate(fifo: Path) -> int:
+    """Returns once a step has opened the FIFO to read: the writer's open is the event."""
+    return os.open(fifo, os.O_WRONLY)
+
+
+def until_status(d: Any, wf_id: str, status: str, timeout: float = 30) -> dict[str, Any]:
+    """Poll the coordinator with a deadline: outcomes reach it through events, asynchronously."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = d.request("workflow.status", {"workflow_id": wf_id})
+        except OtpdError as err:  # the coordinator is being restarted: wait for it
+            assert err.code in ("agent_crashed", "agent_down"), err
+            d.wait("coordinator", "running", timeout=timeout)
+            continue
+        if result["status"] == status:
+            return result  # type: ignore[no-any-return]
+        assert time.monotonic() < deadline, f"{wf_id} is {result['status']}, not {status}: {result}"
+
+
+def test_a_workflow_survives_killing_its_process_and_the_coordinator_and_completes_once(
+        daemon: Any, tmp_path: Path) -> None:
+    d = daemon(TREE)
+    definition, log, fifo = three_steps(tmp_path)
+    wf = d.request("workflow.start", {"definition": definition})["workflow_id"]
+    writer = at_gate(fifo)  # step 2 is running
+    old = d.pid_of(wf)
+    os.kill(old, signal.SIGKILL)
+    os.kill(d.pid_of("coordinator"), signal.SIGKILL)
+    d.wait(wf, "running", not_pid=old)  # the old reader is gone: the next open meets the new one
+    os.close(writer)
+    writer = at_gate(fifo)  # the restarted process is back in step 2, not step 1
+    os.write(writer, b"go")
+    os.close(writer)
+    result = until_status(d, wf, "completed")
+    assert log.read_text().split() == ["a", "gate", "gate", "c"]  # a and c ran exactly once
+    assert [r.get("name", r.get("gate")) for r in result["task_results"]] == ["a", "go", "c"]
+    assert result["current_step"] == 3 and result["metadata"] == {"test": True}
+    listing = d.request("workflow.list", {})
+    assert listing["completed_count"] == 1 and listing["failed_count"] == 0
+
+
+def test_after_a_daemon_sigkill_unfinished_workflows_resume_at_their_step(daemon: Any, tmp_path: Path) -> None:
+    d = daemon(TREE)
+    definition, log, fifo = three_steps(tmp_path)
+    wf = d.request("workflow.start", {"definition": definition})["workflow_id"]
+    writer = at_gate(fifo)
+    old = d.pid_of(wf)
+    d.sigkill()
+    d.wait_exit()
+    assert wait_pid_exit(old, 10)  # PR_SET_PDEATHSIG took the agents with the daemon
+    os.close(writer)
+    d2 = daemon("", config_path=d.config_path)
+    writer = at_gate(fifo)  # the coordinator started it again; it resumed at step 2
+    os.write(writer, b"again")
+    os.close(writer)
+    result = until_status(d2, wf, "completed")
+    assert log.read_text().split() == ["a", "gate", "gate", "c"]
+    assert d2.request("workflow.list", {})["completed_count"] == 1
+    assert result["task_results"][1]["gate"] == "again"
+
+
+def test_a_poison_step_parks_its_workflow_then_retry_and_skip(daemon: Any, tmp_path: Path) -> None:
+    d = daemon(TREE)
+    log = tmp_path / "steps.log"
+    wf = d.request("workflow.start", {"definition": {"steps": [
+        {"handler": STEPS + "boom", "args": {"log": str(log)}},
+        {"handler": STEPS + "record", "args": {"name": "after", "log": str(log)}},
+    ]}})["workflow_id"]
+    parked = until_status(d, wf, "parked")
+    assert "crashed 3 times" in parked["parked_reason"]
+    assert log.read_text().split() == ["boom"] * 3
+    assert d.request("workflow.list", {})["failed_count"] == 1
+    d.request("workflow.retry", {"workflow_id": wf})
+    until_status(d, wf, "parked")
+    assert log.read_text().split() == ["boom"] * 6
+    d.request("workflow.skip", {"workflow_id": wf})
+    result = until_status(d, wf, "completed")
+    assert result["task_results"][0] is None and log.read_text().split()[-1] == "after"
+    listing = d.request("workflow.list", {})
+    assert listing["completed_count"] == 1 and listing["failed_count"] == 0
+
+
+def test_cancel_stops_a_running_workflow_for_good(daemon: Any, tmp_path: Path) -> None:
+    d = daemon(TREE)
+    definition, _log, fifo = three_steps(tmp_path)
+    wf = d.request("workflow.start", {"definition": definition})["workflow_id"]
+    writer = at_gate(fifo)
+    pid = d.pid_of(wf)
+    with d.events() as ev:
+        assert d.request("workflow.cancel", {"workflow_id": wf})["status"] == "cancelled"
+        ev.until(("removed", wf))
+    os.close(writer)
+    assert wf not in d.children()
+    assert d.request("workflow.status", {"workflow_id": wf})["status"] == "cancelled"
+    with pytest.raises(OtpdError) as err:
+        d.request("workflow.cancel", {"workflow_id": wf})
+    assert err.value.code == "bad_request"
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped: the daemon removed it before the event
+
+
+def test_steps_outside_the_allowlist_are_refused(daemon: Any) -> None:
+    d = daemon(TREE)
+    with pytest.raises(OtpdError) as err:
+        d.request("workflow.start", {"definition": {"steps": [{"handler": "os:system", "args": {}}]}})
+    assert err.value.code == "bad_request" and "not allowed" in err.value.message
+    with pytest.raises(OtpdError) as err:
+        d.request("workflow.start", {"definition": {"steps": []}})
+    assert err.value.code == "bad_request"
