@@ -10,6 +10,7 @@ line that sets it with a small scan of the text.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 import tomllib
@@ -63,7 +64,7 @@ class Config:
     daemon: DaemonConfig
     store: StoreConfig
     root: SupervisorSpec
-
+    features: dict[str, float] = dataclasses.field(default_factory=dict)  # name -> percent
     def store_settings(self) -> StoreSettings:
         return StoreSettings(
             path=self.daemon.state_dir / "store", durability=self.store.durability,
@@ -127,6 +128,7 @@ class _Checker:
         self.path = path
         self.lines = lines
         self.errors: list[str] = []
+        self.switches: list[tuple[str, str]] = []  # (where, flag) to check against [features]
 
     def error(self, where: str, message: str) -> None:
         probe = where
@@ -220,6 +222,26 @@ def _args(_: str, value: Any) -> dict[str, Any]:
     return value
 
 
+class _FeatureKeys(dict):  # type: ignore[type-arg]
+    """[features]: any flag name (checked as an id) whose value is on / off / a percentage."""
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        return _feature
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+
+def _feature(where: str, value: Any) -> float:
+    _id(where, where.rpartition(".")[2])
+    from otpd.flags import parse
+
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise _Bad(str(exc)) from None
+
+
 def check_agent_class(ref: str) -> None:
     """Import ``module:Class`` and check it is an Agent; raise _Bad with the reason."""
     from otpd.agent.base import Agent
@@ -256,6 +278,8 @@ AGENT_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "heartbeat_ms": _int(10, 3_600_000),
     "heartbeat_timeout_ms": _int(0, 86_400_000),
     "args": _args,
+    "agent_next": _agent_ref,
+    "switch": _id,
 }
 SUPERVISOR_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "id": _id,
@@ -274,6 +298,10 @@ def _agent_spec(c: _Checker, where: str, raw: dict[str, Any], child_id: str) -> 
     if "agent" not in raw:
         c.error(where, "missing key 'agent'")
         return None
+    if ("agent_next" in raw) != ("switch" in raw):
+        c.error(where, "a version switch needs both 'agent_next' and 'switch' (a feature flag)")
+    elif "switch" in raw:
+        c.switches.append((f"{where}.switch", raw["switch"]))
     return AgentSpec(
         id=child_id,
         agent=raw["agent"],
@@ -282,6 +310,8 @@ def _agent_spec(c: _Checker, where: str, raw: dict[str, Any], child_id: str) -> 
         heartbeat_ms=raw.get("heartbeat_ms", DEFAULT_HEARTBEAT_MS),
         heartbeat_timeout_ms=raw.get("heartbeat_timeout_ms", DEFAULT_HEARTBEAT_TIMEOUT_MS),
         args=raw.get("args", {}),
+        agent_next=raw.get("agent_next"),
+        switch=raw.get("switch"),
     )
 
 
@@ -363,7 +393,8 @@ def parse(text: str, path: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [f"{path.name}: not valid TOML: {exc}"]) from None
     c = _Checker(path, _key_lines(text))
-    top = c.table("", data, {"daemon": lambda _, v: v, "store": lambda _, v: v, "root": lambda _, v: v})
+    top = c.table("", data, {"daemon": lambda _, v: v, "store": lambda _, v: v, "root": lambda _, v: v,
+                             "features": lambda _, v: v})
     base = path.parent
     daemon = c.table("daemon", top.get("daemon", {}), {
         "state_dir": _str, "runtime_dir": _str, "socket": _str, "socket_group": _str,
@@ -377,6 +408,10 @@ def parse(text: str, path: Path) -> Config:
     root_keys = c.table("root", root_raw, ROOT_KEYS)
     seen: set[str] = set()
     children = _children(c, "root.children", root_raw.get("children", []) if isinstance(root_raw, dict) else [], seen)
+    features = c.table("features", top.get("features", {}), _FeatureKeys())
+    for where, flag in c.switches:
+        if flag not in features:
+            c.error(where, f"feature {flag!r} is not declared in [features]")
     if c.errors:
         raise ConfigError(path, c.errors)
     runtime_dir = base / daemon.get("runtime_dir", "var/run")
@@ -402,6 +437,7 @@ def parse(text: str, path: Path) -> Config:
             max_seconds=root_keys.get("max_seconds", DEFAULT_MAX_SECONDS),
             children=children,
         ),
+        features=features,
     )
 
 

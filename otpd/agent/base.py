@@ -119,6 +119,13 @@ class Agent:
         called on the agent's loop, where state may change (and is committed after it)."""
         self._rt().run_in_worker(fn, args, done, workers)
 
+    def flag(self, name: str, key: str | None = None) -> bool:
+        """Is feature ``name`` on for ``key`` (default: this agent's id)?  A percentage
+        rollout answers by a stable hash, so one key always gets the same answer."""
+        from otpd.flags import enabled
+
+        return enabled(name, self._rt().flags.get(name, 0.0), key or self.id)
+
     def read_state(self, agent_id: str) -> dict[str, Any] | None:
         """Another agent's persisted main record (read-only), or None."""
         return self._store().read(agent_id)

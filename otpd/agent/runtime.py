@@ -55,11 +55,12 @@ class StartFailed(Exception):
     """init or the state load failed; already reported to the daemon."""
 
 
-def child_main(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSettings | None) -> NoReturn:
+def child_main(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSettings | None,
+               flags: dict[str, float] | None = None) -> NoReturn:
     """Entry point right after fork(); never returns."""
     status = system.EXIT_CRASH
     try:
-        status = _boot(channel_fd, spec, daemon_pid, store)
+        status = _boot(channel_fd, spec, daemon_pid, store, flags or {})
     except StartFailed as failed:
         _stderr_line(f"otpd agent {spec.id}: {failed}")
     except BaseException:  # the process ends here whatever happened; say why first
@@ -80,7 +81,8 @@ def _stderr_line(line: str) -> None:
         pass
 
 
-def _boot(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSettings | None) -> int:
+def _boot(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSettings | None,
+          flags: dict[str, float]) -> int:
     if not system.die_with_parent(daemon_pid):
         return system.EXIT_CRASH  # the daemon died before we could arm PDEATHSIG
     signal.set_wakeup_fd(-1)
@@ -91,6 +93,7 @@ def _boot(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSetting
     system.close_inherited_fds(channel_fd)
     system.set_title(f"otpd: agent {spec.id}")
     runtime = Runtime(socket.socket(fileno=channel_fd), spec, store)
+    runtime.flags = flags
     return runtime.run()
 
 
@@ -125,6 +128,7 @@ class Runtime:
         self.done: queue.SimpleQueue[tuple[Future[Any], Callable[[Any, BaseException | None], None]]] = \
             queue.SimpleQueue()
         self.done_r = self.done_w = -1
+        self.flags: dict[str, float] = {}  # feature flags as percentages, pushed by the daemon
 
     # -- timers ---------------------------------------------------------------
 
@@ -258,7 +262,8 @@ class Runtime:
             store = None
             if settings is not None and settings.durability != "none" and cls.persists():
                 store = Store(settings.path, settings.map_size_mb, settings.map_size_max_mb, settings.durability)
-            keeper = self.keeper = StateKeeper(agent, store)
+            keeper = self.keeper = StateKeeper(agent, store, self.spec.agent)
+            keeper.switched = self.spec.switch is not None
             keeper.load()
             agent.init()
             keeper.commit()
@@ -353,6 +358,8 @@ class Runtime:
             agent.handle_cast(frame.get("msg"))
         elif kind == "event":
             agent.handle_event(frame.get("e") or {})
+        elif kind == "flags":
+            self.flags = dict(frame.get("flags") or {})
         # a "sysreply" here is the late answer to a system call that timed out: dropped
 
 

@@ -170,8 +170,9 @@ class PersistentMap(PersistentCollection):
 class StateKeeper:
     """Loads, tracks and commits one agent's persistent state."""
 
-    def __init__(self, agent: Agent, store: Store | None) -> None:
+    def __init__(self, agent: Agent, store: Store | None, agent_ref: str = "") -> None:
         self.agent = agent
+        self.agent_ref = agent_ref or f"{type(agent).__module__}:{type(agent).__qualname__}"
         self.agent_id = agent.id
         self.store = store
         self.cls = type(agent)
@@ -181,6 +182,7 @@ class StateKeeper:
         self.last_markers: dict[str, dict[str, int]] = {}
         self.collections: dict[str, PersistentCollection] = {}
         self.unsynced = False
+        self.switched = False  # under a version switch (agent / agent_next)
 
     # -- item access for collections (pending writes first) ----------------------
 
@@ -211,8 +213,21 @@ class StateKeeper:
         for name, coll in self.collections.items():
             setattr(agent, name, coll)
         record = self.store.read(self.agent_id) if self.store is not None else None
+        writer = record.get("agent") if record is not None else None
+        downgraded = None
+        if self.switched and record is not None and isinstance(writer, str) and writer != self.agent_ref:
+            # A version switch.  Rolling back from a newer class that declares downgrades: its
+            # record comes down to our version, every change it acknowledged kept (a copy of its
+            # record stays under versions/).  Otherwise: keep what it left under versions/, take
+            # back ours as we left it if we have one, or go on from its record by our migrations.
+            assert self.store is not None
+            downgraded = downgrade(writer, self.agent_id, record, self.cls.state_version)
+            if downgraded is not None:
+                self.store.keep_version(self.agent_id, writer)
+            elif self.store.switch_version(self.agent_id, writer, self.agent_ref):
+                record = self.store.read(self.agent_id)
         if record is not None:
-            state = self._migrate(record["version"], record["state"])
+            state = downgraded if downgraded is not None else self._migrate(record["version"], record["state"])
             state = agent.on_after_load(state)
             for name in self.cls.persistent_fields:
                 if name in state:
@@ -225,17 +240,7 @@ class StateKeeper:
         self.last_state, self.last_markers = self._snapshot()
 
     def _migrate(self, version: int, state: dict[str, Any]) -> dict[str, Any]:
-        target = self.cls.state_version
-        if version > target:
-            raise corrupt(self.agent_id, f"written at state_version {version}, newer than this class ({target})")
-        migrations = getattr(self.cls, "migrations", {})
-        while version < target:
-            step = migrations.get(version)
-            if step is None:
-                raise corrupt(self.agent_id, f"no migration from state_version {version} (class is at {target})")
-            state = step(state)
-            version += 1
-        return state
+        return migrate(self.cls, self.agent_id, version, state)
 
     # -- commit -----------------------------------------------------------------
 
@@ -256,7 +261,8 @@ class StateKeeper:
         seq = self.seq + 1
         # The record is a msgpack map assembled around the already-encoded state.
         record = b"".join((
-            b"\x85", encode("version"), encode(self.cls.state_version), encode("state"), state,
+            b"\x86", encode("agent"), encode(self.agent_ref), encode("version"), encode(self.cls.state_version),
+            encode("state"), state,
             encode("collections"), encode(markers), encode("saved_at"), encode(time.time()),
             encode("seq"), encode(seq),
         ))
@@ -270,6 +276,42 @@ class StateKeeper:
         self.last_state, self.last_markers = state, markers
         self.unsynced = True
         return True
+
+
+def migrate(cls: type, agent_id: str, version: int, state: dict[str, Any]) -> dict[str, Any]:
+    """Run a record's state through ``cls.migrations`` up to ``cls.state_version``."""
+    target = getattr(cls, "state_version", 1)
+    if version > target:
+        raise corrupt(agent_id, f"written at state_version {version}, newer than this class ({target})")
+    migrations = getattr(cls, "migrations", {})
+    while version < target:
+        step = migrations.get(version)
+        if step is None:
+            raise corrupt(agent_id, f"no migration from state_version {version} (class is at {target})")
+        state = step(state)
+        version += 1
+    return state
+
+
+def downgrade(writer: str, agent_id: str, record: dict[str, Any], target: int) -> dict[str, Any] | None:
+    """The record's state brought down to ``target`` by its writer class's ``downgrades``
+    ({n: f(state at n) -> state at n - 1}), or None if it is not newer or cannot be."""
+    if record["version"] <= target:
+        return None
+    from otpd.agent.runtime import load_class
+
+    try:
+        steps = getattr(load_class(writer), "downgrades", {})
+    except Exception:  # the writer's code is gone: fall back on the kept copy
+        return None
+    state: dict[str, Any] = record["state"]
+    version: int = record["version"]
+    while version > target:
+        step = steps.get(version)
+        if step is None:
+            return None
+        state, version = step(state), version - 1
+    return state
 
 
 def validate_declaration(cls: type) -> None:

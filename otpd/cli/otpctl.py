@@ -241,15 +241,17 @@ def _event_line(event: dict[str, Any]) -> str:
     return f"{event['time']:.6f} {event['id']} {event['event']} {rest}".rstrip()
 
 
-STATE_VERBS = ("show", "export", "import", "quarantine")
+STATE_VERBS = ("show", "export", "import", "quarantine", "migrate")
 
 
 @main.command(context_settings={"ignore_unknown_options": False})
-@click.argument("words", nargs=-1, required=True, metavar="ID | show ID | export [ID...] | import FILE | quarantine ID")
+@click.argument("words", nargs=-1, required=True,
+                metavar="ID | show ID | export [ID...] | import FILE | quarantine ID | migrate [ID...]")
 @click.option("--config", "config_path", type=click.Path(), default=None,
               help="The daemon's config, to find its state_dir (default: the checkout's config/otpd.toml).")
+@click.option("--dry-run", is_flag=True, help="migrate: show what each record would become; write nothing.")
 @pass_ctx
-def state(c: Ctx, words: tuple[str, ...], config_path: str | None) -> None:
+def state(c: Ctx, words: tuple[str, ...], config_path: str | None, dry_run: bool) -> None:
     """Read, back up, restore or quarantine persisted agent state (works with the daemon stopped)."""
     verb, rest = (words[0], words[1:]) if words[0] in STATE_VERBS else ("show", words)
     from otpd.store import tools
@@ -273,6 +275,13 @@ def state(c: Ctx, words: tuple[str, ...], config_path: str | None) -> None:
             with _open_store(config_path, readonly=False) as store:
                 ids = tools.import_records(store, records)
             c.show({"imported": ids}, f"imported {len(ids)} agent(s): {', '.join(ids)}")
+        elif verb == "migrate":
+            if not dry_run:
+                _refuse_running(c, list(rest) or None)
+            with _open_store(config_path, readonly=dry_run) as store:
+                classes, allowed = _effective_classes(config_path, store)
+                results = tools.migrate_records(store, classes, allowed, list(rest) or None, write=not dry_run)
+            c.show({"results": results}, "\n".join(json.dumps(r) for r in results) or "(no records)")
         else:
             if len(rest) != 1:
                 raise click.UsageError("state quarantine takes one ID")
@@ -309,14 +318,36 @@ class _open_store:
         self.store.close()
 
 
-def _refuse_running(c: Ctx, ids: list[str]) -> None:
-    """Writing under a running agent would fork its memory from its disk: refuse."""
+def _effective_classes(config_path: str | None, store: Any) -> tuple[dict[str, str], set[str]]:
+    """Each configured agent's class as the daemon would run it (flags set at run time included),
+    and every class the config names (templates' too)."""
+    from otpd import flags
+    from otpd.cli.otpd_main import DEFAULT_CONFIG
+    from otpd.config import load
+    from otpd.core.spec import AgentSpec, SupervisorSpec, walk
+
+    config = load(config_path or DEFAULT_CONFIG)
+    stored = store.get_meta("flags") or {}
+    current = {**config.features, **{k: float(v) for k, v in stored.items() if k in config.features}}
+    classes = {n.id: n.agent for n in walk(flags.resolve(config.root, current)) if isinstance(n, AgentSpec)}
+    allowed = set(config.agent_classes())
+    for node in walk(config.root):
+        spec = node.template if isinstance(node, SupervisorSpec) else node
+        if isinstance(spec, AgentSpec) and spec.agent_next:
+            allowed.add(spec.agent_next)
+    return classes, allowed
+
+
+def _refuse_running(c: Ctx, ids: list[str] | None) -> None:
+    """Writing under a running agent would fork its memory from its disk: refuse.
+    ``ids`` None means every agent."""
     try:
         with Client(c.socket_path, timeout=10) as client:
             children = client.request("ps")["children"]
     except Unreachable:
         return  # no daemon: nothing runs
-    busy = [ch["id"] for ch in children if ch["id"] in ids and ch["state"] in ("starting", "running", "stopping")]
+    busy = [ch["id"] for ch in children if (ids is None or ch["id"] in ids) and ch["type"] == "agent"
+            and ch["state"] in ("starting", "running", "stopping")]
     if busy:
         raise OtpdError("bad_request", f"{', '.join(busy)} running: stop it first (otpctl stop ID)")
 
@@ -459,6 +490,32 @@ def health(c: Ctx, agent_id: str | None) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(keys))]
     c.show(result, "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
                              for row in table))
+
+
+
+@main.group()
+def flags() -> None:
+    """Feature flags: list them, or set one (on, off, a percentage, or default)."""
+
+
+@flags.command("list")
+@pass_ctx
+def flags_list(c: Ctx) -> None:
+    """Every flag of [features], its value and where the value comes from."""
+    result = c.request("flags.list")
+    c.show(result, "\n".join(f"{name}  {f['value']}  ({f['source']}; config: {f['config']})"
+                             for name, f in result["flags"].items()) or "(no features)")
+
+
+@flags.command("set")
+@click.argument("name")
+@click.argument("value", metavar="on|off|PERCENT|default")
+@pass_ctx
+def flags_set(c: Ctx, name: str, value: str) -> None:
+    """Set a flag; it is saved and survives restarts. Switched agents restart on their new class."""
+    result = c.request("flags.set", {"name": name, "value": value})
+    restarted = f"; restarted {', '.join(result['restarted'])}" if result["restarted"] else ""
+    c.show(result, f"{name} = {result['value']}{restarted}")
 
 
 if __name__ == "__main__":

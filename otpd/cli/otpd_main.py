@@ -42,8 +42,11 @@ def main() -> None:
 def run(config_path: Path) -> None:
     """Run the daemon in the foreground until stopped."""
     config = _load_or_exit(config_path)
+    import faulthandler
+
     from otpd.posix.daemon import Daemon
 
+    faulthandler.enable()  # a watchdog's SIGABRT leaves the stuck loop's traceback in the journal
     try:
         daemon = Daemon(config)
         status = daemon.run()

@@ -36,6 +36,10 @@ class AgentSpec:
     # 0 disables the liveness check for this child.
     heartbeat_timeout_ms: int = DEFAULT_HEARTBEAT_TIMEOUT_MS
     args: dict[str, Any] = field(default_factory=dict, compare=True, hash=False)
+    # A version switch: run ``agent_next`` instead of ``agent`` where feature flag
+    # ``switch`` is on for this child (its state is migrated, and kept for a rollback).
+    agent_next: str | None = None
+    switch: str | None = None
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,11 @@ class Tree:
             raise OtpdError("not_found", f"no child named {child_id!r}", {"id": child_id})
         return node
 
+    def settled(self) -> bool:
+        """Nothing in flight: no supervisor has work queued or awaited, and no reload is
+        waiting for a removal to finish."""
+        return self._target is None and all(not n.queue and not n.waiting for n in self.nodes.values())
+
     def snapshot(self) -> list[dict[str, Any]]:
         """Every node below the root, depth first in start order."""
         out: list[dict[str, Any]] = []

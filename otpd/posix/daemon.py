@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 import msgpack
 
-from otpd import __version__, codec
+from otpd import __version__, codec, flags
 from otpd.agent.runtime import child_main  # imported here so that no child pays for it after fork
 from otpd.config import Config
 from otpd.control import protocol
@@ -45,6 +45,7 @@ from otpd.core.spec import AgentSpec
 from otpd.errors import OtpdError
 from otpd.posix import system
 from otpd.posix.notify import Notifier
+from otpd.store.lmdb_store import Store
 
 EXIT_INTERNAL = 70
 CALL_TICK = 0.05  # seconds: the resolution of call timeouts
@@ -118,7 +119,9 @@ class Waiter:
 class Daemon:
     def __init__(self, config: Config, log_stream: TextIO | None = None) -> None:
         self.config = config
-        self.tree = core.Tree(config.root)
+        self.flag_overrides = self._stored_flags()
+        self.flags = self._flags(config)
+        self.tree = core.Tree(flags.resolve(config.root, self.flags))
         self.selector = selectors.DefaultSelector()
         self.children: dict[str, Child] = {}
         self.by_pid: dict[int, Child] = {}
@@ -146,7 +149,8 @@ class Daemon:
         self.sweep_s = self._sweep_interval()
         self.store_settings = config.store_settings()
         self.seqs: dict[str, int] = {}  # highest committed seq seen per agent: it never goes back
-        handlers = {name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")}
+        # op_flags_set serves "flags.set": op names are otpctl's words, dotted
+        handlers = {name[3:].replace("_", "."): getattr(self, name) for name in dir(self) if name.startswith("op_")}
         for op in FORWARDED_OPS:
             handlers[op] = functools.partial(self._forward, op)
         self.server = ControlServer(
@@ -263,7 +267,7 @@ class Daemon:
             self._apply(self.tree.exited(child_id, "crash", now, error=f"fork: {exc}"))
             return
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
-            child_main(theirs.fileno(), spec, self.pid, self.store_settings)
+            child_main(theirs.fileno(), spec, self.pid, self.store_settings, self.flags)
         theirs.close()
         ours.setblocking(False)
         child = Child(child_id, pid, ours, spec, now)
@@ -444,7 +448,7 @@ class Daemon:
                     waiting_for += 1
         status = ", ".join(f"{counts.get(s, 0)} {s}" for s in ("running", "restarting", "failed")) + " agents"
         root = self.tree.nodes[self.tree.root_id]
-        if not self.ready_sent and root.state == "running" and waiting_for == 0:
+        if not self.ready_sent and root.state == "running" and waiting_for == 0 and self.tree.settled():
             self.ready_sent = True
             self.last_status = status
             self.notify.ready(status)
@@ -480,6 +484,8 @@ class Daemon:
     def _begin_shutdown(self, why: str) -> None:
         self.log("info", why)
         self.notify.stopping()
+        # The first child to stop may take its whole shutdown_ms: cover it from the start.
+        self.notify.extend_timeout(int((self._longest_shutdown_s() + 5) * 1e6))
         self._apply(self.tree.shutdown(time.monotonic()))
 
     # -- control operations (dispatched by name: op_<name>) -----------------------
@@ -689,9 +695,10 @@ class Daemon:
         if template is None:
             raise OtpdError("bad_request", f"{sup_id!r} is not a dynamic supervisor with a template")
         extra = _arg(args, "args", dict, {})
-        spec = AgentSpec(id=child_id, agent=template.agent, restart=template.restart,
-                         shutdown_ms=template.shutdown_ms, heartbeat_ms=template.heartbeat_ms,
-                         heartbeat_timeout_ms=template.heartbeat_timeout_ms, args={**template.args, **extra})
+        # A switched template picks its class now, by this child's id: a child keeps the
+        # version it started with through its restarts (running workflows finish on it).
+        spec = flags.effective_agent(dataclasses.replace(template, id=child_id, args={**template.args, **extra}),
+                                     self.flags)
         self._apply(self.tree.add_child(sup_id, spec, time.monotonic()))
         return {"id": child_id, "supervisor": sup_id}
 
@@ -722,9 +729,10 @@ class Daemon:
                            if getattr(old.daemon, k) != getattr(new.daemon, k)]
             not_applied += [f"store.{k}" for k in ("durability", "map_size_mb", "map_size_max_mb", "sync_interval_ms")
                             if getattr(old.store, k) != getattr(new.store, k)]
-            actions, summary = self.tree.reload(new.root, time.monotonic())
             self.config = dataclasses.replace(new, daemon=dataclasses.replace(
                 old.daemon, log_level=new.daemon.log_level), store=old.store)
+            self._set_flags(self._flags(self.config))
+            actions, summary = self.tree.reload(flags.resolve(new.root, self.flags), time.monotonic())
             self.log_level = LEVELS[new.daemon.log_level]
             self.sweep_s = self._sweep_interval()
             self._apply(actions)
@@ -734,6 +742,67 @@ class Daemon:
         for key in not_applied:
             self.log("warning", f"reload: {key} changed; it takes effect when otpd restarts")
         return {**summary, "not_applied": not_applied}
+
+    # -- feature flags ------------------------------------------------------------
+
+    def _stored_flags(self) -> dict[str, float]:
+        """Flags set at run time survive restarts: they live in the store's meta records.
+        (The store is opened and closed here, never held across a fork.)"""
+        settings = self.config.store_settings()
+        store = Store(settings.path, settings.map_size_mb, settings.map_size_max_mb, "process")
+        try:
+            stored = store.get_meta("flags") or {}
+        finally:
+            store.close()
+        return {str(k): float(v) for k, v in stored.items()}
+
+    def _flags(self, config: Config) -> dict[str, float]:
+        return {**config.features, **{k: v for k, v in self.flag_overrides.items() if k in config.features}}
+
+    def _set_flags(self, new: dict[str, float]) -> None:
+        """Tell every agent, and announce each change."""
+        changed = {k: v for k, v in new.items() if self.flags.get(k) != v}
+        self.flags = new
+        if not changed:
+            return
+        for child in self.children.values():
+            self._send_child(child, {"t": "flags", "flags": new})
+        for name, value in changed.items():
+            self._on_event(core.Emit("flag_changed", name, {"value": flags.show(value)}))
+
+    def op_flags_list(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        return {"flags": {name: {"value": flags.show(value),
+                                 "source": "set" if name in self.flag_overrides else "config",
+                                 "config": flags.show(self.config.features[name])}
+                          for name, value in sorted(self.flags.items())}}
+
+    def op_flags_set(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        """Set a flag (persisted), or ``default`` to go back to the config's value. Agents
+        under a version switch whose class changes are restarted on it."""
+        name = _arg(args, "name", str)
+        if name not in self.config.features:
+            raise OtpdError("not_found", f"no feature {name!r} in [features]", {"known": sorted(self.flags)})
+        value = _arg(args, "value", (str, int, float))
+        overrides = dict(self.flag_overrides)
+        if value == "default":
+            overrides.pop(name, None)
+        else:
+            try:
+                overrides[name] = flags.parse(value)
+            except ValueError as exc:
+                raise OtpdError("bad_request", str(exc)) from None
+        settings = self.config.store_settings()
+        store = Store(settings.path, settings.map_size_mb, settings.map_size_max_mb, "process")
+        try:
+            store.put_meta("flags", overrides)
+            store.sync()
+        finally:
+            store.close()
+        self.flag_overrides = overrides
+        self._set_flags(self._flags(self.config))
+        actions, summary = self.tree.reload(flags.resolve(self.config.root, self.flags), time.monotonic())
+        self._apply(actions)
+        return {"name": name, "value": flags.show(self.flags[name]), "restarted": summary["restarted"]}
 
     def op_events(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
         """The recent events (``last``, at most EVENT_HISTORY); with ``follow`` the connection

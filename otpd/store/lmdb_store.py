@@ -8,6 +8,9 @@ Layout (three named databases in one environment under ``state_dir/store``):
 * ``items``: ``agent_id NUL collection NUL key`` -> msgpack item, so changing a
   collection writes O(1) records and loading an agent reads O(1) records.
 * ``quarantine``: records moved aside by an operator, never deleted by otpd.
+* ``versions``: an agent's records as the other class of a version switch left them
+  (``agent_id NUL module:Class`` -> its main record and items), for a rollback.
+* ``meta``: the daemon's own small records (feature flags set at run time).
 
 An environment is opened in the process that uses it, after fork, never
 inherited.  ``durability="process"`` commits without fsync (the data is in the
@@ -54,7 +57,7 @@ class Store:
         elif not (path / "data.mdb").exists():
             raise OtpdError("not_found", f"no store at {path}")
         self.env = lmdb.open(
-            str(path), map_size=map_size_mb << 20, max_dbs=4, max_readers=MAX_READERS,
+            str(path), map_size=map_size_mb << 20, max_dbs=8, max_readers=MAX_READERS,
             sync=durability == "fsync", metasync=durability == "fsync", readonly=readonly,
             lock=True, readahead=False,
         )
@@ -62,6 +65,8 @@ class Store:
         self.main = self.env.open_db(b"main", create=create)
         self.items = self.env.open_db(b"items", create=create)
         self.quarantined = self.env.open_db(b"quarantine", create=create)
+        self.versions = self.env.open_db(b"versions", create=create)
+        self.meta = self.env.open_db(b"meta", create=create)
 
     def close(self) -> None:
         self.env.close()
@@ -186,6 +191,57 @@ class Store:
             for k in doomed:
                 txn.delete(k, db=self.items)
             return bool(txn.delete(agent_id.encode(), db=self.main))
+
+    # -- the daemon's records and version switches ----------------------------------
+
+    def get_meta(self, key: str) -> Any:
+        with self._read_txn() as txn:
+            data = txn.get(key.encode(), db=self.meta)
+        return decode(bytes(data)) if data is not None else None
+
+    def put_meta(self, key: str, value: Any) -> None:
+        with self.env.begin(write=True) as txn:
+            txn.put(key.encode(), encode(value), db=self.meta)
+
+    def _records(self, txn: lmdb.Transaction, agent_id: str) -> tuple[bytes | None, list[tuple[bytes, bytes]]]:
+        main = txn.get(agent_id.encode(), db=self.main)
+        prefix = agent_prefix(agent_id)
+        items = []
+        cursor = txn.cursor(db=self.items)
+        if cursor.set_range(prefix):
+            for k, v in cursor:
+                if not bytes(k).startswith(prefix):
+                    break
+                items.append((bytes(k), bytes(v)))
+        return (bytes(main) if main is not None else None), items
+
+    def keep_version(self, agent_id: str, was: str) -> None:
+        """A copy of the agent's records as ``was`` left them, under versions/."""
+        with self.env.begin(write=True) as txn:
+            main, items = self._records(txn, agent_id)
+            if main is not None:
+                txn.put(f"{agent_id}\x00{was}".encode(), encode({"main": main, "items": items}), db=self.versions)
+
+    def switch_version(self, agent_id: str, was: str, now: str) -> bool:
+        """Keep the records ``was`` left under versions/, and put back what ``now`` left, if any.
+
+        One transaction: nothing is lost if the process dies in the middle.  Returns True
+        if ``now`` had records (a rollback restored them), False if it starts from ``was``'s."""
+        with self.env.begin(write=True) as txn:
+            main, items = self._records(txn, agent_id)
+            if main is None:
+                return False
+            txn.put(f"{agent_id}\x00{was}".encode(), encode({"main": main, "items": items}), db=self.versions)
+            saved = txn.get(f"{agent_id}\x00{now}".encode(), db=self.versions)
+            if saved is None:
+                return False
+            old = decode(bytes(saved))
+            for k, _v in items:
+                txn.delete(k, db=self.items)
+            txn.put(agent_id.encode(), old["main"], db=self.main)
+            for k, v in old["items"]:
+                txn.put(k, v, db=self.items)
+            return True
 
     def put_raw(self, agent_id: str, main: bytes, items: list[tuple[bytes, bytes]], replace: bool = True) -> None:
         """Restore an agent's records (import): its old items are replaced."""

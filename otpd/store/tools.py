@@ -149,3 +149,49 @@ def _past_seq(store: Store, agent_id: str, main: bytes) -> bytes:
         record["seq"] = max(record["seq"], current["seq"]) + 1
         return encode(record)
     return main
+
+
+def migrate_records(store: Store, classes: dict[str, str], allowed: set[str], ids: list[str] | None,
+                    write: bool) -> list[dict[str, Any]]:
+    """What each record becomes under its class's migrations; with ``write``, save it.
+
+    ``classes`` maps agent ids to ``module:Class`` (the config's effective classes); a
+    record of an id not in it (a workflow, say) is migrated for the class that wrote it if
+    that class is in ``allowed`` (named by the config), and skipped otherwise.  Nothing is
+    written unless every record migrates."""
+    from otpd.agent.runtime import load_class
+    from otpd.agent.state import migrate
+
+    out: list[dict[str, Any]] = []
+    plans: list[tuple[str, dict[str, Any]]] = []
+    for agent_id in ids if ids is not None else store.agent_ids():
+        row: dict[str, Any] = {"id": agent_id}
+        out.append(row)
+        try:
+            record = store.read(agent_id)
+            if record is None:
+                raise OtpdError("not_found", f"no persisted state for {agent_id!r}")
+            ref = classes.get(agent_id) or record.get("agent")
+            if ref not in allowed:
+                row["skipped"] = f"its class {ref!r} is not in the config"
+                continue
+            cls = load_class(str(ref))
+            row.update(agent=ref, from_version=record["version"], to_version=cls.state_version,
+                       before=view(record["state"]))
+            state = migrate(cls, agent_id, record["version"], record["state"])
+            row["after"] = view(state)
+            if record["version"] != cls.state_version:
+                plans.append((agent_id, {**record, "agent": ref, "version": cls.state_version, "state": state,
+                                         "seq": record["seq"] + 1}))
+        except OtpdError as err:
+            row["error"] = err.to_wire()
+    if write:
+        failed = [r["id"] for r in out if "error" in r]
+        if failed:
+            raise OtpdError("store_corrupt", f"not migrated (nothing written): {', '.join(failed)}",
+                            {"results": out})
+        for agent_id, record in plans:
+            with store.env.begin(write=True) as txn:
+                txn.put(agent_id.encode(), encode(record), db=store.main)
+            next(r for r in out if r["id"] == agent_id)["written"] = True
+    return out
