@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import importlib
+import io
 import os
 import queue
 import select
@@ -62,14 +63,18 @@ def child_main(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSe
     try:
         status = _boot(channel_fd, spec, daemon_pid, store, flags or {})
     except StartFailed as failed:
-        _stderr_line(f"otpd agent {spec.id}: {failed}")
+        _stderr_line(f"start failed: {failed}")
     except BaseException:  # the process ends here whatever happened; say why first
         try:
             traceback.print_exc()
-            sys.stderr.flush()
         except BaseException:
             pass
     finally:
+        for stream in (sys.stdout, sys.stderr):  # os._exit does not flush
+            try:
+                stream.flush()
+            except BaseException:
+                pass
         os._exit(status)
 
 
@@ -90,7 +95,11 @@ def _boot(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSetting
         signal.signal(sig, signal.SIG_DFL)
     # Ctrl-C in a terminal reaches the whole group; the daemon stops us in order.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The daemon forked us with its signals blocked; what came meanwhile is ours now.
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
     system.close_inherited_fds(channel_fd)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)  # a line reaches the daemon's log as it is printed
     system.set_title(f"otpd: agent {spec.id}")
     runtime = Runtime(socket.socket(fileno=channel_fd), spec, store)
     runtime.flags = flags

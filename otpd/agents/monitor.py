@@ -114,7 +114,7 @@ class MonitorAgent(Agent):
                 _number(f"actions.{agent_id}.restart_over_memory_mb", action["restart_over_memory_mb"], 1),
                 _number(f"actions.{agent_id}.for_samples", action.get("for_samples", 3), 1, integer=True))
         self.psutil = importlib.import_module("psutil")  # here, not at import: the daemon imports this module
-        self.boot_time = self.psutil.boot_time()
+        self.boot_time: float = self.psutil.boot_time()
         self.boottime_clock = getattr(time, "CLOCK_BOOTTIME", None)
         self.procs: dict[int, Any] = {}  # pid -> psutil.Process, for CPU % between samples
         self.first_seen: dict[int, float] = {}  # pid -> when first sampled (if its start time is unreadable)

@@ -260,8 +260,8 @@ class TaskAgent(Agent):
             self._resync()
         if self.status != "active":
             return
-        started = []
-        while len(self.scheduled) + len(self.submitted) < self.concurrency and self.task_queue:
+        started: list[dict[str, Any]] = []
+        while len(self.scheduled) + len(self.submitted) + len(started) < self.concurrency and self.task_queue:
             task = self.task_queue.popleft()
             task["attempts"] = task.get("attempts", 0) + 1
             task["started_at"] = time.time()

@@ -163,6 +163,7 @@ class Tree:
         self.nodes: dict[str, Node] = {}
         self._out: list[Action] = []
         self._advancing: set[str] = set()
+        self.changed: set[str] = set()  # ids whose state changed (or that left): the shell drains it
         self._token = 0
         self._target: SupervisorSpec | None = None  # the last reload's spec, until its moves are done
         self._add(root, None)
@@ -431,6 +432,8 @@ class Tree:
     def _set(self, node: Node, state: str) -> None:
         if state != node.state and state not in TRANSITIONS[node.state]:
             raise IllegalTransition(f"{node.id}: {node.state} -> {state}")
+        if state != node.state:
+            self.changed.add(node.id)
         node.state = state
 
     def _emit(self, event: str, node: Node, **details: Any) -> None:
@@ -629,6 +632,7 @@ class Tree:
         stack = [node.id]
         while stack:
             gone = self.nodes.pop(stack.pop())
+            self.changed.add(gone.id)
             stack.extend(gone.children)
         self._emit("removed", node)
         if self._target is not None and not any(n.removing for n in self.nodes.values()):

@@ -45,10 +45,12 @@ from otpd.core.spec import AgentSpec
 from otpd.errors import OtpdError
 from otpd.posix import system
 from otpd.posix.notify import Notifier
+from otpd.posix.output import OutputReader
 from otpd.store.lmdb_store import Store
 
 EXIT_INTERNAL = 70
 CALL_TICK = 0.05  # seconds: the resolution of call timeouts
+MAX_TIMEOUT = 86400.0 * 7  # seconds: longer is a mistake (and NaN or infinity would break the timers)
 FORWARDED_OPS = ("task.add", "task.stats", "task.list", "task.retry", "task.pause", "task.resume",
                  "workflow.start", "workflow.status", "workflow.list", "workflow.cancel", "workflow.retry",
                  "workflow.skip", "health")
@@ -56,6 +58,7 @@ EVENT_HISTORY = 1000  # events kept for `otpctl events` without --follow
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3}  # journald's <N> prefixes
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+FORK_BLOCKED = set(HANDLED_SIGNALS) | {signal.SIGUSR1, signal.SIGUSR2}
 
 
 class Child:
@@ -252,31 +255,56 @@ class Daemon:
                         self._on_event(action)
                     case core.Exit():
                         self.exit_status = action.status
+            self._check_waiters()
         finally:
             self.applying = False
 
     def _spawn(self, child_id: str, spec: AgentSpec) -> None:
         now = time.monotonic()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        except OSError as exc:  # out of fds: a start failure, retried with backoff
+            self.log("error", f"{child_id}: cannot make its channel: {exc}")
+            self._apply(self.tree.exited(child_id, "crash", now, error=f"channel: {exc}"))
+            return
+        # Signals stay blocked across fork(): one that reached the child before it reset its
+        # handlers would go through the inherited wake-up fd into the daemon's own pipe.
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED)
         try:
             pid = os.fork()
         except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED)
+            for fd in (out_r, out_w):
+                os.close(fd)
             ours.close()
             theirs.close()
             self.log("error", f"{child_id}: fork failed: {exc}")
             self._apply(self.tree.exited(child_id, "crash", now, error=f"fork: {exc}"))
             return
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
+            os.dup2(out_w, 1)  # stdout and stderr go to the daemon, line by line, with our id
+            os.dup2(out_w, 2)
             child_main(theirs.fileno(), spec, self.pid, self.store_settings, self.flags)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED)
         theirs.close()
+        os.close(out_w)
+        os.set_blocking(out_r, False)
         ours.setblocking(False)
         child = Child(child_id, pid, ours, spec, now)
         self.children[child_id] = child
         self.by_pid[pid] = child
         self.selector.register(ours, selectors.EVENT_READ, lambda m, c=child: self._on_channel(c, m))
+        output = OutputReader(out_r, child_id, self.log, now)
+        self.selector.register(out_r, selectors.EVENT_READ, lambda _m, o=output: self._on_output(o))
         self._apply(self.tree.spawned(child_id, pid, now))
 
     # -- child channels --------------------------------------------------------
+
+    def _on_output(self, output: OutputReader) -> None:
+        fd = output.fd
+        if not output.read(time.monotonic()):
+            self.selector.unregister(fd)
 
     def _on_channel(self, child: Child, mask: int) -> None:
         sock = child.sock
@@ -467,8 +495,6 @@ class Daemon:
         self.history.append(frame)
         for conn in list(self.subscribers):
             conn.send(frame)
-        for waiter in list(self.waiters.get(event.id, ())):
-            self._check_waiter(event.id, waiter)
 
     def log(self, level: str, message: str) -> None:
         if LEVELS[level] >= self.log_level:
@@ -524,6 +550,8 @@ class Daemon:
             raise OtpdError("bad_request", f"unknown state {state!r}", {"states": sorted(core.TRANSITIONS)})
         not_pid = _arg(args, "not_pid", int, None)
         timeout = _arg(args, "timeout", (int, float), 30.0)
+        if not 0 <= timeout <= MAX_TIMEOUT:  # NaN fails too
+            raise OtpdError("bad_request", f"argument 'timeout' must be 0..{MAX_TIMEOUT:g} seconds")
         self.tree.get(child_id)
         key = ("wait", next(self.refs))
         waiter = Waiter(conn, req_id, state, not_pid, key)
@@ -531,6 +559,13 @@ class Daemon:
             return DEFERRED
         self._set_timer(key, time.monotonic() + max(0.0, float(timeout)))
         return DEFERRED
+
+    def _check_waiters(self) -> None:
+        """Every state change the core made: answer the waits it satisfies."""
+        changed, self.tree.changed = self.tree.changed, set()
+        for child_id in changed:
+            for waiter in list(self.waiters.get(child_id, ())):
+                self._check_waiter(child_id, waiter)
 
     def _check_waiter(self, child_id: str, waiter: Waiter, register: bool = False) -> bool:
         node = self.tree.nodes.get(child_id)
@@ -572,8 +607,8 @@ class Daemon:
         child = self.children.get(child_id) if type(child_id) is str else None
         if child is None or child.sock is None or self.tree.nodes[child.id].state != "running":
             child = self._running_child(_arg({"id": child_id}, "id", str))  # raises the precise error
-        if type(timeout) not in (int, float) or timeout < 0:
-            raise OtpdError("bad_request", "argument 'timeout' must be a non-negative number of seconds")
+        if type(timeout) not in (int, float) or not 0 <= timeout <= MAX_TIMEOUT:  # NaN fails too
+            raise OtpdError("bad_request", f"argument 'timeout' must be 0..{MAX_TIMEOUT:g} seconds")
         ref = next(self.refs)
         if not self._send_child(child, {"t": "call", "ref": ref, "req": request}):
             raise OtpdError("agent_down", f"agent {child.id!r} is not reachable")
