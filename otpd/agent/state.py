@@ -216,13 +216,14 @@ class StateKeeper:
         writer = record.get("agent") if record is not None else None
         downgraded = None
         if self.switched and record is not None and isinstance(writer, str) and writer != self.agent_ref:
-            # A version switch.  Rolling back from a newer class that declares downgrades: its
-            # record comes down to our version, every change it acknowledged kept (a copy of its
-            # record stays under versions/).  Otherwise: keep what it left under versions/, take
-            # back ours as we left it if we have one, or go on from its record by our migrations.
+            # A version switch.  The current record is the truth: a copy of it is kept under
+            # versions/, then a newer class's record comes down by its downgrades and an older
+            # one up by our migrations, every acknowledged change kept.  Only a rollback with no
+            # downgrades goes back to our own record as we left it at the switch.
             assert self.store is not None
-            downgraded = downgrade(writer, self.agent_id, record, self.cls.state_version)
-            if downgraded is not None:
+            if record["version"] > self.cls.state_version:
+                downgraded = downgrade(writer, self.agent_id, record, self.cls.state_version)
+            if downgraded is not None or record["version"] <= self.cls.state_version:
                 self.store.keep_version(self.agent_id, writer)
             elif self.store.switch_version(self.agent_id, writer, self.agent_ref):
                 record = self.store.read(self.agent_id)

@@ -96,7 +96,7 @@ class TaskAgent(Agent):
         "task_queue": PersistentQueue,     # tasks waiting, FIFO: {id, payload, attempts, added_at, last_error?}
         "processing_tasks": PersistentMap,  # task_id -> task (attempts counts the running one)
         "dead_letters": PersistentMap,      # task_id -> task with last_error, attempts, dead_at
-        "task_ids": PersistentMap,          # task_id -> "queued" | "processing" | "completed" | "dead"
+        "task_ids": PersistentMap,          # task_id -> "pending" (queued or processing) | "completed" | "dead"
     }
 
     task_queue: PersistentQueue
@@ -169,13 +169,13 @@ class TaskAgent(Agent):
         elif not isinstance(task_id, str) or not task_id or len(task_id) > 256:
             raise OtpdError("bad_request", "task_id must be a non-empty string of at most 256 characters")
         else:
-            state = self.task_ids.get(task_id)
+            state = self._state(task_id)
             if state is not None:
                 raise OtpdError("already_exists", f"task {task_id!r} exists ({state})",
                                 {"task_id": task_id, "state": state})
         self.task_queue.append({"id": task_id, "payload": request["payload"], "attempts": 0,
                                 "added_at": time.time()})
-        self.task_ids[task_id] = "queued"
+        self.task_ids[task_id] = "pending"
         self._pump()
         return {"task_id": task_id}
 
@@ -216,7 +216,7 @@ class TaskAgent(Agent):
 
     def op_get(self, request: dict[str, Any]) -> Any:
         task_id = self._task_id(request)
-        state = self.task_ids.get(task_id)
+        state = self._state(task_id)
         if state is None:
             raise OtpdError("not_found", f"no task {task_id!r}", {"task_id": task_id})
         task = None
@@ -233,15 +233,15 @@ class TaskAgent(Agent):
         task = self.dead_letters.get(task_id)
         if task is None:
             raise OtpdError("not_found", f"no dead task {task_id!r}", {"task_id": task_id,
-                            "state": self.task_ids.get(task_id)})
+                            "state": self._state(task_id)})
         del self.dead_letters[task_id]
         task["attempts"] = 0
         task.pop("dead_at", None)
         task.pop("started_at", None)
         self.task_queue.append(task)
-        self.task_ids[task_id] = "queued"
+        self.task_ids[task_id] = "pending"
         self._pump()
-        return {"task_id": task_id, "state": self.task_ids[task_id]}
+        return {"task_id": task_id, "state": self._state(task_id)}
 
     def op_pause(self, request: dict[str, Any]) -> Any:
         self.status = "paused"
@@ -265,8 +265,7 @@ class TaskAgent(Agent):
             task = self.task_queue.popleft()
             task["attempts"] = task.get("attempts", 0) + 1
             task["started_at"] = time.time()
-            self.processing_tasks[task["id"]] = task
-            self.task_ids[task["id"]] = "processing"
+            self.processing_tasks[task["id"]] = task  # task_ids stays "pending": one write less per task
             started.append(task)
         if started:
             self._schedule(started)
@@ -303,7 +302,6 @@ class TaskAgent(Agent):
                 self._bury(task)
             else:
                 self.task_queue.append(task)
-                self.task_ids[task_id] = "queued"
         self._pump()
 
     def _bury(self, task: dict[str, Any]) -> None:
@@ -326,6 +324,13 @@ class TaskAgent(Agent):
             self._schedule(again)
 
     # -- helpers ---------------------------------------------------------------------
+
+    def _state(self, task_id: str) -> str | None:
+        """queued | processing | completed | dead, or None for an unknown id."""
+        state = self.task_ids.get(task_id)
+        if state == "pending":
+            return "processing" if task_id in self.processing_tasks else "queued"
+        return state  # type: ignore[no-any-return]
 
     def _new_id(self) -> str:
         while True:
