@@ -74,7 +74,8 @@ def test_agents_read_flags_and_changes_are_pushed_and_announced(daemon: Any) -> 
 
 def test_unknown_flags_and_bad_values_are_refused(daemon: Any) -> None:
     d = daemon(SWITCHED.format(v1="V1", v3="V3"))
-    for args, code in (({"name": "nope", "value": "on"}, "not_found"), ({"name": "beta", "value": "lots"}, "bad_request"),
+    for args, code in (({"name": "nope", "value": "on"}, "not_found"),
+                       ({"name": "beta", "value": "lots"}, "bad_request"),
                        ({"name": "beta", "value": 101}, "bad_request")):
         with pytest.raises(OtpdError) as err:
             d.request("flags.set", args)
