@@ -145,7 +145,10 @@ class MonitorAgent(Agent):
     def handle_info(self, message: Any) -> None:
         # A periodic timer catches up after a stall by firing back to back: one sample is enough.
         if message == "sample" and time.monotonic() - self.sampled_mono >= self.interval_s / 2:
-            self._sample()
+            try:
+                self._sample()
+            except OtpdError as err:  # the daemon is shutting down, or too busy to answer in time
+                _log(f"otpd agent {self.id}: no sample this time: {err.code}: {err.message}")
 
     def _sample(self) -> dict[str, Any]:
         self.sampled_mono = time.monotonic()

@@ -33,6 +33,8 @@ Guarantees:
   the previous process died.  That attempt counts: the task runs again with attempts + 1, or goes
   to the dead letters if it had used its ``max_attempts`` (a task that kills its agent cannot
   crash-loop it).
+* A clean stop (``otpctl stop|restart``, daemon shutdown) interrupts the running tasks without
+  using up their attempt: they run again at the next start with the same attempt number.
 * A failure (the handler raised) below ``max_attempts`` goes back to the queue's tail; at
   ``max_attempts`` the task goes to the dead letters with its last error.
 * A completion removes the task from processing and is counted once (the id's state becomes
@@ -123,6 +125,8 @@ class TaskAgent(Agent):
         self.max_attempts = _int_arg(args, "max_attempts", 3, 1)
         self.scheduled: set[str] = set()  # moved to processing, handed to a worker once committed
         self.submitted: set[str] = set()  # on a worker now
+        self.resync = False
+        self.loaded = self.processing_tasks  # a rollback (store_full) loads new collection objects
         self.started = True
         # Whatever is in processing was running when the last process died: that attempt counts.
         again = []
@@ -140,6 +144,13 @@ class TaskAgent(Agent):
         if again:
             self._schedule(again)
         self._pump()
+
+    def terminate(self, reason: str) -> None:
+        """A clean stop interrupts the running tasks through no fault of theirs: give their attempt
+        back (the next start counts one again when it re-runs them)."""
+        for task_id, task in list(self.processing_tasks.items()):
+            task["attempts"] = max(0, task["attempts"] - 1)
+            self.processing_tasks[task_id] = task
 
     def on_after_load(self, state: dict[str, Any]) -> dict[str, Any]:
         if getattr(self, "started", False):
@@ -256,7 +267,7 @@ class TaskAgent(Agent):
 
     def _pump(self) -> None:
         """Start queued tasks while a slot is free: the move is committed before the work starts."""
-        if getattr(self, "resync", False):
+        if self.resync or self.processing_tasks is not self.loaded:
             self._resync()
         if self.status != "active":
             return
@@ -315,6 +326,7 @@ class TaskAgent(Agent):
     def _resync(self) -> None:
         """After a rollback: re-run what is in processing but on no worker (its outcome was lost)."""
         self.resync = False
+        self.loaded = self.processing_tasks
         self.scheduled.clear()  # their move was not committed: they are queued again
         again = []
         for task_id, task in list(self.processing_tasks.items()):
