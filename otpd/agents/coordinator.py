@@ -15,7 +15,7 @@ The design's "God" coordinator is decomposed: each workflow is its own process
   whole daemon, nothing is lost or run twice.
 
 Step handlers must match ``args.handlers`` (fnmatch patterns on ``module:function``, default
-``["otpd.examples.jobs:*"]``): nothing named on the wire is imported unless the config allows it.
+``["otpd.examples.steps:*"]``): nothing named on the wire is imported unless the config allows it.
 Finished workflows are kept (``args.retention``, default 1000); older ones are forgotten
 (their records deleted); the counters are lifetime counts.
 """
@@ -48,7 +48,7 @@ class CoordinatorAgent(Agent):
 
     def init(self) -> None:
         self.supervisor = str(self.args.get("supervisor", "workflows"))
-        self.patterns = list(self.args.get("handlers", ["otpd.examples.jobs:*"]))
+        self.patterns = list(self.args.get("handlers", ["otpd.examples.steps:*"]))
         self.retention = int(self.args.get("retention", 1000))
         self.poison_after = int(self.args.get("poison_after", 3))
         self.subscribe_events()
