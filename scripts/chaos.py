@@ -186,17 +186,8 @@ class Run:
                 if client is None:
                     client = Client(self.h.socket, timeout=30)
                 if made_wf < quota_wf and (made_tasks >= quota_tasks or rng.random() < quota_wf / max(1, quota_tasks)):
-                    token = f"p{index}-w{made_wf}"
-                    steps = [{"handler": "scripts.chaos_steps:step",
-                              "args": {"token": token, "i": i, "log": str(self.log)}} for i in range(3)]
-                    try:
-                        wf = client.request("workflow.start", {"definition": {"steps": steps}})["workflow_id"]
-                        with self.lock:
-                            self.acked_workflows[wf] = token
-                    except OtpdError as err:
-                        if err.code not in RETRYABLE:
-                            raise
-                    made_wf += 1  # a start whose reply was lost is not acknowledged: not retried
+                    self.start_workflow(client, f"p{index}-w{made_wf}")
+                    made_wf += 1
                 else:
                     task_id = f"p{index}-t{made_tasks}"
                     pad = 2048 if self.args.mode == "mapfull" else rng.randint(0, 64)
@@ -211,6 +202,22 @@ class Run:
             client.close()
         with self.lock:
             self.finished.append(time.monotonic())
+
+    def start_workflow(self, client: Client, token: str) -> None:
+        """Start until acknowledged: the workflow id is the idempotency key, as a task's is."""
+        steps = [{"handler": "scripts.chaos_steps:step",
+                  "args": {"token": token, "i": i, "log": str(self.log)}} for i in range(3)]
+        while not self.stop.is_set():
+            try:
+                wf = client.request("workflow.start", {"definition": {"steps": steps}, "workflow_id": f"wf-{token}"})
+            except OtpdError as err:
+                if err.code not in RETRYABLE:
+                    raise
+                client.request("wait", {"id": "coordinator", "state": "running", "timeout": 30})
+                continue
+            with self.lock:
+                self.acked_workflows[wf["workflow_id"]] = token
+            return
 
     def add_task(self, client: Client, task_id: str, payload: Any) -> None:
         """Add until acknowledged: the id is the idempotency key, so a lost reply is harmless."""
@@ -252,7 +259,16 @@ class Run:
         start = time.monotonic()
         while True:
             left = self.args.duration - (time.monotonic() - start)
-            if left <= 0 or self.stop.wait(min(left, 1.0 / self.args.kill_rate)):  # pacing, not waiting
+            if self.args.kills:  # an exact number of faults: keep going past --duration if need be
+                done = len([k for k in self.kills if k[1] not in ("storm", "daemon")])
+                if done >= self.args.kills:
+                    return
+                pause = max(0.0, left / max(1, self.args.kills - done))
+            elif left <= 0:
+                return
+            else:
+                pause = min(left, 1.0 / self.args.kill_rate)
+            if self.stop.wait(pause):  # pacing the faults, not waiting for one
                 return
             now = time.monotonic() - start
             if daemon_kill_at is not None and now >= daemon_kill_at:
@@ -420,6 +436,7 @@ def main() -> int:
     ap.add_argument("--tasks", type=int, default=20_000)
     ap.add_argument("--workflows", type=int, default=200)
     ap.add_argument("--kill-rate", type=float, default=5.0, help="faults per second")
+    ap.add_argument("--kills", type=int, default=0, help="an exact number of faults, spread over --duration")
     ap.add_argument("--targets", default="tasks,workflows,coordinator,monitor")
     ap.add_argument("--kill-daemon", action="store_true")
     ap.add_argument("--mode", choices=["kill", "sigstop", "mapfull", "corrupt", "storm"], default="kill")
@@ -439,6 +456,9 @@ def main() -> int:
             store.put_raw("tasks2", b"\xc1 not msgpack", [])
             store.close()
         h.start()
+        with Client(h.socket) as probe:  # measured holding one connection, after a round trip
+            probe.request("status")
+            baseline_fds = fds(h.proc.pid)  # type: ignore[union-attr]
         if args.mode == "mapfull":  # tasks stay queued, so the store fills up
             args.workflows = 0
             with Client(h.socket) as c:
@@ -470,6 +490,9 @@ def main() -> int:
                     tasks2 = next(x for x in c.request("ps")["children"] if x["id"] == "tasks2")
                     results.append(("a corrupt record keeps only its agent down", f"tasks2 {tasks2['state']}",
                                     tasks2["state"] == "failed"))
+                run.stop.set()  # the event watcher lets go of its connection
+                threads[0].join()
+                c.request("status")  # a round trip: the watcher's close has been seen
                 daemon_fds = fds(h.proc.pid)  # type: ignore[union-attr]
                 zombies = [p for p in psutil.Process(h.proc.pid).children()  # type: ignore[union-attr]
                            if p.status() == psutil.STATUS_ZOMBIE]  # unreaped by the daemon
@@ -498,7 +521,9 @@ def main() -> int:
                           and psutil.Process(p).status() == psutil.STATUS_STOPPED]
                 results.append(("every stopped agent was killed by its heartbeat",
                                 f"{len(stopped) - len(frozen)}/{len(stopped)}", not frozen))
-            results.append(("daemon fds after the drain", f"{daemon_fds}", True))
+            results.append(("daemon fds back to their level before the run",
+                            f"{daemon_fds} after, {baseline_fds} before (each with one client)",
+                            daemon_fds == baseline_fds))
         finally:
             run.stop.set()
             h.stop()

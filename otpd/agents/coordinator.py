@@ -30,6 +30,7 @@ from typing import Any
 from otpd.agent.base import Agent
 from otpd.agent.state import PersistentMap, PersistentQueue
 from otpd.agents.workflow import FINAL
+from otpd.config import ID_RE
 from otpd.errors import OtpdError
 
 
@@ -65,8 +66,16 @@ class CoordinatorAgent(Agent):
         return handler(request)
 
     def op_start(self, request: dict[str, Any]) -> Any:
+        """``workflow_id`` is optional: given, it is an idempotency key (a client that lost the
+        reply starts again and gets the same workflow, not a second one)."""
         definition = self._check(request.get("definition"))
-        wf_id = f"wf-{uuid.uuid4().hex[:16]}"
+        wf_id = request.get("workflow_id")
+        if wf_id is None:
+            wf_id = f"wf-{uuid.uuid4().hex[:16]}"
+        elif not isinstance(wf_id, str) or not ID_RE.match(wf_id):
+            raise OtpdError("bad_request", f"{wf_id!r} is not a valid workflow id")
+        elif wf_id in self.workflows:
+            return {"workflow_id": wf_id, "existing": True}
         self.workflows[wf_id] = {"status": "running", "definition": definition, "created_at": time.time()}
         self.started_count += 1
         self.after_commit(lambda: self._launch(wf_id))  # recorded before its process exists

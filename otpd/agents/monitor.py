@@ -37,12 +37,13 @@ Calls (``otpctl health [ID]`` forwards to them)::
 
     {"op": "health"}             -> {"sampled_at", "interval_s", "samples", "history_len", "max_history",
                                      "daemon": {...}, "agents": [{"id", "pid", "state", "restarts",
-                                     "restart_rate", "rss_mb", "cpu_percent", "num_fds", "num_threads",
+                                     "restart_rate", "rss_mb", "cpu_percent", "fds", "threads",
                                      "uptime_s", "alerts": {metric: {...}}}, ...],
                                      "alerts": [{"id", "metric", "since", "value", "threshold"}, ...],
                                      "alert_events": [...last 20], "actions": [...last 20], "thresholds": {...}}
     {"op": "health", "id": X, "limit": 60}
-                                 -> {"id", "agent": {... as above}, "history": [{"t", ...}, ...oldest first],
+                                 -> {"id", "agent": {... as above}, "agents": [the same], "history":
+                                     [{"t", ...}, ...oldest first],
                                      "alerts": [...], "actions": [...]}   (not_found for an unknown id)
     {"op": "sample"}             -> take a sample now; the same reply as {"op": "health"}
 """
@@ -211,8 +212,8 @@ class MonitorAgent(Agent):
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied, ProcessLookupError):
             self.procs.pop(pid, None)
             return None
-        return {"rss_mb": round(rss / 1048576, 2), "cpu_percent": round(cpu, 1), "num_fds": fds,
-                "num_threads": threads, "uptime_s": round(max(0.0, uptime), 3)}
+        return {"rss_mb": round(rss / 1048576, 2), "cpu_percent": round(cpu, 1), "fds": fds,
+                "threads": threads, "uptime_s": round(max(0.0, uptime), 3)}
 
     def _uptime(self, proc: Any, pid: int, now: float) -> float:
         """Seconds since the process started.  The kernel counts a start in ticks since boot; psutil
@@ -355,10 +356,12 @@ class MonitorAgent(Agent):
             if past is not None:
                 history.append({"t": sample["t"], **past})
         history.reverse()
+        current = self._with_alerts(agent_id, entry)
         return {
             "id": agent_id,
             "sampled_at": latest["t"],
-            "agent": self._with_alerts(agent_id, entry),
+            "agent": current,
+            "agents": [current],  # the overview's shape too: one row
             "history": history,
             "alerts": self._alert_list(agent_id),
             "actions": [a for a in self.actions_taken if a["id"] == agent_id][-SHOWN_EVENTS:],

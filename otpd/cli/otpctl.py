@@ -425,8 +425,9 @@ def workflow() -> None:
 
 @workflow.command("start")
 @click.argument("definition", metavar="DEF_JSON|@FILE")
+@click.option("--id", "workflow_id", default=None, help="Idempotency key: starting it again starts nothing new.")
 @pass_ctx
-def workflow_start(c: Ctx, definition: str) -> None:
+def workflow_start(c: Ctx, definition: str, workflow_id: str | None) -> None:
     """Start a workflow; prints its id."""
     if definition.startswith("@"):
         try:
@@ -434,7 +435,10 @@ def workflow_start(c: Ctx, definition: str) -> None:
                 definition = fh.read()
         except OSError as exc:
             raise click.UsageError(f"cannot read {definition[1:]}: {exc}") from None
-    result = c.request("workflow.start", {"definition": _json_arg(definition, "DEF_JSON")})
+    args = {"definition": _json_arg(definition, "DEF_JSON")}
+    if workflow_id is not None:
+        args["workflow_id"] = workflow_id
+    result = c.request("workflow.start", args)
     c.show(result, result["workflow_id"])
 
 
