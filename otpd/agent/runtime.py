@@ -160,8 +160,8 @@ class Runtime:
             message, interval = info
             if interval is None:
                 del self.timer_info[ref]
-            else:
-                heapq.heappush(self.timers, (at + interval, ref))
+            else:  # after a stall, the next tick is one interval from now: missed ticks are not replayed
+                heapq.heappush(self.timers, (max(at + interval, now + interval * 0.5), ref))
             agent.handle_info(message)
 
     # -- the loop -------------------------------------------------------------

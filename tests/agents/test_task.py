@@ -1,0 +1,502 @@
+"""TaskAgent on a real daemon: real forks, SIGKILL by PID, a real LMDB, the control socket's task.* ops.
+
+Nothing sleeps.  A task's progress is seen through a FIFO (``handlers.gate``): the handler
+opens it for reading, so the test's open for writing returns exactly when the task is running;
+closing the test's end lets the task finish.  Counters are polled with a deadline (no event
+exists for a task's completion), child states come from ``wait`` and the event stream.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otpd.errors import OtpdError
+from otpd.examples import jobs
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def tasks_config(handler: str = "otpd.examples.jobs:echo", concurrency: int = 4, max_attempts: int = 3,
+                 agent_id: str = "tasks") -> str:
+    return f"""
+[root]
+max_restarts = 100
+max_seconds = 5
+
+[[root.children]]
+id = "{agent_id}"
+agent = "otpd.agents.task:TaskAgent"
+args = {{ handler = "{handler}", concurrency = {concurrency}, max_attempts = {max_attempts} }}
+"""
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def add(d: Any, payload: Any, task_id: str | None = None, agent: str = "tasks") -> str:
+    args: dict[str, Any] = {"id": agent, "payload": payload}
+    if task_id is not None:
+        args["task_id"] = task_id
+    return str(d.request("task.add", args)["task_id"])
+
+
+def stats(d: Any, agent: str = "tasks") -> dict[str, Any]:
+    return d.request("task.stats", {"id": agent})  # type: ignore[no-any-return]
+
+
+def listing(d: Any, dead: bool = False, limit: int = 1000, agent: str = "tasks") -> list[dict[str, Any]]:
+    return d.request("task.list", {"id": agent, "dead": dead, "limit": limit})["tasks"]  # type: ignore[no-any-return]
+
+
+def call(d: Any, request: dict[str, Any], agent: str = "tasks") -> Any:
+    return d.request("call", {"id": agent, "request": request})
+
+
+def poll(fetch: Callable[[], Any], done: Callable[[Any], bool], timeout: float = 20.0) -> Any:
+    """Call ``fetch`` until ``done(result)``; AssertionError with the last result after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = fetch()
+        if done(result):
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not there after {timeout}s: {result}")
+
+
+def until_stats(d: Any, timeout: float = 20.0, agent: str = "tasks", **want: Any) -> dict[str, Any]:
+    return poll(lambda: stats(d, agent), lambda s: all(s[k] == v for k, v in want.items()), timeout)  # type: ignore[no-any-return]
+
+
+def kill_agent(d: Any, agent: str = "tasks") -> int:
+    """SIGKILL the agent by PID and wait for its replacement to run; returns the old pid."""
+    pid: int = d.pid_of(agent)
+    os.kill(pid, signal.SIGKILL)
+    d.wait(agent, "running", not_pid=pid, timeout=20)
+    return pid
+
+
+class Gate:
+    """FIFOs a ``handlers.gate`` task blocks on, one per run: ``running()`` returns once the next
+    run has its FIFO open (it is running now), ``release()`` lets that run finish (or fail)."""
+
+    RUNS = 6
+
+    def __init__(self, tmp: Path, n: int) -> None:
+        self.n = n
+        self.path = tmp / f"gate{n}"
+        self.runs = tmp / f"runs{n}"
+        for run in range(1, self.RUNS + 1):
+            os.mkfifo(f"{self.path}.{run}")
+        self.run = 0
+        self.fd: int | None = None
+
+    def payload(self) -> dict[str, Any]:
+        return {"n": self.n, "fifo": str(self.path), "runs": str(self.runs)}
+
+    def running(self, timeout: float = 20.0) -> None:
+        """Return once the task's next run has its FIFO open for reading (it is running now)."""
+        assert self.fd is None and self.run < self.RUNS
+        self.run += 1
+        path = f"{self.path}.{self.run}"
+        box: list[int] = []
+        opener = threading.Thread(target=lambda: box.append(os.open(path, os.O_WRONLY)), daemon=True)
+        opener.start()
+        opener.join(timeout)
+        if not box:
+            unblock = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # lets the opener return
+            opener.join(5)
+            os.close(unblock)
+            for fd in box:
+                os.close(fd)
+            raise AssertionError(f"run {self.run} of task {self.n} did not start within {timeout}s")
+        self.fd = box[0]
+
+    def release(self, data: bytes = b"done") -> None:
+        assert self.fd is not None
+        os.write(self.fd, data)
+        self.drop()
+
+    def drop(self) -> None:
+        """Close our end without a word (the reader is dead, or will see EOF)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def run_count(self) -> int:
+        return len(self.runs.read_text().splitlines()) if self.runs.exists() else 0
+
+
+# -- the design's test ------------------------------------------------------------------
+
+
+def test_ten_queued_tasks_survive_sigkill_of_the_agent_and_then_complete_once(daemon: Any) -> None:
+    d = daemon(tasks_config())
+    assert d.request("task.pause", {"id": "tasks"}) == {"status": "paused"}
+    ids = [add(d, {"work": f"task_{i}"}) for i in range(10)]
+    assert len(set(ids)) == 10
+    before = stats(d)
+    assert (before["queued"], before["processing"], before["completed_count"]) == (10, 0, 0)
+    queued = listing(d)
+    assert [t["task_id"] for t in queued] == ids and {t["state"] for t in queued} == {"queued"}
+
+    old = kill_agent(d)
+    assert d.pid_of("tasks") != old
+    assert stats(d) == before  # same counts, still paused
+    assert listing(d) == queued  # the same 10, in order, with their payloads
+
+    d.request("task.resume", {"id": "tasks"})
+    after = until_stats(d, completed_count=10)
+    assert (after["queued"], after["processing"], after["dead"], after["error_count"]) == (0, 0, 0, 0)
+    for task_id in ids:
+        assert call(d, {"op": "get", "task_id": task_id}) == {"task_id": task_id, "state": "completed"}
+    assert stats(d)["completed_count"] == 10  # counted once, and nothing else ran
+
+
+# -- at least once -------------------------------------------------------------------------
+
+
+def test_a_task_in_progress_when_the_agent_is_killed_runs_again_with_its_attempt_counted(
+        daemon: Any, tmp_path: Path) -> None:
+    d = daemon(tasks_config("tests.agents.handlers:gate", max_attempts=3))
+    gate = Gate(tmp_path, 1)
+    task_id = add(d, gate.payload(), task_id="job-1")
+    gate.running()  # attempt 1 holds the FIFO: it is in progress now
+    [task] = listing(d)
+    assert (task["task_id"], task["state"], task["attempts"]) == ("job-1", "processing", 1)
+
+    kill_agent(d)
+    gate.drop()
+    gate.running()  # the replacement runs it again, by itself
+    [task] = listing(d)
+    assert (task["state"], task["attempts"]) == ("processing", 2)
+    assert stats(d)["interrupted_count"] == 1
+
+    gate.release()
+    s = until_stats(d, completed_count=1)
+    assert (s["processing"], s["queued"], s["dead"], s["error_count"]) == (0, 0, 0, 0)
+    assert gate.run_count() == 2  # at least once: it ran twice, and completed once
+    assert call(d, {"op": "get", "task_id": task_id})["state"] == "completed"
+
+
+def test_a_clean_restart_reruns_the_running_task_without_using_up_an_attempt(daemon: Any, tmp_path: Path) -> None:
+    d = daemon(tasks_config("tests.agents.handlers:gate", max_attempts=1))
+    gate = Gate(tmp_path, 1)
+    add(d, gate.payload(), task_id="long")
+    gate.running()
+    pid = d.pid_of("tasks")
+    d.request("restart", {"id": "tasks"})  # SIGTERM: a clean stop, then a new process
+    d.wait("tasks", "running", not_pid=pid)
+    gate.drop()
+    gate.running()  # run 2, still attempt 1 of 1: not dead-lettered
+    [task] = listing(d)
+    assert (task["task_id"], task["attempts"]) == ("long", 1)
+    gate.release()
+    s = until_stats(d, completed_count=1)
+    assert (s["dead"], s["interrupted_count"]) == (0, 1)
+
+
+def test_concurrency_bounds_the_tasks_running_at_once(daemon: Any, tmp_path: Path) -> None:
+    d = daemon(tasks_config("tests.agents.handlers:gate", concurrency=2))
+    gates = [Gate(tmp_path, n) for n in range(3)]
+    d.request("task.pause", {"id": "tasks"})
+    for g in gates:
+        add(d, g.payload(), task_id=f"g{g.n}")
+    d.request("task.resume", {"id": "tasks"})  # one pump, three queued tasks, two slots
+    gates[0].running()
+    gates[1].running()
+    s = stats(d)
+    assert (s["processing"], s["queued"]) == (2, 1)
+    gates[0].release()
+    gates[2].running()  # a slot came free: the third starts
+    until_stats(d, completed_count=1, processing=2, queued=0)
+    gates[1].release()
+    gates[2].release()
+    until_stats(d, completed_count=3, processing=0)
+
+
+# -- failures, dead letters, retry --------------------------------------------------------------
+
+
+def test_failures_retry_then_dead_letter_with_the_last_error_then_retry_from_dead(
+        daemon: Any, tmp_path: Path) -> None:
+    d = daemon(tasks_config("tests.agents.handlers:fail_unless_file", max_attempts=3))
+    marker = tmp_path / "ok"
+    task_id = add(d, {"file": str(marker)}, task_id="flaky")
+    s = until_stats(d, dead=1)
+    assert (s["error_count"], s["completed_count"], s["queued"], s["processing"]) == (3, 0, 0, 0)
+    [dead] = listing(d, dead=True)
+    assert dead["task_id"] == task_id and dead["state"] == "dead" and dead["attempts"] == 3
+    assert dead["last_error"] == f"FileNotFoundError: {marker} is not there yet"
+    assert dead["payload"] == {"file": str(marker)}
+    assert listing(d) == []
+    d.log.wait_for(r"tasks: task 'flaky' dead after 3 attempts")
+
+    # a dead letter survives a SIGKILL of the agent
+    kill_agent(d)
+    assert listing(d, dead=True) == [dead]
+
+    marker.write_text("now")
+    # back in the queue with its attempts reset, and started at once (the agent is active)
+    assert d.request("task.retry", {"id": "tasks", "task_id": task_id}) == {"task_id": task_id,
+                                                                            "state": "processing"}
+    s = until_stats(d, completed_count=1)
+    assert (s["dead"], s["error_count"]) == (0, 3)
+    assert listing(d, dead=True) == []
+    with pytest.raises(OtpdError) as err:
+        d.request("task.retry", {"id": "tasks", "task_id": task_id})
+    assert err.value.code == "not_found"
+
+
+def test_a_failure_below_max_attempts_goes_back_to_the_queue(daemon: Any, tmp_path: Path) -> None:
+    d = daemon(tasks_config("tests.agents.handlers:gate", max_attempts=2))
+    gate = Gate(tmp_path, 1)
+    add(d, gate.payload(), task_id="twice")
+    gate.running()
+    gate.release(b"fail")
+    gate.running()  # run 2, after the failure
+    [task] = listing(d)
+    assert (task["attempts"], task["last_error"]) == (2, "RuntimeError: gate 1 told to fail")
+    assert stats(d)["error_count"] == 1
+    gate.release()
+    s = until_stats(d, completed_count=1)
+    assert (s["dead"], s["error_count"]) == (0, 1)
+
+
+def test_a_task_that_kills_its_agent_is_dead_lettered_instead_of_crash_looping(daemon: Any) -> None:
+    d = daemon(tasks_config("tests.agents.handlers:exit_agent", max_attempts=2))
+    with d.events() as ev:
+        add(d, {"boom": True}, task_id="poison")
+        ev.until(("restarted", "tasks"), timeout=20)  # attempt 1 killed it
+        ev.until(("restarted", "tasks"), timeout=20)  # attempt 2 (the rerun) killed it again
+        d.wait("tasks", "running", timeout=20)
+    s = until_stats(d, dead=1)
+    assert (s["processing"], s["queued"], s["completed_count"], s["interrupted_count"]) == (0, 0, 0, 2)
+    [dead] = listing(d, dead=True)
+    assert (dead["task_id"], dead["attempts"]) == ("poison", 2)
+    assert dead["last_error"] == "the agent died during attempt 2"
+    assert d.children()["tasks"]["restarts"] == 2  # and it stays up
+
+
+# -- idempotency, pause ---------------------------------------------------------------------------
+
+
+def test_a_duplicate_task_id_is_already_exists_and_a_completion_counts_once(daemon: Any) -> None:
+    d = daemon(tasks_config())
+    d.request("task.pause", {"id": "tasks"})
+    assert add(d, {"n": 1}, task_id="order-42") == "order-42"
+    for _ in range(2):  # while queued
+        with pytest.raises(OtpdError) as err:
+            add(d, {"n": 2}, task_id="order-42")
+        assert err.value.code == "already_exists"
+        assert err.value.details == {"task_id": "order-42", "state": "queued"}
+    assert stats(d)["queued"] == 1
+    d.request("task.resume", {"id": "tasks"})
+    until_stats(d, completed_count=1)
+    with pytest.raises(OtpdError) as err:  # and once completed, even after a restart
+        add(d, {"n": 3}, task_id="order-42")
+    assert err.value.details["state"] == "completed"
+    kill_agent(d)
+    with pytest.raises(OtpdError) as err:
+        add(d, {"n": 4}, task_id="order-42")
+    assert err.value.code == "already_exists"
+    s = stats(d)
+    assert (s["completed_count"], s["queued"], s["processing"]) == (1, 0, 0)
+    generated = add(d, {"n": 5})  # a generated id never collides with a known one
+    assert generated != "order-42"
+    until_stats(d, completed_count=2)
+
+
+def test_paused_accepts_adds_and_starts_nothing_until_resumed(daemon: Any, tmp_path: Path) -> None:
+    d = daemon(tasks_config("tests.agents.handlers:gate", concurrency=4))
+    running = Gate(tmp_path, 0)
+    add(d, running.payload())
+    running.running()
+    d.request("task.pause", {"id": "tasks"})
+    gates = [Gate(tmp_path, n) for n in range(1, 4)]
+    for g in gates:
+        add(d, g.payload())
+    s = stats(d)  # each add was answered after its batch, where an active agent starts the task
+    assert (s["status"], s["queued"], s["processing"]) == ("paused", 3, 1)
+    running.release()  # a task that was running finishes while paused
+    s = until_stats(d, completed_count=1)
+    assert (s["queued"], s["processing"]) == (3, 0)
+    assert d.request("task.resume", {"id": "tasks"}) == {"status": "active"}
+    for g in gates:
+        g.running()
+    for g in gates:
+        g.release()
+    s = until_stats(d, completed_count=4)
+    assert (s["status"], s["queued"], s["processing"]) == ("active", 0, 0)
+
+
+# -- the whole daemon killed --------------------------------------------------------------------
+
+
+def test_state_survives_sigkill_of_the_daemon(daemon: Any, tmp_path: Path) -> None:
+    d = daemon(tasks_config("tests.agents.handlers:fail_unless_file", max_attempts=1))
+    marker = tmp_path / "ok"
+    add(d, {"file": str(tmp_path / "never")}, task_id="doomed")
+    until_stats(d, dead=1)
+    marker.write_text("yes")
+    for i in range(5):
+        add(d, {"file": str(marker)}, task_id=f"done-{i}")
+    until_stats(d, completed_count=5)
+    d.request("task.pause", {"id": "tasks"})
+    for i in range(7):
+        add(d, {"file": str(marker)}, task_id=f"later-{i}")
+    before, queued, dead = stats(d), listing(d), listing(d, dead=True)
+    assert (before["queued"], before["completed_count"], before["dead"], before["error_count"]) == (7, 5, 1, 1)
+
+    d.sigkill()
+    d.wait_exit()
+    d2 = daemon("", config_path=d.config_path)
+    assert stats(d2) == before
+    assert listing(d2) == queued and listing(d2, dead=True) == dead
+    with pytest.raises(OtpdError) as err:
+        add(d2, {}, task_id="done-3")
+    assert err.value.code == "already_exists"
+    d2.request("task.resume", {"id": "tasks"})
+    s = until_stats(d2, completed_count=12)
+    assert (s["queued"], s["dead"]) == (0, 1)
+
+
+# -- contract and config --------------------------------------------------------------------------
+
+
+def test_bad_requests_are_bad_request_and_the_agent_keeps_running(daemon: Any) -> None:
+    d = daemon(tasks_config())
+    pid = d.pid_of("tasks")
+    bad = [
+        {"op": "nope"},
+        {"op": "add"},  # no payload
+        {"op": "add", "payload": 1, "task_id": ""},
+        {"op": "add", "payload": 1, "task_id": 7},
+        {"op": "list", "limit": -1},
+        {"op": "list", "dead": "yes"},
+        {"op": "retry"},
+        {"op": "get"},
+        "stats",
+    ]
+    for request in bad:
+        with pytest.raises(OtpdError) as err:
+            call(d, request)  # type: ignore[arg-type]
+        assert err.value.code == "bad_request", request
+    for op, code in (("retry", "not_found"), ("get", "not_found")):
+        with pytest.raises(OtpdError) as err:
+            call(d, {"op": op, "task_id": "missing"})
+        assert err.value.code == code
+    s = stats(d)
+    assert s == {"queued": 0, "processing": 0, "completed_count": 0, "error_count": 0, "interrupted_count": 0,
+                 "dead": 0, "status": "active", "concurrency": 4, "max_attempts": 3}
+    assert d.pid_of("tasks") == pid
+
+
+def test_a_bad_handler_is_a_start_failure_with_a_clear_message(daemon: Any) -> None:
+    d = daemon(tasks_config("no_such_module_xyz:run") + """
+[[root.children]]
+id = "echo"
+agent = "otpd.agents.echo:EchoAgent"
+""", ready=False)
+    d.log.wait_for(r"tasks: .*config_invalid.*handler 'no_such_module_xyz:run': cannot import 'no_such_module_xyz'",
+                   timeout=20)
+
+
+def test_limit_and_order_of_list(daemon: Any) -> None:
+    d = daemon(tasks_config())
+    d.request("task.pause", {"id": "tasks"})
+    ids = [add(d, i) for i in range(30)]
+    assert [t["task_id"] for t in listing(d, limit=5)] == ids[:5]
+    assert [t["payload"] for t in listing(d, limit=30)] == list(range(30))
+    assert listing(d, limit=0) == []
+
+
+# -- the example handlers, directly ----------------------------------------------------------------
+
+
+def test_example_handlers() -> None:
+    assert jobs.echo({"a": [1, 2]}) == {"a": [1, 2]}
+    import hashlib
+
+    once = hashlib.sha256(b"abc").digest()
+    assert jobs.sha256({"data": "abc"}) == {"digest": once.hex(), "rounds": 1}
+    assert jobs.sha256({"data": b"abc", "rounds": 2})["digest"] == hashlib.sha256(once).hexdigest()
+    out = jobs.transform({"name": "  ada   lovelace ", "tags": ["B", "a", "b", " "],
+                          "text": "The engine, the ENGINE and the numbers"})
+    assert out == {"name": "Ada Lovelace", "tags": ["a", "b"], "words": 7,
+                   "top": ["the", "engine", "and", "numbers"]}
+    with pytest.raises(RuntimeError, match="nope"):
+        jobs.fail({"message": "nope"})
+    assert jobs.sleep({"seconds": 0}) == {"slept": 0.0}
+    with pytest.raises(ValueError):
+        jobs.sha256({"rounds": 1})
+
+
+# -- a rollback (store_full), driven directly --------------------------------------------------------
+
+
+class FakeRuntime:
+    """What TaskAgent asks of the runtime, done by hand: after_commit callbacks and worker jobs."""
+
+    def __init__(self) -> None:
+        self.after: list[Callable[[], None]] = []
+        self.work: list[tuple[Any, tuple[Any, ...], Callable[[Any, BaseException | None], None]]] = []
+
+    def run_in_worker(self, fn: Any, args: tuple[Any, ...], done: Any, workers: int) -> None:
+        self.work.append((fn, args, done))
+
+
+def test_after_a_rollback_lost_moves_are_forgotten_and_lost_completions_run_again(tmp_path: Path) -> None:
+    from otpd.agent.state import StateKeeper
+    from otpd.agents.task import TaskAgent
+    from otpd.store.lmdb_store import Store
+
+    rt = FakeRuntime()
+    agent = TaskAgent("t", {"handler": "otpd.examples.jobs:echo", "concurrency": 2}, rt)  # type: ignore[arg-type]
+    store = Store(tmp_path / "store")
+    keeper = StateKeeper(agent, store)
+    keeper.load()
+    agent.init()
+
+    def commit_ok() -> None:  # what the runtime does after a batch: commit, then the callbacks
+        keeper.commit()
+        callbacks, rt.after[:] = list(rt.after), []
+        for callback in callbacks:
+            callback()
+
+    def finish(index: int) -> None:
+        fn, args, done = rt.work[index]
+        done(fn(*args), None)
+
+    for i in range(3):
+        agent.handle_call({"op": "add", "payload": i, "task_id": f"k{i}"})
+    commit_ok()
+    assert [args for _, args, _ in rt.work] == [(0,), (1,)]  # two slots
+
+    finish(0)  # k0 completes and k2 is moved to processing; then the commit fails:
+    keeper.load()  # the runtime's rollback (store_full): back to the last commit
+    rt.after.clear()  # and the callbacks of the failed batch are dropped
+    assert agent.processing_tasks.get("k0") is not None and len(agent.task_queue) == 1
+
+    agent.handle_call({"op": "add", "payload": 3, "task_id": "k3"})
+    commit_ok()
+    assert [args for _, args, _ in rt.work][2:] == [(0,)]  # k0 again: its completion was lost; k1 still runs
+    assert agent.op_stats({})["processing"] == 2
+    finished = {0}
+    while len(finished) < len(rt.work):  # run every job handed out, batch by batch, to the end
+        for i in range(len(rt.work)):
+            if i not in finished:
+                finished.add(i)
+                finish(i)
+        commit_ok()
+    s = agent.op_stats({})
+    assert (s["completed_count"], s["queued"], s["processing"]) == (4, 0, 0)
+    assert [agent.op_get({"task_id": f"k{i}"})["state"] for i in range(4)] == ["completed"] * 4
+    store.close()
