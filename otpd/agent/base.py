@@ -95,6 +95,12 @@ class Agent:
     def cancel_timer(self, ref: int) -> None:
         self._rt().cancel_timer(ref)
 
+    def log(self, message: str) -> None:
+        """A line in the daemon's log (and the journal), prefixed with this agent's id."""
+        from otpd.agent.runtime import log_line
+
+        log_line(message)
+
     def stop(self) -> None:
         """Finish the current callback, then exit normally (a transient child stays down)."""
         self._rt().stopping = "normal"

@@ -63,7 +63,7 @@ def child_main(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSe
     try:
         status = _boot(channel_fd, spec, daemon_pid, store, flags or {})
     except StartFailed as failed:
-        _stderr_line(f"start failed: {failed}")
+        log_line(f"start failed: {failed}")
     except BaseException:  # the process ends here whatever happened; say why first
         try:
             traceback.print_exc()
@@ -78,7 +78,8 @@ def child_main(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSe
         os._exit(status)
 
 
-def _stderr_line(line: str) -> None:
+def log_line(line: str) -> None:
+    """One line on stderr, which the daemon reads and logs with the agent's id; never raises."""
     try:
         sys.stderr.write(line + "\n")
         sys.stderr.flush()

@@ -51,7 +51,6 @@ Calls (``otpctl health [ID]`` forwards to them)::
 from __future__ import annotations
 
 import importlib
-import sys
 import time
 from collections import deque
 from typing import Any
@@ -149,7 +148,7 @@ class MonitorAgent(Agent):
             try:
                 self._sample()
             except OtpdError as err:  # the daemon is shutting down, or too busy to answer in time
-                _log(f"otpd agent {self.id}: no sample this time: {err.code}: {err.message}")
+                self.log(f"no sample this time: {err.code}: {err.message}")
 
     def _sample(self) -> dict[str, Any]:
         self.sampled_mono = time.monotonic()
@@ -273,7 +272,7 @@ class MonitorAgent(Agent):
         self.alert_events.append({"t": now, "id": agent_id, "metric": metric, "alert": what,
                                   "value": value, "threshold": threshold})
         del self.alert_events[:-KEPT_EVENTS]
-        _log(f"otpd agent {self.id}: alert {what}: {agent_id} {metric} = {value} (threshold {threshold})")
+        self.log(f"alert {what}: {agent_id} {metric} = {value} (threshold {threshold})")
 
     def _act(self, sample: dict[str, Any]) -> None:
         for agent_id, (limit_mb, for_samples) in self.actions.items():
@@ -297,7 +296,7 @@ class MonitorAgent(Agent):
                 record["error"] = f"{err.code}: {err.message}"
             self.actions_taken.append(record)
             del self.actions_taken[:-KEPT_EVENTS]
-            _log(f"otpd agent {self.id}: restart {agent_id} (pid {entry['pid']}): RSS {rss} MiB over "
+            self.log(f"restart {agent_id} (pid {entry['pid']}): RSS {rss} MiB over "
                  f"{limit_mb} MiB for {for_samples} samples" + (f"; failed: {record['error']}"
                                                                  if "error" in record else ""))
 
@@ -367,10 +366,3 @@ class MonitorAgent(Agent):
             "actions": [a for a in self.actions_taken if a["id"] == agent_id][-SHOWN_EVENTS:],
         }
 
-
-def _log(line: str) -> None:
-    try:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-    except OSError:
-        pass

@@ -49,7 +49,6 @@ O(1) records whatever the queue's length, and a restart reads only the markers a
 from __future__ import annotations
 
 import importlib
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -320,7 +319,7 @@ class TaskAgent(Agent):
         task.pop("started_at", None)
         self.dead_letters[task["id"]] = task
         self.task_ids[task["id"]] = "dead"
-        _log(f"otpd agent {self.id}: task {task['id']!r} dead after {task['attempts']} attempts: "
+        self.log(f"task {task['id']!r} dead after {task['attempts']} attempts: "
              f"{task.get('last_error')}")
 
     def _resync(self) -> None:
@@ -367,10 +366,3 @@ class TaskAgent(Agent):
                 out[key] = task[key]
         return out
 
-
-def _log(line: str) -> None:
-    try:
-        sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-    except OSError:
-        pass

@@ -155,6 +155,17 @@ class Store:
 
     # -- operator tools --------------------------------------------------------
 
+    def _prefixed(self, txn: lmdb.Transaction, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) of the items DB under ``prefix``, in key order."""
+        out = []
+        cursor = txn.cursor(db=self.items)
+        if cursor.set_range(prefix):
+            for k, v in cursor:
+                if not bytes(k).startswith(prefix):
+                    break
+                out.append((bytes(k), bytes(v)))
+        return out
+
     def quarantine(self, agent_id: str) -> str:
         """Move an agent's records aside (never deleted); returns the quarantine key."""
         key = f"{agent_id}@{time.time():.6f}"
@@ -164,14 +175,7 @@ class Store:
             if main is None:
                 raise OtpdError("not_found", f"no record for {agent_id!r}", {"id": agent_id})
             txn.put(key.encode(), bytes(main), db=self.quarantined)
-            cursor = txn.cursor(db=self.items)
-            moved = []
-            if cursor.set_range(prefix):
-                for k, v in cursor:
-                    if not bytes(k).startswith(prefix):
-                        break
-                    moved.append((bytes(k), bytes(v)))
-            for k, v in moved:
+            for k, v in self._prefixed(txn, prefix):
                 txn.put(key.encode() + SEP + k[len(prefix):], v, db=self.quarantined)
                 txn.delete(k, db=self.items)
             txn.delete(agent_id.encode(), db=self.main)
@@ -181,14 +185,7 @@ class Store:
         """Delete an agent's records for good (a finished workflow past its retention)."""
         prefix = agent_prefix(agent_id)
         with self.env.begin(write=True) as txn:
-            cursor = txn.cursor(db=self.items)
-            doomed = []
-            if cursor.set_range(prefix):
-                for k, _v in cursor:
-                    if not bytes(k).startswith(prefix):
-                        break
-                    doomed.append(bytes(k))
-            for k in doomed:
+            for k, _v in self._prefixed(txn, prefix):
                 txn.delete(k, db=self.items)
             return bool(txn.delete(agent_id.encode(), db=self.main))
 
@@ -205,15 +202,7 @@ class Store:
 
     def _records(self, txn: lmdb.Transaction, agent_id: str) -> tuple[bytes | None, list[tuple[bytes, bytes]]]:
         main = txn.get(agent_id.encode(), db=self.main)
-        prefix = agent_prefix(agent_id)
-        items = []
-        cursor = txn.cursor(db=self.items)
-        if cursor.set_range(prefix):
-            for k, v in cursor:
-                if not bytes(k).startswith(prefix):
-                    break
-                items.append((bytes(k), bytes(v)))
-        return (bytes(main) if main is not None else None), items
+        return (bytes(main) if main is not None else None), self._prefixed(txn, agent_prefix(agent_id))
 
     def keep_version(self, agent_id: str, was: str) -> None:
         """A copy of the agent's records as ``was`` left them, under versions/."""
@@ -249,14 +238,7 @@ class Store:
         with self.env.begin(write=True) as txn:
             if not replace and txn.get(agent_id.encode(), db=self.main) is not None:
                 raise OtpdError("already_exists", f"{agent_id!r} has a record", {"id": agent_id})
-            cursor = txn.cursor(db=self.items)
-            stale = []
-            if cursor.set_range(prefix):
-                for k, _v in cursor:
-                    if not bytes(k).startswith(prefix):
-                        break
-                    stale.append(bytes(k))
-            for k in stale:
+            for k, _v in self._prefixed(txn, prefix):
                 txn.delete(k, db=self.items)
             txn.put(agent_id.encode(), main, db=self.main)
             for k, v in items:
