@@ -118,7 +118,7 @@ class PersistentMap(PersistentCollection):
         return self.length
 
     def __contains__(self, key: Any) -> bool:
-        return self._keeper.get(self._key(key)) is not _MISSING
+        return self._keeper.has(self._key(key))
 
     def get(self, key: Any, default: Any = None) -> Any:
         value = self._keeper.get(self._key(key))
@@ -132,13 +132,13 @@ class PersistentMap(PersistentCollection):
 
     def __setitem__(self, key: Any, value: Any) -> None:
         k = self._key(key)
-        if self._keeper.get(k) is _MISSING:
+        if not self._keeper.has(k):
             self.length += 1
         self._keeper.put(k, value)
 
     def __delitem__(self, key: Any) -> None:
         k = self._key(key)
-        if self._keeper.get(k) is _MISSING:
+        if not self._keeper.has(k):
             raise KeyError(key)
         self._keeper.delete(k)
         self.length -= 1
@@ -195,6 +195,12 @@ class StateKeeper:
         else:
             raw = None
         return _MISSING if raw is None else decode(raw)
+
+    def has(self, key: bytes) -> bool:
+        """Is there an item at ``key`` (pending writes first)? Nothing is decoded."""
+        if key in self.pending:
+            return self.pending[key] is not None
+        return self.store is not None and self.store.get_item(key) is not None
 
     def put(self, key: bytes, value: Any) -> None:
         self.pending[key] = encode(value)
