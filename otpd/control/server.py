@@ -10,6 +10,7 @@ connection; a well-formed frame that is not a valid request gets
 
 from __future__ import annotations
 
+import fcntl
 import grp
 import os
 import selectors
@@ -141,6 +142,15 @@ class ControlServer:
         mode = runtime_dir.stat().st_mode
         if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
             raise OtpdError("config_invalid", f"runtime dir {runtime_dir} is world-writable")
+        # One daemon per socket: a lock held for the daemon's life closes the race between two
+        # that start at once (both would find no live socket, and the second unlink the first's).
+        self.lock_fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.lock_fd)
+            raise OtpdError("already_exists", f"another otpd is listening on {self.path} "
+                                              f"(it holds {self.path.with_suffix('.lock')})") from None
         self._refuse_if_live()
         try:
             self.path.unlink()

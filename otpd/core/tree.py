@@ -367,7 +367,8 @@ class Tree:
         self._add_missing(root, new, summary, now)
         for node in self.nodes.values():  # converge: a permanent child that is down comes up
             if node.parent is not None and not node.held and node.spec.restart == "permanent" \
-                    and node.state in ("stopped", "failed") and not self._is_dynamic_child(node):
+                    and node.state in ("stopped", "failed") and not self._is_dynamic_child(node) \
+                    and self.nodes[node.parent].state in UP_STATES:
                 self.nodes[node.parent].queue.append(("start", node.id))
         for sup in [n for n in self.nodes.values() if n.is_supervisor]:
             if sup.id in self.nodes:

@@ -283,9 +283,12 @@ class Daemon:
             self._apply(self.tree.exited(child_id, "crash", now, error=f"fork: {exc}"))
             return
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
-            os.dup2(out_w, 1)  # stdout and stderr go to the daemon, line by line, with our id
-            os.dup2(out_w, 2)
-            child_main(theirs.fileno(), spec, self.pid, self.store_settings, self.flags)
+            try:  # nothing may ever return from here into a copy of the daemon's loop
+                os.dup2(out_w, 1)  # stdout and stderr go to the daemon, line by line, with our id
+                os.dup2(out_w, 2)
+                child_main(theirs.fileno(), spec, self.pid, self.store_settings, self.flags)
+            finally:
+                os._exit(system.EXIT_CRASH)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED)
         theirs.close()
         os.close(out_w)
@@ -453,7 +456,9 @@ class Daemon:
     def _sweep(self, now: float) -> None:
         """Kill children silent past their heartbeat timeout; they are then crashes."""
         for child in self.children.values():
-            limit = child.spec.heartbeat_timeout_ms / 1000.0
+            node = self.tree.nodes.get(child.id)  # a reload may have changed the timeout in place
+            spec = node.spec if node is not None and isinstance(node.spec, AgentSpec) else child.spec
+            limit = spec.heartbeat_timeout_ms / 1000.0
             if limit and child.sock is not None and now - child.last_seen > limit:
                 self.log("warning", f"{child.id}: silent for {now - child.last_seen:.1f}s; SIGKILL pid {child.pid}")
                 child.last_seen = now
@@ -752,6 +757,8 @@ class Daemon:
         from otpd.config import ConfigError, load
 
         self.log("info", f"reload requested by {source}")
+        if self.tree.nodes[self.tree.root_id].state not in core.UP_STATES:
+            raise OtpdError("shutting_down", "the daemon is stopping: nothing is reloaded")
         self.notify.reloading()
         try:
             try:
@@ -815,6 +822,8 @@ class Daemon:
         """Set a flag (persisted), or ``default`` to go back to the config's value. Agents
         under a version switch whose class changes are restarted on it."""
         name = _arg(args, "name", str)
+        if self.tree.nodes[self.tree.root_id].state not in core.UP_STATES:
+            raise OtpdError("shutting_down", "the daemon is stopping: flags stay as they are")
         if name not in self.config.features:
             raise OtpdError("not_found", f"no feature {name!r} in [features]", {"known": sorted(self.flags)})
         value = _arg(args, "value", (str, int, float))

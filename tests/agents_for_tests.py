@@ -1,0 +1,80 @@
+"""Agents the system tests name in their configs ("agents_for_tests:Controlled").
+
+The daemon imports this module (the test fixture puts tests/ on its
+PYTHONPATH), so it stays small and imports only what the agents need.
+
+Every agent here is driven over the control socket:
+
+* casts ``{"do": "stop"}`` (``Agent.stop()``: a normal exit),
+  ``{"do": "exit", "code": n}`` (``os._exit(n)``: a crash unless n == 0) and
+  ``{"do": "raise"}`` (an exception escapes the callback: a crash);
+* calls ``"pid"`` (the agent's own pid), ``"args"`` (its args), ``"fail"`` (an
+  ``OtpdError`` reply), ``"crash"`` (``os._exit(5)`` during the call), ``"hang"``
+  (never answers) and anything else (echoed back).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from otpd.agent.base import Agent
+from otpd.errors import OtpdError
+
+
+class Controlled(Agent):
+    """An echo agent that can be told to stop, exit or raise."""
+
+    def handle_call(self, request: Any) -> Any:
+        if request == "pid":
+            return os.getpid()
+        if request == "args":
+            return self.args
+        if request == "fail":
+            raise OtpdError("bad_request", "failed on request", {"agent": self.id})
+        if request == "crash":
+            os._exit(5)
+        if request == "hang":
+            while True:
+                signal.pause()
+        return request
+
+    def handle_cast(self, message: Any) -> None:
+        action = message.get("do") if isinstance(message, dict) else None
+        if action == "stop":
+            self.stop()
+        elif action == "exit":
+            os._exit(int(message.get("code", 3)))
+        elif action == "raise":
+            raise RuntimeError("raised on request")
+
+
+class CrashInInit(Agent):
+    """Fails every start: ``init`` raises."""
+
+    def init(self) -> None:
+        raise RuntimeError("boom in init")
+
+
+class CrashInInitWhenGated(Controlled):
+    """Starts normally until the file ``args["gate"]`` exists; from then on every start fails."""
+
+    def init(self) -> None:
+        if Path(self.args["gate"]).exists():
+            raise RuntimeError("gate is closed")
+
+
+class IgnoresTerm(Controlled):
+    """Ignores SIGTERM, so only the SIGKILL at the end of its shutdown timeout stops it."""
+
+    def init(self) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class TouchOnInit(Controlled):
+    """Creates the file ``args["path"]`` in init: proof that a process was forked and started."""
+
+    def init(self) -> None:
+        Path(self.args["path"]).touch()

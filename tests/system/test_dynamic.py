@@ -1,0 +1,138 @@
+"""Dynamic supervisors: children added from the template at run time, restarted, removed."""
+
+from __future__ import annotations
+
+import pytest
+
+from otpd.errors import OtpdError
+from tests.conftest import brief, wait_pid_exit
+
+CONFIG = """
+[[root.children]]
+id = "static1"
+agent = "agents_for_tests:Controlled"
+
+[[root.children]]
+id = "workers"
+supervisor = "dynamic"
+max_restarts = 10
+max_seconds = 60
+
+[root.children.template]
+agent = "agents_for_tests:Controlled"
+shutdown_ms = 2000
+args = { colour = "blue", size = 1 }
+
+[[root.children]]
+id = "pipeline"
+supervisor = "static"
+
+[[root.children.children]]
+id = "reader"
+agent = "agents_for_tests:Controlled"
+"""
+
+
+def add(d, child_id, **args):
+    result = d.request("add", {"supervisor": "workers", "id": child_id, "args": args})
+    assert result == {"id": child_id, "supervisor": "workers"}
+    return d.wait(child_id, "running")["pid"]
+
+
+def test_added_children_run_from_the_template_and_show_in_status(daemon):
+    d = daemon(CONFIG)
+    w1 = add(d, "w1")
+    w2 = add(d, "w2", size=2)
+
+    children = d.children()
+    for child_id, pid in (("w1", w1), ("w2", w2)):
+        child = children[child_id]
+        assert (child["type"], child["supervisor"], child["state"]) == ("agent", "workers", "running")
+        assert child["pid"] == pid
+        assert child["restart"] == "transient"  # a template's default
+    ids = [c["id"] for c in d.status()["children"]]
+    assert ids.index("workers") < ids.index("w1") < ids.index("w2") < ids.index("pipeline")
+    assert d.request("call", {"id": "w1", "request": "args"}) == {"colour": "blue", "size": 1}
+    assert d.request("call", {"id": "w2", "request": "args"}) == {"colour": "blue", "size": 2}
+
+
+def test_transient_dynamic_child_restarted_after_crash_siblings_untouched(daemon):
+    d = daemon(CONFIG)
+    w1 = add(d, "w1")
+    w2 = add(d, "w2")
+    static1 = d.pid_of("static1")
+
+    d.kill("w1")
+    back = d.wait("w1", "running", not_pid=w1)["pid"]
+
+    assert back != w1 and wait_pid_exit(w1, 5.0)
+    children = d.children()
+    assert children["w1"]["restarts"] == 1
+    assert children["w2"]["pid"] == w2 and children["static1"]["pid"] == static1
+
+
+def test_transient_dynamic_child_exiting_normally_is_forgotten(daemon):
+    d = daemon(CONFIG)
+    w1 = add(d, "w1")
+    with d.events() as events:
+        d.cast("w1", {"do": "stop"})
+        seen = events.until(("removed", "w1"))
+    assert brief(seen) == [("exited", "w1"), ("removed", "w1")]
+    assert seen[0]["reason"] == "normal"
+    assert wait_pid_exit(w1, 5.0)
+    assert "w1" not in d.children()
+
+
+def test_remove_stops_the_child_and_forgets_it(daemon):
+    d = daemon(CONFIG)
+    w1 = add(d, "w1")
+    w2 = add(d, "w2")
+
+    with d.events() as events:
+        d.request("remove", {"id": "w1"})
+        seen = events.until(("removed", "w1"))
+
+    assert brief(seen) == [("stopped", "w1"), ("removed", "w1")]
+    assert seen[0]["reason"] == "shutdown"
+    assert wait_pid_exit(w1, 5.0)
+    children = d.children()
+    assert "w1" not in children and children["w2"]["pid"] == w2
+    with pytest.raises(OtpdError) as err:
+        d.request("call", {"id": "w1", "request": 1})
+    assert err.value.code == "not_found"
+    # the id is free again
+    assert add(d, "w1") not in (None, w1)
+
+
+def test_add_with_a_duplicate_id_is_already_exists(daemon):
+    d = daemon(CONFIG)
+    w1 = add(d, "w1")
+    for taken in ("w1", "static1", "reader", "workers"):
+        with pytest.raises(OtpdError) as err:
+            d.request("add", {"supervisor": "workers", "id": taken})
+        assert err.value.code == "already_exists", taken
+    assert d.children()["w1"]["pid"] == w1
+
+
+@pytest.mark.parametrize(("args", "code"), [
+    ({"supervisor": "pipeline", "id": "x1"}, "bad_request"),  # a static supervisor
+    ({"supervisor": "static1", "id": "x1"}, "bad_request"),  # an agent
+    ({"supervisor": "nosuch", "id": "x1"}, "not_found"),
+    ({"supervisor": "workers", "id": "bad id!"}, "bad_request"),
+    ({"supervisor": "workers"}, "bad_request"),
+    ({"supervisor": "workers", "id": "x1", "args": [1]}, "bad_request"),
+])
+def test_add_rejects_bad_requests(daemon, args, code):
+    d = daemon(CONFIG)
+    with pytest.raises(OtpdError) as err:
+        d.request("add", args)
+    assert err.value.code == code
+    assert "x1" not in d.children()
+
+
+def test_remove_of_a_static_child_is_refused(daemon):
+    d = daemon(CONFIG)
+    with pytest.raises(OtpdError) as err:
+        d.request("remove", {"id": "reader"})
+    assert err.value.code == "bad_request"
+    assert d.children()["reader"]["state"] == "running"

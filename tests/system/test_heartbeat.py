@@ -1,0 +1,73 @@
+"""Liveness: a child silent past heartbeat_timeout_ms is SIGKILLed and restarted as a crash."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import psutil
+import pytest
+
+from otpd.errors import OtpdError
+from tests.conftest import is_live, wait_pid_exit
+
+CONFIG = """
+[[root.children]]
+id = "hb"
+agent = "agents_for_tests:Controlled"
+heartbeat_ms = 50
+heartbeat_timeout_ms = 300
+
+[[root.children]]
+id = "unwatched"
+agent = "agents_for_tests:Controlled"
+heartbeat_ms = 50
+heartbeat_timeout_ms = 0
+"""
+
+
+def test_stopped_child_is_killed_after_heartbeat_timeout_and_restarted(daemon):
+    d = daemon(CONFIG)
+    pid = d.pid_of("hb")
+    created = psutil.Process(pid).create_time()
+
+    with d.events() as events:
+        assert d.kill("hb", "STOP") == pid
+        seen = events.until(("ready", "hb"))
+
+    exited = next(e for e in seen if e["event"] == "exited")
+    assert exited["reason"] == "crash" and exited["signal"] == signal.SIGKILL and exited["pid"] == pid
+    assert exited["start_failure"] is False
+    assert seen[-1]["pid"] != pid  # the ready event of the new process
+    assert d.children()["hb"]["restarts"] >= 1
+    assert "hb: silent for" in d.log.wait_for(rf"hb: silent for .*SIGKILL pid {pid}")
+    # the stopped process is gone for good: nothing is left that a SIGCONT would wake
+    assert wait_pid_exit(pid, 5.0)
+    assert not is_live(pid, created)
+
+
+def test_healthy_child_with_short_heartbeat_is_left_alone(daemon):
+    d = daemon(CONFIG.replace("heartbeat_timeout_ms = 300", "heartbeat_timeout_ms = 800"))
+    pid = d.pid_of("hb")
+    # let a few timeouts' worth of time pass on the daemon's clock (16 heartbeats per timeout)
+    with pytest.raises(OtpdError, match="timeout"):
+        d.wait("hb", "stopped", timeout=2.0)
+    hb = d.children()["hb"]
+    assert (hb["pid"], hb["restarts"], hb["state"]) == (pid, 0, "running")
+
+
+def test_heartbeat_timeout_zero_disables_the_liveness_check(daemon):
+    d = daemon(CONFIG)
+    unwatched = d.pid_of("unwatched")
+    try:
+        d.kill("unwatched", "STOP")
+        watched = d.kill("hb", "STOP")  # stopped after unwatched, so silent no longer than it
+        d.wait("hb", "running", not_pid=watched)
+        with pytest.raises(OtpdError, match="timeout"):
+            d.wait("unwatched", "stopped", timeout=0.5)
+        child = d.children()["unwatched"]
+        assert (child["pid"], child["restarts"]) == (unwatched, 0)
+        assert psutil.Process(unwatched).status() == psutil.STATUS_STOPPED
+    finally:
+        if is_live(unwatched):
+            os.kill(unwatched, signal.SIGCONT)  # the daemon's child, reported by it: let it stop cleanly
