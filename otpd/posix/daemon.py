@@ -147,7 +147,7 @@ class Daemon:
         self.last_status = ""
         self.work: deque[core.Action] = deque()
         self.dirty_children: set[Child] = set()
-        self.call_buckets: dict[int, dict[tuple[str, int], None]] = {}
+        self.call_buckets: dict[int, dict[int, str]] = {}  # deadline bucket -> {ref: child id}
         self.applying = False
         self.sweep_s = self._sweep_interval()
         self.store_settings = config.store_settings()
@@ -346,7 +346,7 @@ class Daemon:
             waiting = child.pending.pop(frame["ref"], None)
             if waiting is not None:
                 conn, req_id, bucket = waiting
-                self._forget_call(child.id, frame["ref"], bucket)
+                self._forget_call(frame["ref"], bucket)
                 if frame["ok"]:
                     conn.reply(req_id, frame.get("result"))
                 else:
@@ -412,7 +412,7 @@ class Daemon:
         if child.start_error:
             facts["error"] = child.start_error
         for ref, (conn, req_id, bucket) in child.pending.items():
-            self._forget_call(child.id, ref, bucket)
+            self._forget_call(ref, bucket)
             conn.error(req_id, OtpdError("agent_crashed", f"agent {child.id!r} exited ({reason}) during the call",
                                          {"id": child.id, "reason": reason, **facts}))
         child.pending.clear()
@@ -444,7 +444,7 @@ class Daemon:
                 self.notify.watchdog()
                 self._set_timer(("watchdog",), now + (self.notify.watchdog_interval or 1.0))
             elif kind == "calls":
-                for child_id, ref in self.call_buckets.pop(key[1], {}):
+                for ref, child_id in self.call_buckets.pop(key[1], {}).items():
                     self._call_timeout(child_id, ref)
             elif kind == "wait":
                 self._wait_timeout(key)
@@ -624,7 +624,7 @@ class Daemon:
         if calls is None:
             calls = self.call_buckets[bucket] = {}
             self._set_timer(("calls", bucket), bucket * CALL_TICK)
-        calls[(child.id, ref)] = None
+        calls[ref] = child.id  # refs are unique across children
         child.pending[ref] = (conn, req_id, bucket)
         return DEFERRED
 
@@ -645,10 +645,10 @@ class Daemon:
         request["op"] = verb or family
         return self._call(conn, req_id, target, request, args.get("timeout", 30.0))
 
-    def _forget_call(self, child_id: str, ref: int, bucket: int) -> None:
+    def _forget_call(self, ref: int, bucket: int) -> None:
         calls = self.call_buckets.get(bucket)
         if calls is not None:
-            calls.pop((child_id, ref), None)
+            calls.pop(ref, None)
 
     def _call_timeout(self, child_id: str, ref: int) -> None:
         child = self.children.get(child_id)
