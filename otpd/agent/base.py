@@ -61,6 +61,18 @@ class Agent:
     def handle_call(self, request: Any) -> Any:
         raise OtpdError("bad_request", f"agent {self.id!r} takes no calls")
 
+    def dispatch_op(self, request: Any) -> Any:
+        """For agents whose calls are ``{"op": NAME, ...}``: ``self.op_NAME(request)``, and
+        ``bad_request`` naming the ops for anything else.  Use it as ``handle_call``."""
+        ops = sorted(name[3:] for name in dir(type(self)) if name.startswith("op_"))
+        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
+            raise OtpdError("bad_request", f"a request to {self.id!r} is {{\"op\": {'|'.join(ops)}, ...}}",
+                            {"ops": ops})
+        handler = getattr(self, "op_" + request["op"], None)
+        if handler is None:
+            raise OtpdError("bad_request", f"{self.id!r} has no op {request['op']!r}", {"ops": ops})
+        return handler(request)
+
     def handle_cast(self, message: Any) -> None:
         """Called for each cast; nothing is sent back."""
 

@@ -58,12 +58,7 @@ class CoordinatorAgent(Agent):
     # -- requests ------------------------------------------------------------
 
     def handle_call(self, request: Any) -> Any:
-        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
-            raise OtpdError("bad_request", 'a coordinator request is {"op": "start"|"status"|"list"|...}')
-        handler = getattr(self, "op_" + request["op"], None)
-        if handler is None:
-            raise OtpdError("bad_request", f"unknown workflow op {request['op']!r}")
-        return handler(request)
+        return self.dispatch_op(request)
 
     def op_start(self, request: dict[str, Any]) -> Any:
         """``workflow_id`` is optional: given, it is an idempotency key (a client that lost the

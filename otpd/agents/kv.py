@@ -30,12 +30,7 @@ class KVAgent(Agent):
     deletes: int
 
     def handle_call(self, request: Any) -> Any:
-        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
-            raise OtpdError("bad_request", 'a KV request is {"op": "put"|"get"|"delete"|"len"|"keys", ...}')
-        handler = getattr(self, "op_" + request["op"], None)
-        if handler is None:
-            raise OtpdError("bad_request", f"unknown KV op {request['op']!r}")
-        return handler(request)
+        return self.dispatch_op(request)
 
     def _key(self, request: dict[str, Any]) -> Any:
         if "key" not in request:

@@ -161,14 +161,7 @@ class TaskAgent(Agent):
     # -- calls --------------------------------------------------------------------
 
     def handle_call(self, request: Any) -> Any:
-        if not isinstance(request, dict) or not isinstance(request.get("op"), str):
-            raise OtpdError("bad_request", 'a task request is {"op": "add"|"stats"|"list"|"get"|"retry"|'
-                            '"pause"|"resume", ...}')
-        handler = getattr(self, "op_" + request["op"], None)
-        if handler is None:
-            raise OtpdError("bad_request", f"unknown task op {request['op']!r}",
-                            {"ops": ["add", "stats", "list", "get", "retry", "pause", "resume"]})
-        return handler(request)
+        return self.dispatch_op(request)
 
     def op_add(self, request: dict[str, Any]) -> Any:
         if "payload" not in request:
