@@ -26,6 +26,7 @@ from otpd.core.spec import (
     DEFAULT_MAX_SECONDS,
     DEFAULT_SHUTDOWN_MS,
     RESTARTS,
+    START_ORDERS,
     STRATEGIES,
     AgentSpec,
     ChildSpec,
@@ -290,8 +291,10 @@ SUPERVISOR_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "restart": _one_of(RESTARTS),
     "children": lambda _, v: v,  # checked node by node below
     "template": lambda _, v: v,
+    "start": _one_of(START_ORDERS),
 }
-ROOT_KEYS = {k: v for k, v in SUPERVISOR_KEYS.items() if k in ("strategy", "max_restarts", "max_seconds", "children")}
+ROOT_KEYS = {k: v for k, v in SUPERVISOR_KEYS.items()
+             if k in ("strategy", "max_restarts", "max_seconds", "children", "start")}
 
 
 def _agent_spec(c: _Checker, where: str, raw: dict[str, Any], child_id: str) -> AgentSpec | None:
@@ -383,6 +386,7 @@ def _supervisor(
         restart=raw.get("restart", "permanent"),
         children=children,
         template=template,
+        start=raw.get("start", "serial"),
     )
 
 
@@ -436,6 +440,7 @@ def parse(text: str, path: Path) -> Config:
             max_restarts=root_keys.get("max_restarts", DEFAULT_MAX_RESTARTS),
             max_seconds=root_keys.get("max_seconds", DEFAULT_MAX_SECONDS),
             children=children,
+            start=root_keys.get("start", "serial"),
         ),
         features=features,
     )

@@ -48,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n", type=int, default=1000, help="children per daemon (default 1000)")
     p.add_argument("--systems", default=",".join(ALL_SYSTEMS), help=f"comma list of {', '.join(ALL_SYSTEMS)}")
     p.add_argument("--otpd-agent", default="otpd.agents.echo:EchoAgent", help="otpd's agent class")
+    p.add_argument("--otpd-start", default="parallel,serial",
+                   help="otpd rounds, one per start order of the root supervisor (default parallel,serial)")
     p.add_argument("--no-quiet-variant", action="store_true",
                    help="skip the second otpd round with heartbeat_ms = 3600000, heartbeat_timeout_ms = 0 "
                         "(shows what the default 2 s heartbeats cost while idle)")
@@ -155,14 +157,15 @@ def start_timeline(frames: list[dict[str, Any]]) -> dict[str, Any]:
             "turn_first": bl.summary(turn[:100]), "turn_last": bl.summary(turn[-100:])}
 
 
-def bench_otpd(args: argparse.Namespace, label: str = "otpd", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def bench_otpd(args: argparse.Namespace, label: str = "otpd", extra: dict[str, Any] | None = None,
+               start: str = "parallel") -> dict[str, Any]:
     from otpd.client import Client
 
     n = args.n
     folder = bl.temp_dir("otpd-scale-")
     ids = [f"c{i:04d}" for i in range(n)]
     config = bl.write_otpd_config(folder, [{"id": i, "agent": args.otpd_agent, **(extra or {})} for i in ids],
-                                  max_restarts=3, max_seconds=5)
+                                  max_restarts=3, max_seconds=5, start=start)
     res: dict[str, Any] = {"system": label}
     frames: list[dict[str, Any]] = []
     t0 = time.perf_counter()
@@ -325,7 +328,8 @@ def main() -> int:
         try:
             if system == "otpd":
                 base_fds = otpd_base_fds(args)
-                results.append(bench_otpd(args))
+                for order in args.otpd_start.split(","):
+                    results.append(bench_otpd(args, f"otpd (root `start = \"{order}\"`)", start=order))
                 if not args.no_quiet_variant:
                     bl.progress("otpd (heartbeats off): starting children")
                     results.append(bench_otpd(args, "otpd, heartbeat_ms = 3600000, heartbeat_timeout_ms = 0",

@@ -545,10 +545,11 @@ def _toml(value: Any) -> str:
 
 
 def write_otpd_config(folder: Path, children: Sequence[dict[str, Any]], max_restarts: int = 1_000_000,
-                      max_seconds: float = 1, log_level: str = "warning", strategy: str = "one_for_one") -> Path:
+                      max_seconds: float = 1, log_level: str = "warning", strategy: str = "one_for_one",
+                      start: str = "serial") -> Path:
     lines = ["[daemon]", 'state_dir = "var/lib"', 'runtime_dir = "var/run"', f"log_level = {_toml(log_level)}", "",
              "[root]", f"strategy = {_toml(strategy)}", f"max_restarts = {max_restarts}",
-             f"max_seconds = {max_seconds}", ""]
+             f"max_seconds = {max_seconds}", f"start = {_toml(start)}", ""]
     for child in children:
         lines.append("[[root.children]]")
         lines.extend(f"{k} = {_toml(v)}" for k, v in child.items())

@@ -10,7 +10,8 @@ Every agent here is driven over the control socket:
   ``{"do": "raise"}`` (an exception escapes the callback: a crash);
 * calls ``"pid"`` (the agent's own pid), ``"args"`` (its args), ``"fail"`` (an
   ``OtpdError`` reply), ``"crash"`` (``os._exit(5)`` during the call), ``"hang"``
-  (never answers) and anything else (echoed back).
+  (never answers) and anything else (echoed back); cast ``{"do": "hang-unseen"}``
+  hangs with its liveness stamps saying it waits.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ class Controlled(Agent):
             os._exit(int(message.get("code", 3)))
         elif action == "raise":
             raise RuntimeError("raised on request")
+        elif action == "hang-unseen":  # hangs while its stamps say it waits: only unread input can tell
+            from otpd.posix.liveness import Stamp
+
+            runtime = self._runtime
+            assert runtime is not None
+            runtime.stamp.waiting()
+            runtime.stamp = Stamp(None, -1)
+            while True:
+                signal.pause()
 
 
 class CrashInInit(Agent):

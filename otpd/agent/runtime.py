@@ -1,12 +1,13 @@
 """The child side: what runs in a forked agent process, from fork to exit.
 
 One loop per child, single-threaded: it reads frames from the channel (a
-socketpair to the daemon), runs the agent's callbacks, fires its timers and
-sends a heartbeat whenever it has been quiet for ``heartbeat_ms``.
+socketpair to the daemon), runs the agent's callbacks and fires its timers.
+Liveness costs no messages: the loop stamps when it wakes and when it waits
+into the daemon's shared liveness region (``otpd.posix.liveness``).
 
 Channel frames (msgpack maps, ``t`` = type):
   daemon -> child: ``{"t": "call", "ref": n, "req": x}``, ``{"t": "cast", "msg": x}``
-  child -> daemon: ``{"t": "ready", "seq": n}``, ``{"t": "hb"}``, ``{"t": "seq", "seq": n}``,
+  child -> daemon: ``{"t": "ready", "seq": n}``, ``{"t": "seq", "seq": n}``,
                    ``{"t": "start_error", "code": c, "message": s}``,
                    ``{"t": "reply", "ref": n, "ok": true, "result": x}`` or ``... "ok": false, "error": {...}}``
 
@@ -46,6 +47,7 @@ from otpd.agent.state import StateKeeper
 from otpd.core.spec import AgentSpec
 from otpd.errors import OtpdError
 from otpd.posix import system
+from otpd.posix.liveness import Stamp
 from otpd.store.lmdb_store import Store, StoreSettings
 
 MAX_FRAME = 64 * 1024 * 1024
@@ -57,11 +59,11 @@ class StartFailed(Exception):
 
 
 def child_main(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSettings | None,
-               flags: dict[str, float] | None = None) -> NoReturn:
+               flags: dict[str, float] | None = None, stamp: Stamp | None = None) -> NoReturn:
     """Entry point right after fork(); never returns."""
     status = system.EXIT_CRASH
     try:
-        status = _boot(channel_fd, spec, daemon_pid, store, flags or {})
+        status = _boot(channel_fd, spec, daemon_pid, store, flags or {}, stamp or Stamp(None, -1))
     except StartFailed as failed:
         log_line(f"start failed: {failed}")
     except BaseException:  # the process ends here whatever happened; say why first
@@ -88,7 +90,7 @@ def log_line(line: str) -> None:
 
 
 def _boot(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSettings | None,
-          flags: dict[str, float]) -> int:
+          flags: dict[str, float], stamp: Stamp) -> int:
     if not system.die_with_parent(daemon_pid):
         return system.EXIT_CRASH  # the daemon died before we could arm PDEATHSIG
     signal.set_wakeup_fd(-1)
@@ -104,6 +106,7 @@ def _boot(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSetting
     system.set_title(f"otpd: agent {spec.id}")
     runtime = Runtime(socket.socket(fileno=channel_fd), spec, store)
     runtime.flags = flags
+    runtime.stamp = stamp
     return runtime.run()
 
 
@@ -128,7 +131,7 @@ class Runtime:
         self.timer_info: dict[int, tuple[Any, float | None]] = {}
         self.refs = count(1)
         self.stopping: str | None = None  # "normal" or "shutdown" once decided
-        self.heartbeat_s = spec.heartbeat_ms / 1000.0
+        self.stamp = Stamp(None, -1)  # where the loop says it works or waits (set after fork)
         self.last_sent = time.monotonic()
         self.agent: Agent | None = None
         self.backlog: list[dict[str, Any]] = []  # frames that came while a system call waited
@@ -242,7 +245,12 @@ class Runtime:
                 frames, self.backlog = self.backlog, []
                 self._apply(agent, frames)
                 continue
-            for key, _ in selector.select(self._timeout()):
+            timeout = self._timeout()
+            self.stamp.waiting()
+            events = selector.select(timeout)
+            now = time.monotonic()
+            self.stamp.working(now)
+            for key, _ in events:
                 if key.data == "signal":
                     self._on_signals(os.read(rfd, 64))
                 elif key.data == "work":
@@ -253,11 +261,8 @@ class Runtime:
             if self.timers:
                 self._fire_timers(agent)
                 self._commit_then_send([])
-            now = time.monotonic()
             if now >= self.next_sync:
                 self._sync()
-            if now - self.last_sent >= self.heartbeat_s:
-                self.send({"t": "hb"})
         agent.terminate(self.stopping)
         self._commit_then_send([])
         self._sync()
@@ -314,11 +319,14 @@ class Runtime:
                 callback()
             self._commit_then_send([])  # what the callbacks changed
 
-    def _timeout(self) -> float:
-        wait = min(self.last_sent + self.heartbeat_s, self.next_sync) - time.monotonic()
+    def _timeout(self) -> float | None:
+        """Seconds until the loop has something of its own to do; None: nothing (wait for input)."""
+        wake = self.next_sync
         if self.timers:
-            wait = min(wait, self.timers[0][0] - time.monotonic())
-        return max(0.0, wait)
+            wake = min(wake, self.timers[0][0])
+        if wake == float("inf"):
+            return None
+        return max(0.0, wake - time.monotonic())
 
     def _on_signals(self, data: bytes) -> None:
         if signal.SIGTERM in data:

@@ -12,9 +12,11 @@ from typing import Any, Literal
 Restart = Literal["permanent", "transient", "temporary"]
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 SupervisorKind = Literal["static", "dynamic"]
+StartOrder = Literal["serial", "parallel"]
 
 RESTARTS: tuple[str, ...] = ("permanent", "transient", "temporary")
 STRATEGIES: tuple[str, ...] = ("one_for_one", "one_for_all", "rest_for_one")
+START_ORDERS: tuple[str, ...] = ("serial", "parallel")
 
 DEFAULT_MAX_RESTARTS = 3
 DEFAULT_MAX_SECONDS = 5.0
@@ -56,6 +58,10 @@ class SupervisorSpec:
     # dynamic supervisors: the spec children added at run time start from
     # (OTP's simple_one_for_one child spec); its id is a placeholder.
     template: AgentSpec | None = None
+    # serial: OTP's order, each child ready before the next starts, stopped in reverse
+    # order.  parallel: for independent children (a pool of workers): consecutive
+    # starts overlap and the supervisor is up once all are ready; stops are all at once.
+    start: StartOrder = "serial"
 
 
 ChildSpec = AgentSpec | SupervisorSpec

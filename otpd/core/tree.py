@@ -138,6 +138,7 @@ class Node:
     waiting: set[str] = field(default_factory=set)
     window: tuple[float, ...] = ()
     failing: bool = False
+    overlap: bool = False  # what it waits for are starts that a parallel start may join
     delayed: dict[int, list[str]] = field(default_factory=dict)
     timer_seq: int = 0
 
@@ -328,7 +329,7 @@ class Tree:
         """Move the running tree to a new spec; return its actions and what changed.
 
         Added children start, removed ones stop and are forgotten, agents whose
-        process would differ (``agent``, ``args``, ``heartbeat_ms``) are restarted,
+        process would differ (``agent``, ``args``) are restarted,
         and anything else (restart type, shutdown, heartbeat timeout, a
         supervisor's flags or template) is updated in place.  Untouched children
         keep their processes.  A node that moved to another supervisor, or a
@@ -463,14 +464,18 @@ class Tree:
             return
         self._advancing.add(sup.id)
         try:
-            while not sup.waiting and sup.queue:
+            parallel = sup.is_supervisor and sup.sup.start == "parallel"
+            while sup.queue and (not sup.waiting or (sup.overlap and sup.queue[0][0] == "start")):
                 op, child_id = sup.queue.popleft()
                 child = self.nodes.get(child_id)
                 if child is None or child.parent != sup.id:
                     continue  # gone, or moved to another supervisor by a reload
                 if op == "start":
+                    if not sup.waiting:
+                        sup.overlap = parallel
                     self._do_start(sup, child, now)
                 elif self._stop_now(child, now):
+                    sup.overlap = False
                     sup.waiting.add(child_id)
         finally:
             self._advancing.discard(sup.id)
@@ -518,12 +523,13 @@ class Tree:
         return True
 
     def _begin_stop(self, sup: Node, now: float) -> None:
-        """Stop every child of ``sup``: in reverse order, or all at once if dynamic."""
+        """Stop every child of ``sup``: in reverse order, or all at once if dynamic or parallel."""
         self._set(sup, "stopping")
         sup.queue.clear()
         sup.waiting.clear()
         sup.delayed.clear()
-        if sup.sup.kind == "dynamic":
+        sup.overlap = False
+        if sup.sup.kind == "dynamic" or sup.sup.start == "parallel":
             for child_id in reversed(sup.children):
                 if self._stop_now(self.nodes[child_id], now):
                     sup.waiting.add(child_id)
@@ -653,7 +659,7 @@ def _same_kind(old: ChildSpec, new: ChildSpec) -> bool:
 def _needs_new_process(old: ChildSpec, new: ChildSpec) -> bool:
     """An agent must be restarted when what its process runs would differ."""
     if isinstance(old, AgentSpec) and isinstance(new, AgentSpec):
-        return (old.agent, old.args, old.heartbeat_ms) != (new.agent, new.args, new.heartbeat_ms)
+        return (old.agent, old.args) != (new.agent, new.args)
     return False
 
 

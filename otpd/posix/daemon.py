@@ -43,7 +43,7 @@ from otpd.control.server import DEFERRED, Connection, ControlServer
 from otpd.core import tree as core
 from otpd.core.spec import AgentSpec
 from otpd.errors import OtpdError
-from otpd.posix import system
+from otpd.posix import liveness, system
 from otpd.posix.notify import Notifier
 from otpd.posix.output import OutputReader
 from otpd.store.lmdb_store import Store
@@ -64,15 +64,18 @@ FORK_BLOCKED = set(HANDLED_SIGNALS) | {signal.SIGUSR1, signal.SIGUSR2}
 class Child:
     """The daemon's side of one running agent process."""
 
-    __slots__ = ("id", "pid", "sock", "unpacker", "last_seen", "pending", "spec", "start_error", "out", "writing",
-                 "fatal", "conn")
+    __slots__ = ("id", "pid", "sock", "held", "slot", "wrote_at", "wrote_last", "stopped_at", "pending", "spec",
+                 "start_error", "out", "writing", "fatal", "conn")
 
     def __init__(self, child_id: str, pid: int, sock: socket.socket, spec: AgentSpec, now: float) -> None:
         self.id = child_id
         self.pid = pid
         self.sock: socket.socket | None = sock
-        self.unpacker = codec.unpacker(64 << 20)
-        self.last_seen = now
+        self.held: Any = None  # its own decoder while it is in the middle of a frame (codec.Streams)
+        self.slot = -1  # its stamps in the shared liveness region (otpd.posix.liveness)
+        self.wrote_at: float | None = None  # the oldest input it may not have woken for
+        self.wrote_last = 0.0  # the newest
+        self.stopped_at: float | None = None  # SIGSTOPped (or SIGTSTP) since
         self.pending: dict[int, tuple[Connection, Any, int]] = {}  # ref -> caller, deadline bucket
         self.spec = spec
         self.start_error: str | None = None
@@ -127,6 +130,12 @@ class Daemon:
         self.tree = core.Tree(flags.resolve(config.root, self.flags))
         self.selector = selectors.DefaultSelector()
         self.children: dict[str, Child] = {}
+        self.beats = liveness.Beats()  # shared with every child: mapped before the first fork
+        self.owing: set[Child] = set()  # children with input they have not woken for yet
+        self.stopped: set[Child] = set()
+        self._specs: list[AgentSpec] = []
+        self._specs_of: Config | None = None
+        self.streams = codec.Streams(64 << 20)  # decodes every child channel
         self.by_pid: dict[int, Child] = {}
         self.timers: list[tuple[float, int, tuple[Any, ...]]] = []
         self.timer_seq: dict[tuple[Any, ...], int] = {}
@@ -270,11 +279,13 @@ class Daemon:
             return
         # Signals stay blocked across fork(): one that reached the child before it reset its
         # handlers would go through the inherited wake-up fd into the daemon's own pipe.
+        slot = self.beats.take(now)
         signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED)
         try:
             pid = os.fork()
         except OSError as exc:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED)
+            self.beats.give_back(slot)
             for fd in (out_r, out_w):
                 os.close(fd)
             ours.close()
@@ -286,7 +297,8 @@ class Daemon:
             try:  # nothing may ever return from here into a copy of the daemon's loop
                 os.dup2(out_w, 1)  # stdout and stderr go to the daemon, line by line, with our id
                 os.dup2(out_w, 2)
-                child_main(theirs.fileno(), spec, self.pid, self.store_settings, self.flags)
+                child_main(theirs.fileno(), spec, self.pid, self.store_settings, self.flags,
+                           liveness.Stamp(self.beats, slot))
             finally:
                 os._exit(system.EXIT_CRASH)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED)
@@ -295,6 +307,7 @@ class Daemon:
         os.set_blocking(out_r, False)
         ours.setblocking(False)
         child = Child(child_id, pid, ours, spec, now)
+        child.slot = slot
         self.children[child_id] = child
         self.by_pid[pid] = child
         self.selector.register(ours, selectors.EVENT_READ, lambda m, c=child: self._on_channel(c, m))
@@ -330,10 +343,9 @@ class Daemon:
 
     def _feed(self, child: Child, data: bytes) -> None:
         """Frames from a child. Anything malformed is the child's fault: it is killed."""
-        child.last_seen = time.monotonic()
         try:
-            child.unpacker.feed(data)
-            for frame in child.unpacker:
+            frames, child.held = self.streams.decode(child.held, data)
+            for frame in frames:
                 self._on_frame(child, frame)
         except (msgpack.UnpackException, ValueError, TypeError, KeyError, AttributeError, IndexError):
             self.log("error", f"{child.id}: garbage on its channel; killing pid {child.pid}")
@@ -393,11 +405,17 @@ class Daemon:
     def _reap(self) -> None:
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED | os.WCONTINUED)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
+            if os.WIFSTOPPED(status) or os.WIFCONTINUED(status):
+                child = self.by_pid.get(pid)
+                if child is not None:  # a stopped child is judged by the sweep (liveness rule 3)
+                    child.stopped_at = time.monotonic() if os.WIFSTOPPED(status) else None
+                    (self.stopped.add if os.WIFSTOPPED(status) else self.stopped.discard)(child)
+                continue
             child = self.by_pid.pop(pid, None)
             if child is None:
                 continue  # not one of ours (tolerated)
@@ -406,6 +424,10 @@ class Daemon:
     def _on_exit(self, child: Child, status: int) -> None:
         self._drain(child)
         self._close_channel(child)
+        self.beats.give_back(child.slot)
+        child.slot = -1
+        self.owing.discard(child)
+        self.stopped.discard(child)
         if self.children.get(child.id) is child:
             del self.children[child.id]
         reason, facts = system.decode_status(status)
@@ -450,20 +472,48 @@ class Daemon:
                 self._wait_timeout(key)
 
     def _sweep_interval(self) -> float:
-        timeouts = [n.heartbeat_timeout_ms for n in _agent_specs(self.config) if n.heartbeat_timeout_ms]
+        timeouts = [n.heartbeat_timeout_ms for n in self._agent_specs() if n.heartbeat_timeout_ms]
+        self.min_limit_s = min(timeouts) / 1000.0 if timeouts else math.inf
         return min(1.0, max(0.02, min(timeouts) / 5000.0)) if timeouts else 1.0
 
+    def _limit(self, child: Child) -> float:
+        node = self.tree.nodes.get(child.id)  # a reload may have changed the timeout in place
+        spec = node.spec if node is not None and isinstance(node.spec, AgentSpec) else child.spec
+        return spec.heartbeat_timeout_ms / 1000.0
+
     def _sweep(self, now: float) -> None:
-        """Kill children silent past their heartbeat timeout; they are then crashes."""
-        for child in self.children.values():
-            node = self.tree.nodes.get(child.id)  # a reload may have changed the timeout in place
-            spec = node.spec if node is not None and isinstance(node.spec, AgentSpec) else child.spec
-            limit = spec.heartbeat_timeout_ms / 1000.0
-            if limit and child.sock is not None and now - child.last_seen > limit:
-                self.log("warning", f"{child.id}: silent for {now - child.last_seen:.1f}s; SIGKILL pid {child.pid}")
-                child.last_seen = now
-                _kill(child.pid, signal.SIGKILL)
+        """Kill hung children (the rules of otpd.posix.liveness); they are then crashes."""
+        beats = self.beats
+        if now - beats.oldest_busy() > self.min_limit_s:  # rare: look at each child
+            for child in list(self.children.values()):
+                busy = beats.busy[child.slot] if child.slot >= 0 else math.inf
+                limit = self._limit(child)
+                if limit and child.sock is not None and now - busy > limit:
+                    self._hung(child, f"busy for {now - busy:.1f}s without returning to its loop")
+        for child in list(self.owing):
+            woke = beats.woke[child.slot] if child.slot >= 0 else math.inf
+            wrote = child.wrote_at
+            if wrote is None or woke >= child.wrote_last:  # it woke after everything it was sent
+                child.wrote_at = None
+                self.owing.discard(child)
+            elif woke >= wrote:  # it woke for older input: time the newer from when it was sent
+                child.wrote_at = child.wrote_last
+            elif (limit := self._limit(child)) and now - wrote > limit:
+                self._hung(child, f"silent for {now - wrote:.1f}s: it has not read what it was sent")
+        for child in list(self.stopped):
+            at = child.stopped_at
+            if at is not None and (limit := self._limit(child)) and now - at > limit:
+                self._hung(child, f"silent for {now - at:.1f}s: stopped by a signal")
         self._set_timer(("sweep",), now + self.sweep_s)
+
+    def _hung(self, child: Child, why: str) -> None:
+        self.log("warning", f"{child.id}: {why}; SIGKILL pid {child.pid}")
+        self.owing.discard(child)
+        self.stopped.discard(child)
+        child.wrote_at = child.stopped_at = None
+        if child.slot >= 0:
+            self.beats.busy[child.slot] = math.inf  # judged once; its exit follows
+        _kill(child.pid, signal.SIGKILL)
 
     # -- events ------------------------------------------------------------------
 
@@ -491,7 +541,7 @@ class Daemon:
 
     def _on_event(self, event: core.Emit) -> None:
         self.status_dirty = True
-        if event.event == "stopped" and self.tree.nodes[self.tree.root_id].state == "stopping":
+        if event.event == "stopped" and self.notify.enabled and self.tree.nodes[self.tree.root_id].state == "stopping":
             # Each child that stops is progress: keep systemd's stop timeout ahead of us.
             self.notify.extend_timeout(int((self._longest_shutdown_s() + 5) * 1e6))
         details = " ".join(f"{k}={v}" for k, v in event.details.items())
@@ -509,8 +559,15 @@ class Daemon:
                 line = f"otpd[{self.pid}] {level}: {message}"
             print(line, file=self.log_stream, flush=True)
 
+    def _agent_specs(self) -> list[AgentSpec]:
+        """The config's agent specs (templates included), computed once per config."""
+        if self._specs_of is not self.config:
+            self._specs = _agent_specs(self.config)
+            self._specs_of = self.config
+        return self._specs
+
     def _longest_shutdown_s(self) -> float:
-        return max((s.shutdown_ms or 0 for s in _agent_specs(self.config)), default=0) / 1000.0
+        return max((s.shutdown_ms or 0 for s in self._agent_specs()), default=0) / 1000.0
 
     def _begin_shutdown(self, why: str) -> None:
         self.log("info", why)
@@ -639,7 +696,7 @@ class Daemon:
             target = request.pop("id", None)
         else:
             role = "CoordinatorAgent" if family == "workflow" else "MonitorAgent"
-            target = next((s.id for s in _agent_specs(self.config) if s.agent.endswith(":" + role)), None)
+            target = next((s.id for s in self._agent_specs() if s.agent.endswith(":" + role)), None)
             if target is None:
                 raise OtpdError("not_found", f"no {role} in the config")
         request["op"] = verb or family
@@ -699,6 +756,10 @@ class Daemon:
                 child.out.clear()  # it is dying; SIGCHLD follows
                 break
             del child.out[:sent]
+            child.wrote_last = time.monotonic()  # liveness rule 2: it must wake for this
+            if child.wrote_at is None:
+                child.wrote_at = child.wrote_last
+                self.owing.add(child)
         if bool(child.out) != child.writing:
             child.writing = bool(child.out)
             mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if child.writing else 0)

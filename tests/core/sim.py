@@ -14,9 +14,11 @@ def agent(cid: str, restart: str = "permanent", shutdown_ms: int | None = 1000) 
 
 
 def sup(cid: str, *children: Any, strategy: str = "one_for_one", max_restarts: int = 3,
-        max_seconds: float = 5.0, kind: str = "static", restart: str = "permanent") -> SupervisorSpec:
+        max_seconds: float = 5.0, kind: str = "static", restart: str = "permanent",
+        start: str = "serial") -> SupervisorSpec:
     return SupervisorSpec(id=cid, kind=kind, strategy=strategy, max_restarts=max_restarts,  # type: ignore[arg-type]
-                          max_seconds=max_seconds, children=tuple(children), restart=restart)  # type: ignore[arg-type]
+                          max_seconds=max_seconds, children=tuple(children), restart=restart,  # type: ignore[arg-type]
+                          start=start)  # type: ignore[arg-type]
 
 
 class Sim:

@@ -37,6 +37,49 @@ def test_empty_nested_supervisors_do_not_stall_the_start() -> None:
     assert sim.state("s3") == "running"
 
 
+def test_parallel_start_forks_every_child_before_any_is_ready() -> None:
+    sim = Sim(sup("root", sup("pool", agent("a"), agent("b"), agent("c"), start="parallel"), agent("z")),
+              auto_ready=False).start()
+    assert sim.spawns == ["a", "b", "c"]
+    sim.ready("b")
+    sim.ready("a")
+    assert sim.state("pool") == "starting" and sim.spawns == ["a", "b", "c"]
+    sim.ready("c")
+    assert sim.state("pool") == "running"
+    assert sim.spawns == ["a", "b", "c", "z"]  # the pool's parent is serial: z waits for the whole pool
+
+
+def test_parallel_pool_start_failure_is_retried_and_the_rest_keep_going() -> None:
+    sim = Sim(sup("root", agent("a"), agent("b"), start="parallel"), auto_ready=False).start()
+    sim.ready("a")
+    sim.crash("b", "crash")  # before ready: a start failure, restarted after its backoff
+    assert sim.state("a") == "running" and sim.state("b") == "restarting"
+    sim.advance(10.0)
+    assert sim.state("b") == "starting"
+    sim.ready("b")
+    assert sim.state("root") == "running"
+
+
+def test_parallel_stop_waits_for_pending_starts_then_stops_all_at_once() -> None:
+    sim = Sim(sup("root", agent("a"), agent("b"), agent("c"), start="parallel")).start()
+    sim.auto_exit_on_term = False
+    sim.apply(sim.tree.shutdown(sim.now))
+    assert sorted(c for c, _ in sim.signals) == ["a", "b", "c"]  # all signalled before any exited
+    for c in "abc":
+        sim.crash(c, "shutdown")
+    assert sim.exit == EXIT_OK
+
+
+def test_parallel_one_for_all_restarts_the_group_in_parallel() -> None:
+    sim = Sim(sup("root", agent("a"), agent("b"), agent("c"), strategy="one_for_all", start="parallel"),
+              auto_ready=False).start()
+    for c in "abc":
+        sim.ready(c)
+    sim.crash("b", "crash")  # a and c are stopped (serially, in reverse), then all three start together
+    assert sim.spawns[3:] == ["a", "b", "c"]
+    assert [sim.state(c) for c in "abc"] == ["starting"] * 3
+
+
 # -- restart type x exit reason (OTP's table) ---------------------------------
 
 RESTART_TABLE = [

@@ -1,4 +1,7 @@
-"""Liveness: a child silent past heartbeat_timeout_ms is SIGKILLed and restarted as a crash."""
+"""Liveness: a hung child is SIGKILLed after heartbeat_timeout_ms and restarted as a crash.
+
+Hung is one of: stopped by a signal, busy in a callback, or not waking for input
+it was sent (otpd.posix.liveness); an idle child is never woken to prove itself."""
 
 from __future__ import annotations
 
@@ -71,3 +74,45 @@ def test_heartbeat_timeout_zero_disables_the_liveness_check(daemon):
     finally:
         if is_live(unwatched):
             os.kill(unwatched, signal.SIGCONT)  # the daemon's child, reported by it: let it stop cleanly
+
+
+def _killed_and_replaced(d, child_id: str, pid: int, events) -> dict:
+    seen = events.until(("ready", child_id))
+    exited = next(e for e in seen if e["event"] == "exited")
+    assert exited["reason"] == "crash" and exited["signal"] == signal.SIGKILL and exited["pid"] == pid
+    assert seen[-1]["pid"] != pid
+    return exited
+
+
+def test_child_busy_in_a_callback_past_the_timeout_is_killed_and_its_caller_told(daemon):
+    d = daemon(CONFIG)
+    pid = d.pid_of("hb")
+    with d.events() as events:
+        with pytest.raises(OtpdError) as err:
+            d.request("call", {"id": "hb", "request": "hang", "timeout": 30})
+        assert err.value.code == "agent_crashed"
+        _killed_and_replaced(d, "hb", pid, events)
+    d.log.wait_for(rf"hb: busy for .*SIGKILL pid {pid}")
+
+
+def test_child_that_does_not_wake_for_its_input_is_killed(daemon):
+    d = daemon(CONFIG)
+    pid = d.pid_of("hb")
+    with d.events() as events:
+        d.request("cast", {"id": "hb", "message": {"do": "hang-unseen"}})
+        with pytest.raises(OtpdError) as err:
+            d.request("call", {"id": "hb", "request": "ping", "timeout": 30})
+        assert err.value.code == "agent_crashed"
+        _killed_and_replaced(d, "hb", pid, events)
+    d.log.wait_for(rf"hb: silent for .*not read what it was sent.*SIGKILL pid {pid}")
+
+
+def test_idle_children_are_never_woken(daemon):
+    """No heartbeat messages: an idle agent's process sleeps in select the whole time."""
+    d = daemon(CONFIG.replace("heartbeat_timeout_ms = 300", "heartbeat_timeout_ms = 200"))
+    proc = psutil.Process(d.pid_of("hb"))
+    before = proc.num_ctx_switches().voluntary
+    with pytest.raises(OtpdError, match="timeout"):
+        d.wait("hb", "stopped", timeout=1.0)  # five timeouts pass on the daemon's clock
+    assert proc.num_ctx_switches().voluntary - before == 0
+    assert d.children()["hb"]["restarts"] == 0
