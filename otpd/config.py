@@ -26,6 +26,7 @@ from otpd.core.spec import (
     DEFAULT_MAX_SECONDS,
     DEFAULT_SHUTDOWN_MS,
     RESTARTS,
+    SPARE_POLICIES,
     START_ORDERS,
     STRATEGIES,
     AgentSpec,
@@ -281,6 +282,7 @@ AGENT_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "args": _args,
     "agent_next": _agent_ref,
     "switch": _id,
+    "spare": _one_of(SPARE_POLICIES),
 }
 SUPERVISOR_KEYS: dict[str, Callable[[str, Any], Any]] = {
     "id": _id,
@@ -315,6 +317,7 @@ def _agent_spec(c: _Checker, where: str, raw: dict[str, Any], child_id: str) -> 
         args=raw.get("args", {}),
         agent_next=raw.get("agent_next"),
         switch=raw.get("switch"),
+        spare=raw.get("spare", "on_restart"),
     )
 
 

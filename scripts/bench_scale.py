@@ -50,9 +50,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--otpd-agent", default="otpd.agents.echo:EchoAgent", help="otpd's agent class")
     p.add_argument("--otpd-start", default="parallel,serial",
                    help="otpd rounds, one per start order of the root supervisor (default parallel,serial)")
-    p.add_argument("--no-quiet-variant", action="store_true",
-                   help="skip the second otpd round with heartbeat_ms = 3600000, heartbeat_timeout_ms = 0 "
-                        "(shows what the default 2 s heartbeats cost while idle)")
+    p.add_argument("--checks-off-variant", action="store_true",
+                   help="one more otpd round with heartbeat_timeout_ms = 0 (no liveness sweep at all), "
+                        "to show what the sweep costs while idle")
     p.add_argument("--status-reps", type=int, default=20, help="API status calls to time (default 20)")
     p.add_argument("--cli-reps", type=int, default=5, help="CLI status runs to time (default 5)")
     p.add_argument("--idle-s", type=float, default=10.0, help="idle CPU window, s (default 10)")
@@ -330,10 +330,10 @@ def main() -> int:
                 base_fds = otpd_base_fds(args)
                 for order in args.otpd_start.split(","):
                     results.append(bench_otpd(args, f"otpd (root `start = \"{order}\"`)", start=order))
-                if not args.no_quiet_variant:
-                    bl.progress("otpd (heartbeats off): starting children")
-                    results.append(bench_otpd(args, "otpd, heartbeat_ms = 3600000, heartbeat_timeout_ms = 0",
-                                              {"heartbeat_ms": 3_600_000, "heartbeat_timeout_ms": 0}))
+                if args.checks_off_variant:
+                    bl.progress("otpd (liveness checks off): starting children")
+                    results.append(bench_otpd(args, "otpd, heartbeat_timeout_ms = 0",
+                                              {"heartbeat_timeout_ms": 0}))
             elif system == "supervisord":
                 results.append(bench_supervisord(args, venv))  # type: ignore[arg-type]
             else:
@@ -364,19 +364,20 @@ def main() -> int:
                        r["status_cli_what"], cli["n"], cli["p50"], cli["min"], cli["max"]])
     report.table(["system", "status API", "n", "p50 ms", "min ms", "max ms", "CLI", "n", "p50 ms", "min ms",
                   "max ms"], detail, "Status queries in detail:")
-    otpd = next((r for r in results if r["system"] == "otpd"), None)
+    otpd = next((r for r in results if r["system"].startswith("otpd (")), None)  # the first start order
     if otpd:
         api50 = med_ms(otpd["status_api"])
         marginal = (otpd["fds"] - base_fds) / args.n if base_fds is not None else float("nan")
-        verdict = [["<= 2 s to all running", otpd["all_up_s"], "pass" if otpd["all_up_s"] <= 2 else "MISS"],
+        verdict = [[f"<= 2 s to all running ({otpd['system']})", otpd["all_up_s"],
+                    "pass" if otpd["all_up_s"] <= 2 else "MISS"],
                    ["status <= 20 ms (API)", api50, "pass" if api50 <= 20 else "MISS"],
                    [f"<= 2 fds per child ((fds - {base_fds} of its own) / n)", marginal,
                     "pass" if marginal <= 2 else "MISS"],
-                   ["idle CPU 0 % (master, default heartbeats)", otpd["idle"]["master_pct"],
+                   [f"idle CPU 0 % (master, {otpd['system']}, default liveness checks)", otpd["idle"]["master_pct"],
                     "pass" if otpd["idle"]["master_pct"] < 0.05 else "MISS"]]
         quiet = next((r for r in results if r["system"].startswith("otpd, heartbeat")), None)
         if quiet:
-            verdict.append(["idle CPU 0 % (master, heartbeats off)", quiet["idle"]["master_pct"],
+            verdict.append(["idle CPU 0 % (master, liveness checks off)", quiet["idle"]["master_pct"],
                             "pass" if quiet["idle"]["master_pct"] < 0.05 else "MISS"])
         report.table(["otpd target", "measured", "verdict"], verdict)
         trows = []
@@ -397,7 +398,7 @@ def main() -> int:
                      "boot = `started` -> `ready` event times, turnaround = one child's `ready` -> the next one's "
                      "`started`, i.e. the daemon's fork and bookkeeping):")
         notes.append(f"otpd: control socket accepted {otpd['socket_s']:.2f} s after start; agent "
-                     f"`{args.otpd_agent}` with default heartbeat_ms; `otpctl status` first line: "
+                     f"`{args.otpd_agent}` with default liveness settings; `otpctl status` first line: "
                      f"`{otpd['cli_head']}`; daemon log lines at warning: {otpd['log_lines']}")
     notes.append(f"idle window {args.idle_s:.0f} s per system with no client connected; CPU = user+system of the "
                  "master (children summed separately) / wall time, % of one core")

@@ -59,11 +59,15 @@ class StartFailed(Exception):
 
 
 def child_main(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSettings | None,
-               flags: dict[str, float] | None = None, stamp: Stamp | None = None) -> NoReturn:
-    """Entry point right after fork(); never returns."""
+               flags: dict[str, float] | None = None, stamp: Stamp | None = None, spare: bool = False) -> NoReturn:
+    """Entry point right after fork(); never returns.
+
+    A ``spare`` boots as far as it can without the agent's state and waits for the
+    daemon's ``{"t": "go", "flags": ...}``; the daemon sends it when the agent must
+    restart, so a restart pays neither the fork nor the boot."""
     status = system.EXIT_CRASH
     try:
-        status = _boot(channel_fd, spec, daemon_pid, store, flags or {}, stamp or Stamp(None, -1))
+        status = _boot(channel_fd, spec, daemon_pid, store, flags or {}, stamp or Stamp(None, -1), spare)
     except StartFailed as failed:
         log_line(f"start failed: {failed}")
     except BaseException:  # the process ends here whatever happened; say why first
@@ -90,7 +94,7 @@ def log_line(line: str) -> None:
 
 
 def _boot(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSettings | None,
-          flags: dict[str, float], stamp: Stamp) -> int:
+          flags: dict[str, float], stamp: Stamp, spare: bool) -> int:
     if not system.die_with_parent(daemon_pid):
         return system.EXIT_CRASH  # the daemon died before we could arm PDEATHSIG
     signal.set_wakeup_fd(-1)
@@ -103,10 +107,14 @@ def _boot(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSetting
     system.close_inherited_fds(channel_fd)
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)  # a line reaches the daemon's log as it is printed
-    system.set_title(f"otpd: agent {spec.id}")
+    system.set_title(f"otpd: {'spare' if spare else 'agent'} {spec.id}")
     runtime = Runtime(socket.socket(fileno=channel_fd), spec, store)
     runtime.flags = flags
     runtime.stamp = stamp
+    if spare:
+        if not runtime.await_go():
+            return system.EXIT_NORMAL  # the daemon let the spare go (or is gone)
+        system.set_title(f"otpd: agent {spec.id}")
     return runtime.run()
 
 
@@ -142,6 +150,8 @@ class Runtime:
             queue.SimpleQueue()
         self.done_r = self.done_w = -1
         self.flags: dict[str, float] = {}  # feature flags as percentages, pushed by the daemon
+        self.cls: type[Agent] | None = None
+        self.store: Store | None = None
 
     # -- timers ---------------------------------------------------------------
 
@@ -187,6 +197,9 @@ class Runtime:
         while True:
             for frame in self.unpacker:
                 if frame.get("t") == "sysreply" and frame.get("ref") == ref:
+                    # Frames that came in the same read stay in the decoder, where the loop
+                    # would not see them until more input arrived: they join the backlog.
+                    self.backlog.extend(self.unpacker)
                     if frame.get("ok"):
                         return frame.get("result")
                     raise OtpdError.from_wire(frame.get("error"))
@@ -268,16 +281,46 @@ class Runtime:
         self._sync()
         return system.EXIT_SHUTDOWN if self.stopping == "shutdown" else system.EXIT_NORMAL
 
+    def prepare(self) -> type[Agent]:
+        """What a start needs before the state is read: the class, and the store opened."""
+        if self.cls is None:
+            cls = load_class(self.spec.agent)
+            settings = self.store_settings
+            if settings is not None and settings.durability != "none" and cls.persists():
+                self.store = Store(settings.path, settings.map_size_mb, settings.map_size_max_mb, settings.durability)
+            self.cls = cls
+        return self.cls
+
+    def await_go(self) -> bool:
+        """A spare: prepare, then sleep until the daemon says go (True) or lets us go (EOF: False)."""
+        self.prepare()
+        self.stamp.waiting()
+        go = False
+        while not go:
+            try:
+                data = self.channel.recv(256 * 1024)
+            except InterruptedError:
+                continue
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                return False
+            self.unpacker.feed(data)
+            for frame in self.unpacker:
+                if not go and frame.get("t") == "go":
+                    self.flags = dict(frame.get("flags") or {})
+                    go = True
+                else:
+                    self.backlog.append(frame)  # handled once the agent runs
+        self.stamp.working(time.monotonic())
+        return True
+
     def _start(self) -> tuple[Agent, StateKeeper]:
         """Build the agent, load its state, run init; report a failure to the daemon."""
         try:
-            cls = load_class(self.spec.agent)
+            cls = self.prepare()
             agent = cls(self.spec.id, dict(self.spec.args), self)
-            settings = self.store_settings
-            store = None
-            if settings is not None and settings.durability != "none" and cls.persists():
-                store = Store(settings.path, settings.map_size_mb, settings.map_size_max_mb, settings.durability)
-            keeper = self.keeper = StateKeeper(agent, store, self.spec.agent)
+            keeper = self.keeper = StateKeeper(agent, self.store, self.spec.agent)
             keeper.switched = self.spec.switch is not None
             keeper.load()
             agent.init()

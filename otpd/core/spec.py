@@ -13,10 +13,12 @@ Restart = Literal["permanent", "transient", "temporary"]
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 SupervisorKind = Literal["static", "dynamic"]
 StartOrder = Literal["serial", "parallel"]
+SparePolicy = Literal["on_restart", "always", "never"]
 
 RESTARTS: tuple[str, ...] = ("permanent", "transient", "temporary")
 STRATEGIES: tuple[str, ...] = ("one_for_one", "one_for_all", "rest_for_one")
 START_ORDERS: tuple[str, ...] = ("serial", "parallel")
+SPARE_POLICIES: tuple[str, ...] = ("on_restart", "always", "never")
 
 DEFAULT_MAX_RESTARTS = 3
 DEFAULT_MAX_SECONDS = 5.0
@@ -42,6 +44,10 @@ class AgentSpec:
     # ``switch`` is on for this child (its state is migrated, and kept for a rollback).
     agent_next: str | None = None
     switch: str | None = None
+    # A warm spare: a process forked and booted ahead (imports done, the store open) that
+    # waits to become the agent at its next restart.  on_restart: keep one once the agent
+    # has restarted (an agent that crashes once tends to again); always: from its first start.
+    spare: SparePolicy = "on_restart"
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,8 @@ FORK_BLOCKED = set(HANDLED_SIGNALS) | {signal.SIGUSR1, signal.SIGUSR2}
 class Child:
     """The daemon's side of one running agent process."""
 
-    __slots__ = ("id", "pid", "sock", "held", "slot", "wrote_at", "wrote_last", "stopped_at", "pending", "spec",
-                 "start_error", "out", "writing", "fatal", "conn")
+    __slots__ = ("id", "pid", "sock", "held", "slot", "spare", "wrote_at", "wrote_last", "stopped_at", "pending",
+                 "spec", "start_error", "out", "writing", "fatal", "conn")
 
     def __init__(self, child_id: str, pid: int, sock: socket.socket, spec: AgentSpec, now: float) -> None:
         self.id = child_id
@@ -73,6 +73,7 @@ class Child:
         self.sock: socket.socket | None = sock
         self.held: Any = None  # its own decoder while it is in the middle of a frame (codec.Streams)
         self.slot = -1  # its stamps in the shared liveness region (otpd.posix.liveness)
+        self.spare = False  # a warm spare waiting for "go", not (yet) the agent
         self.wrote_at: float | None = None  # the oldest input it may not have woken for
         self.wrote_last = 0.0  # the newest
         self.stopped_at: float | None = None  # SIGSTOPped (or SIGTSTP) since
@@ -133,6 +134,8 @@ class Daemon:
         self.beats = liveness.Beats()  # shared with every child: mapped before the first fork
         self.owing: set[Child] = set()  # children with input they have not woken for yet
         self.stopped: set[Child] = set()
+        self.spares: dict[str, Child] = {}  # child id -> its warm spare
+        self.spares_wanted: set[str] = set()
         self._specs: list[AgentSpec] = []
         self._specs_of: Config | None = None
         self.streams = codec.Streams(64 << 20)  # decodes every child channel
@@ -194,6 +197,7 @@ class Daemon:
             self._kill_all()
             self.exit_status = EXIT_INTERNAL
         finally:
+            self._reap_spares()
             self.server.close()
             signal.set_wakeup_fd(-1)
             self.notify.close()
@@ -214,6 +218,8 @@ class Daemon:
         while self.dirty_children:
             self._flush_child(self.dirty_children.pop())
         self.server.flush_dirty()
+        if self.spares_wanted:
+            self._make_spares()
         if self.status_dirty:
             self._notify_status()
 
@@ -227,6 +233,17 @@ class Daemon:
                 self._reload("SIGHUP")
             except OtpdError as err:
                 self.log("error", f"reload refused, nothing changed:\n{err.message}")
+
+    def _reap_spares(self) -> None:
+        """Spares left at exit (the root failed or stopped): end them, by PID, and reap them."""
+        spares = [c for c in self.by_pid.values() if c.spare]
+        for spare in spares:
+            _kill(spare.pid, signal.SIGKILL)
+        for spare in spares:
+            try:
+                os.waitpid(spare.pid, 0)
+            except ChildProcessError:
+                pass
 
     def _kill_all(self) -> None:
         for child in list(self.children.values()):
@@ -270,35 +287,59 @@ class Daemon:
 
     def _spawn(self, child_id: str, spec: AgentSpec) -> None:
         now = time.monotonic()
+        spare = self.spares.pop(child_id, None)
+        if spare is not None:
+            go = {"t": "go", "flags": self.flags}
+            if spare.spec == spec and spare.sock is not None and self._send_child(spare, go):
+                # The warm spare becomes the agent: fork and boot are already done.
+                spare.spare = False
+                self.beats.busy[spare.slot] = self.beats.woke[spare.slot] = now  # its start counts as busy
+                self._flush_child(spare)
+                self.children[child_id] = spare
+                self._apply(self.tree.spawned(child_id, spare.pid, now))
+                return
+            _kill(spare.pid, signal.SIGKILL)  # made for another spec: reaped and forgotten
         try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        except OSError as exc:  # out of fds: a start failure, retried with backoff
-            self.log("error", f"{child_id}: cannot make its channel: {exc}")
-            self._apply(self.tree.exited(child_id, "crash", now, error=f"channel: {exc}"))
+            child = self._fork(child_id, spec, now, spare=False)
+        except OSError as exc:  # out of fds or processes: a start failure, retried with backoff
+            self.log("error", f"{child_id}: cannot start: {exc}")
+            self._apply(self.tree.exited(child_id, "crash", now, error=f"fork: {exc}"))
             return
+        self.children[child_id] = child
+        self._apply(self.tree.spawned(child_id, child.pid, now))
+
+    def _fork(self, child_id: str, spec: AgentSpec, now: float, spare: bool) -> Child:
+        """Fork a process for ``spec`` with its channel and output pipe; raise OSError if the OS says no.
+
+        A spare boots as far as it can without the agent's state (imports, the store opened)
+        and waits for ``{"t": "go"}`` on its channel; EOF ends it."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
+        slot = self.beats.take(now)
         # Signals stay blocked across fork(): one that reached the child before it reset its
         # handlers would go through the inherited wake-up fd into the daemon's own pipe.
-        slot = self.beats.take(now)
         signal.pthread_sigmask(signal.SIG_BLOCK, FORK_BLOCKED)
         try:
             pid = os.fork()
-        except OSError as exc:
+        except OSError:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED)
             self.beats.give_back(slot)
             for fd in (out_r, out_w):
                 os.close(fd)
             ours.close()
             theirs.close()
-            self.log("error", f"{child_id}: fork failed: {exc}")
-            self._apply(self.tree.exited(child_id, "crash", now, error=f"fork: {exc}"))
-            return
+            raise
         if pid == 0:  # pragma: no cover - runs in the child, which never returns
             try:  # nothing may ever return from here into a copy of the daemon's loop
                 os.dup2(out_w, 1)  # stdout and stderr go to the daemon, line by line, with our id
                 os.dup2(out_w, 2)
                 child_main(theirs.fileno(), spec, self.pid, self.store_settings, self.flags,
-                           liveness.Stamp(self.beats, slot))
+                           liveness.Stamp(self.beats, slot), spare)
             finally:
                 os._exit(system.EXIT_CRASH)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED)
@@ -308,12 +349,50 @@ class Daemon:
         ours.setblocking(False)
         child = Child(child_id, pid, ours, spec, now)
         child.slot = slot
-        self.children[child_id] = child
+        child.spare = spare
         self.by_pid[pid] = child
         self.selector.register(ours, selectors.EVENT_READ, lambda m, c=child: self._on_channel(c, m))
         output = OutputReader(out_r, child_id, self.log, now)
         self.selector.register(out_r, selectors.EVENT_READ, lambda _m, o=output: self._on_output(o))
-        self._apply(self.tree.spawned(child_id, pid, now))
+        return child
+
+    # -- warm spares -------------------------------------------------------------
+
+    def _want_spare(self, child_id: str) -> None:
+        """After a child is ready: keep a spare for its next restart if its ``spare`` policy says so."""
+        node = self.tree.nodes.get(child_id)
+        if node is None or node.is_supervisor or child_id in self.spares:
+            return
+        spec = node.spec
+        assert isinstance(spec, AgentSpec)
+        if spec.restart == "temporary" or spec.spare == "never" or (spec.spare == "on_restart" and not node.restarts):
+            return
+        self.spares_wanted.add(child_id)
+
+    def _make_spares(self) -> None:
+        """Fork the spares asked for, once the iteration's real work is done."""
+        wanted, self.spares_wanted = self.spares_wanted, set()
+        for child_id in wanted:
+            node = self.tree.nodes.get(child_id)
+            child = self.children.get(child_id)
+            if node is None or node.state != "running" or child is None or child_id in self.spares \
+                    or self.tree.nodes[self.tree.root_id].state not in core.UP_STATES:
+                continue
+            try:
+                spare = self.spares[child_id] = self._fork(child_id, child.spec, time.monotonic(), spare=True)
+            except OSError as exc:
+                self.log("warning", f"{child_id}: no spare: {exc}")
+            else:
+                self._on_event(core.Emit("spare", child_id, {"pid": spare.pid}))
+
+    def _drop_spare(self, child_id: str) -> None:
+        spare = self.spares.pop(child_id, None)
+        if spare is not None:
+            _kill(spare.pid, signal.SIGKILL)
+
+    def _drop_spares(self) -> None:
+        for child_id in list(self.spares):
+            self._drop_spare(child_id)
 
     # -- child channels --------------------------------------------------------
 
@@ -368,6 +447,7 @@ class Daemon:
         elif kind == "ready":
             self._check_seq(child, int(frame.get("seq", 0)))
             self._apply(self.tree.ready(child.id, time.monotonic()))
+            self._want_spare(child.id)
         elif kind == "sys":
             if child.conn is None:
                 child.conn = ChildConnection(child, self)
@@ -428,6 +508,10 @@ class Daemon:
         child.slot = -1
         self.owing.discard(child)
         self.stopped.discard(child)
+        if child.spare:
+            if self.spares.get(child.id) is child:
+                del self.spares[child.id]
+            return  # it never was the agent: nothing to report
         if self.children.get(child.id) is child:
             del self.children[child.id]
         reason, facts = system.decode_status(status)
@@ -541,6 +625,8 @@ class Daemon:
 
     def _on_event(self, event: core.Emit) -> None:
         self.status_dirty = True
+        if event.event in ("stopped", "removed", "escalated") and event.id in self.spares:
+            self._drop_spare(event.id)
         if event.event == "stopped" and self.notify.enabled and self.tree.nodes[self.tree.root_id].state == "stopping":
             # Each child that stops is progress: keep systemd's stop timeout ahead of us.
             self.notify.extend_timeout(int((self._longest_shutdown_s() + 5) * 1e6))
@@ -571,6 +657,7 @@ class Daemon:
 
     def _begin_shutdown(self, why: str) -> None:
         self.log("info", why)
+        self._drop_spares()
         self.notify.stopping()
         # The first child to stop may take its whole shutdown_ms: cover it from the start.
         self.notify.extend_timeout(int((self._longest_shutdown_s() + 5) * 1e6))
