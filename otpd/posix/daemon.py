@@ -330,7 +330,7 @@ class Daemon:
 
     def _feed(self, child: Child, data: bytes) -> None:
         """Frames from a child. Anything malformed is the child's fault: it is killed."""
-        child.last_seen = time.monotonic()
+        child.last_seen = self.now
         try:
             child.unpacker.feed(data)
             for frame in child.unpacker:
@@ -340,18 +340,22 @@ class Daemon:
             _kill(child.pid, signal.SIGKILL)
             self._close_channel(child)
 
-    def _on_frame(self, child: Child, frame: dict[str, Any]) -> None:
-        kind = frame["t"]
-        if kind == "reply":
-            waiting = child.pending.pop(frame["ref"], None)
+    def _on_frame(self, child: Child, frame: Any) -> None:
+        if type(frame) is list:  # a reply, the one frame that comes once per call: [ref, ok, result or error]
+            ref, ok, payload = frame
+            waiting = child.pending.pop(ref, None)
             if waiting is not None:
                 conn, req_id, bucket = waiting
-                self._forget_call(frame["ref"], bucket)
-                if frame["ok"]:
-                    conn.reply(req_id, frame.get("result"))
+                calls = self.call_buckets.get(bucket)  # _forget_call, inline
+                if calls is not None:
+                    calls.pop(ref, None)
+                if ok:
+                    conn.reply(req_id, payload)
                 else:
-                    conn.error(req_id, OtpdError.from_wire(frame.get("error")))
-        elif kind == "seq":
+                    conn.error(req_id, OtpdError.from_wire(payload))
+            return
+        kind = frame["t"]
+        if kind == "seq":
             self.seqs[child.id] = max(self.seqs.get(child.id, 0), int(frame["seq"]))
         elif kind == "ready":
             self._check_seq(child, int(frame.get("seq", 0)))
