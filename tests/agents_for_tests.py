@@ -37,6 +37,8 @@ class Controlled(Agent):
             raise OtpdError("bad_request", "failed on request", {"agent": self.id})
         if request == "crash":
             os._exit(5)
+        if request == "unencodable":
+            return {"not msgpack": object()}
         if request == "hang":
             while True:
                 signal.pause()

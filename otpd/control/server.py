@@ -29,6 +29,8 @@ from otpd.posix import system
 
 Handler = Callable[["Connection", Any, dict[str, Any]], Any]
 DEFERRED = object()  # a handler's result meaning "the reply comes later"
+MAX_ID, OUT_CAP = protocol.MAX_ID, protocol.OUT_CAP
+_pack = protocol.pack
 
 
 class Connection:
@@ -45,7 +47,17 @@ class Connection:
         self.peer = peer
 
     def reply(self, req_id: Any, result: Any) -> None:
-        self.send(protocol.ok(req_id, result))
+        # send() spelled out: this runs once for every call the daemon answers
+        if self.closed:
+            return
+        # {"id": req_id, "ok": True, "result": result}, packed around its two values
+        data = b"\x83\xa2id%b\xa2ok\xc3\xa6result%b" % (_pack(req_id), _pack(result))
+        out = self.out
+        if len(out) + len(data) > OUT_CAP:
+            self.close()
+            return
+        out += data
+        self.server.dirty.add(self)
 
     def error(self, req_id: Any, err: OtpdError) -> None:
         self.send(protocol.fail(req_id, err.to_wire()))
@@ -54,8 +66,8 @@ class Connection:
         """Queue a frame; the loop flushes every connection once per iteration."""
         if self.closed:
             return
-        data = protocol.pack(frame)
-        if len(self.out) + len(data) > protocol.OUT_CAP:
+        data = _pack(frame)
+        if len(self.out) + len(data) > OUT_CAP:
             self.close()  # it stopped reading: drop it rather than grow without bound
             return
         self.out += data
@@ -98,15 +110,17 @@ class Connection:
         except msgpack.BufferFull:
             self.close()  # a frame over the limit
             return
+        unpacker = self.unpacker
+        dispatch = self.server.dispatch
         while not self.closed:
             try:
-                frame = next(self.unpacker)
+                frame = next(unpacker)
             except StopIteration:
                 return
             except Exception:  # whatever the decoder raises (even TypeError: a list as a map key)
                 self.close()  # not msgpack: nothing to answer
                 return
-            self.server.dispatch(self, frame)
+            dispatch(self, frame)
 
     def close(self) -> None:
         if self.closed:
@@ -228,18 +242,22 @@ class ControlServer:
         self.on_close(conn)
 
     def dispatch(self, conn: Connection, frame: Any) -> None:
-        req_id = frame.get("id") if isinstance(frame, dict) else None
-        if not isinstance(req_id, int) or isinstance(req_id, bool) or not 0 <= req_id <= protocol.MAX_ID:
+        # Exact types (what the decoder makes): a bool is not an id, and this runs for every request.
+        req_id = frame.get("id") if type(frame) is dict else None
+        if type(req_id) is not int or not 0 <= req_id <= MAX_ID:
             req_id = None
         try:
-            if not isinstance(frame, dict) or req_id is None:
+            if req_id is None:
                 raise OtpdError("bad_request", "a request is a map with an integer 'id' and a string 'op'")
-            op, args = frame.get("op"), frame.get("args", {})
-            handler = self.handlers.get(op) if isinstance(op, str) else None
+            op = frame.get("op")
+            handler = self.handlers.get(op) if type(op) is str else None
             if handler is None:
                 raise OtpdError("bad_request", f"unknown op {op!r}", {"ops": sorted(self.handlers)})
-            if not isinstance(args, dict):
-                raise OtpdError("bad_request", "'args' must be a map")
+            args = frame.get("args")
+            if type(args) is not dict:
+                if args is not None or "args" in frame:
+                    raise OtpdError("bad_request", "'args' must be a map")
+                args = {}  # a fresh one: handlers may keep or change it
             result = handler(conn, req_id, args)
         except OtpdError as err:
             conn.error(req_id, err)

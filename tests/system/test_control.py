@@ -90,6 +90,23 @@ def test_call_that_gets_no_answer_times_out(daemon):
     assert d.request("call", {"id": "echo", "request": "still here"}) == "still here"
 
 
+def test_a_reply_that_cannot_be_encoded_is_an_internal_error_and_its_batch_is_answered(daemon):
+    d = daemon(CONFIG)
+    with d.client() as c:
+        replies = c.pipeline([("call", {"id": "ctl", "request": r}) for r in (1, "unencodable", 3)])
+    assert replies[0] == 1 and replies[2] == 3
+    assert isinstance(replies[1], OtpdError) and replies[1].code == "internal"
+    assert "cannot be encoded" in replies[1].message
+
+
+def test_client_socket_timeout_is_a_timeout_error(daemon):
+    d = daemon(CONFIG)
+    with d.client(timeout=0.3) as c:
+        with pytest.raises(OtpdError) as err:
+            c.request("call", {"id": "ctl", "request": "hang", "timeout": 30})
+    assert err.value.code == "timeout" and "no answer from otpd" in err.value.message
+
+
 def test_kill_with_a_bad_signal_name_is_bad_request(daemon):
     d = daemon(CONFIG)
     pid = d.pid_of("echo")
