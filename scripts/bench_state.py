@@ -148,9 +148,24 @@ def bench_restore(root: Path, sizes: list[int], kills: int) -> list[str]:
 # -- overhead ---------------------------------------------------------------------
 
 
-def puts_per_second(sock_path: Path, n: int, window: int, start_key: int) -> float:
-    """Acknowledged puts/s from one client keeping ``window`` calls in flight."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def agent_pid(sock_path: Path, child: str) -> int:
+    with Client(sock_path) as c:
+        return int(next(ch["pid"] for ch in c.request("ps")["children"] if ch["id"] == child))
+
+
+def puts_per_second(sock_path: Path, n: int, window: int, start_key: int,
+                    cpu: dict[str, list[float]] | None = None, pids: dict[str, int] | None = None) -> float:
+    """Acknowledged puts/s from one client keeping ``window`` calls in flight.
+
+    With ``pids`` ({"agent": pid, "daemon": pid}), each one's CPU µs per put is appended to ``cpu``."""
     with Client(sock_path, timeout=60) as c:
+        before = {name: cpu_seconds(pid) for name, pid in (pids or {}).items()}
         t0 = time.perf_counter()
         sent = done = 0
         while done < n:
@@ -166,23 +181,36 @@ def puts_per_second(sock_path: Path, n: int, window: int, start_key: int) -> flo
             if not frame.get("ok"):
                 raise RuntimeError(frame)
             done += 1
-        return n / (time.perf_counter() - t0)
+        rate = n / (time.perf_counter() - t0)
+        if cpu is not None and pids:
+            for name, pid in pids.items():
+                cpu.setdefault(name, []).append((cpu_seconds(pid) - before[name]) / n * 1e6)
+        return rate
 
 
 def bench_overhead(root: Path, rounds: int, n: int) -> list[str]:
     body = '\n[[root.children]]\nid = "kv"\nagent = "otpd.agents.kv:KVAgent"\n'
     on = Daemon('[store]\ndurability = "process"\n' + body, root, "persist-on").start()
     off = Daemon('[store]\ndurability = "none"\n' + body, root, "persist-off").start()
-    rows = ["| load | durability=process (puts/s) | durability=none (puts/s) | ratio |", "|---|---:|---:|---:|"]
+    rows = ["| load | durability=process (puts/s) | durability=none (puts/s) | ratio "
+            "| CPU µs/put agent process / none | daemon process / none |", "|---|---:|---:|---:|---:|---:|"]
+    assert on.proc is not None and off.proc is not None
+    on_pids = {"agent": agent_pid(on.socket, "kv"), "daemon": on.proc.pid}
+    off_pids = {"agent": agent_pid(off.socket, "kv"), "daemon": off.proc.pid}
     try:
         for window, label in ((1, "one call at a time"), (64, "64 in flight"), (1000, "1,000 in flight")):
             a: list[float] = []
             b: list[float] = []
+            ca: dict[str, list[float]] = {}
+            cb: dict[str, list[float]] = {}
             for r in range(rounds):
-                a.append(puts_per_second(on.socket, n, window, r * n))
-                b.append(puts_per_second(off.socket, n, window, r * n))
+                a.append(puts_per_second(on.socket, n, window, r * n, ca, on_pids))
+                b.append(puts_per_second(off.socket, n, window, r * n, cb, off_pids))
             ma, mb = statistics.median(a), statistics.median(b)
-            rows.append(f"| {label} | {ma:,.0f} | {mb:,.0f} | {ma / mb:.3f} |")
+            med = statistics.median
+            rows.append(f"| {label} | {ma:,.0f} | {mb:,.0f} | {ma / mb:.3f} "
+                        f"| {med(ca['agent']):.1f} / {med(cb['agent']):.1f} "
+                        f"| {med(ca['daemon']):.1f} / {med(cb['daemon']):.1f} |")
             print(rows[-1], flush=True)
     finally:
         on.stop()

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from otpd.agent.base import Agent
 
 _MISSING = object()
+_COLLECTIONS, _SAVED_AT, _SEQ = encode("collections"), encode("saved_at"), encode("seq")
 
 
 class PersistentCollection:
@@ -183,6 +184,12 @@ class StateKeeper:
         self.collections: dict[str, PersistentCollection] = {}
         self.unsynced = False
         self.switched = False  # under a version switch (agent / agent_next)
+        # The main record is a msgpack map assembled around the already-encoded state;
+        # its first keys never change, so they are encoded once.
+        self._record_head = b"".join((
+            b"\x86", encode("agent"), encode(self.agent_ref), encode("version"),
+            encode(getattr(self.cls, "state_version", 1)), encode("state"),
+        ))
 
     # -- item access for collections (pending writes first) ----------------------
 
@@ -200,7 +207,7 @@ class StateKeeper:
         """Is there an item at ``key`` (pending writes first)? Nothing is decoded."""
         if key in self.pending:
             return self.pending[key] is not None
-        return self.store is not None and self.store.get_item(key) is not None
+        return self.store is not None and self.store.has_item(key)
 
     def put(self, key: bytes, value: Any) -> None:
         self.pending[key] = encode(value)
@@ -264,15 +271,11 @@ class StateKeeper:
             return False
         state, markers = self._snapshot()
         if state == self.last_state and markers == self.last_markers and not self.pending:
+            self.store.end_reads()  # the batch is over: its read transaction too
             return False
         seq = self.seq + 1
-        # The record is a msgpack map assembled around the already-encoded state.
-        record = b"".join((
-            b"\x86", encode("agent"), encode(self.agent_ref), encode("version"), encode(self.cls.state_version),
-            encode("state"), state,
-            encode("collections"), encode(markers), encode("saved_at"), encode(time.time()),
-            encode("seq"), encode(seq),
-        ))
+        record = b"".join((self._record_head, state, _COLLECTIONS, encode(markers), _SAVED_AT, encode(time.time()),
+                           _SEQ, encode(seq)))
         try:
             self.store.commit(self.agent_id, record, self.pending)
         except OtpdError:

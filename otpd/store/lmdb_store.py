@@ -67,8 +67,10 @@ class Store:
         self.quarantined = self.env.open_db(b"quarantine", create=create)
         self.versions = self.env.open_db(b"versions", create=create)
         self.meta = self.env.open_db(b"meta", create=create)
+        self._reads: lmdb.Transaction | None = None  # see get_item
 
     def close(self) -> None:
+        self.end_reads()
         self.env.close()
 
     # -- reads -----------------------------------------------------------------
@@ -100,9 +102,26 @@ class Store:
         return record
 
     def get_item(self, key: bytes) -> bytes | None:
-        with self._read_txn() as txn:
-            data = txn.get(key, db=self.items)
-            return bytes(data) if data is not None else None
+        """One item, read in a transaction kept until ``end_reads`` (or the next write).
+
+        An agent reads items while it handles a batch of calls; one read transaction
+        for the whole batch instead of one per read (a begin, a reader slot, an abort)
+        is most of what a read costs.  It must not outlive the batch: an open reader
+        keeps LMDB from reusing pages that later commits free, so the file would grow."""
+        txn = self._reads
+        if txn is None:
+            txn = self._reads = self._read_txn()
+        data = txn.get(key, db=self.items)
+        return bytes(data) if data is not None else None
+
+    def has_item(self, key: bytes) -> bool:
+        return self.get_item(key) is not None
+
+    def end_reads(self) -> None:
+        """End the read transaction that ``get_item`` keeps, if any."""
+        if self._reads is not None:
+            self._reads.abort()
+            self._reads = None
 
     def scan_items(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         with self._read_txn() as txn:
@@ -123,6 +142,7 @@ class Store:
 
     def commit(self, agent_id: str, record: bytes, items: dict[bytes, bytes | None]) -> None:
         """Write the main record and item changes (None deletes) in one transaction."""
+        self.end_reads()
         while True:
             try:
                 with self.env.begin(write=True) as txn:

@@ -277,3 +277,27 @@ def test_a_broken_export_is_refused_before_anything_is_written(tmp_path: Path) -
     with pytest.raises(OtpdError):
         tools.parse_export(['{"type": "item", "id": "a", "key": "AA==", "raw": "AQ=="}'])
     assert encode(1) == b"\x01"
+
+
+def test_item_reads_share_one_transaction_that_ends_with_the_batch(tmp_path: Path) -> None:
+    # An open reader pins the pages later commits free, so it must not outlive a batch,
+    # also a batch that only read (commit() writes nothing then).
+    agent, keeper = boot(tmp_path)
+    store = keeper.store
+    assert store is not None
+    agent.table["a"] = 1
+    keeper.commit()
+    assert agent.table.get("a") == 1 and "b" not in agent.table
+    assert store._reads is not None  # the batch's reads went through one transaction
+    assert not keeper.commit()
+    assert store._reads is None
+
+
+def test_a_read_after_a_commit_sees_the_commit(tmp_path: Path) -> None:
+    agent, keeper = boot(tmp_path)
+    assert "k" not in agent.table  # opens the batch's read transaction
+    agent.table["k"] = "v"
+    keeper.commit()
+    keeper.pending.clear()  # only the store can answer now
+    assert agent.table["k"] == "v" and len(agent.table) == 1
+    keeper.commit()
