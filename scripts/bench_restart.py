@@ -47,7 +47,7 @@ from typing import Any
 import benchlib as bl
 from bench_child import signal_ready
 
-ALL_SYSTEMS = ("fork", "exec", "otpd", "supervisord", "circus")
+ALL_SYSTEMS = ("fork", "exec", "otpd", "otpd-cold", "supervisord", "circus")
 
 
 def parse_args() -> argparse.Namespace:
@@ -147,12 +147,13 @@ def bench_exec(listener: bl.ReadyListener, args: argparse.Namespace) -> dict[str
 # -- otpd --------------------------------------------------------------------------------
 
 
-def bench_otpd(listener: bl.ReadyListener, args: argparse.Namespace, rng: random.Random) -> dict[str, Any]:
+def bench_otpd(listener: bl.ReadyListener, args: argparse.Namespace, rng: random.Random,
+               spare: str = "on_restart") -> dict[str, Any]:
     from otpd.client import Client
 
     folder = bl.temp_dir("otpd-bench-restart-")
     config = bl.write_otpd_config(folder, [{"id": "bench", "agent": "bench_agents:ReadyAgent",
-                                            "args": {"ready": str(listener.path)}}],
+                                            "args": {"ready": str(listener.path)}, "spare": spare}],
                                   max_restarts=1_000_000, max_seconds=1)
     daemon, sock, _ = bl.start_otpd(folder, config)
     res: dict[str, Any] = {"dgram": [], "event": [], "faults": [], "kill_exited": [], "exited_started": [],
@@ -315,6 +316,7 @@ def main() -> int:
         "fork": lambda: bench_fork(listener, args),
         "exec": lambda: bench_exec(listener, args),
         "otpd": lambda: bench_otpd(listener, args, rng),
+        "otpd-cold": lambda: bench_otpd(listener, args, rng, spare="never"),
         "supervisord": lambda: bench_supervisord(listener, args, venv, rng),  # type: ignore[arg-type]
         "circus": lambda: bench_circus(listener, args, venv, rng),  # type: ignore[arg-type]
     }
@@ -334,7 +336,8 @@ def main() -> int:
     label = {
         "fork": "bare warm `os.fork()` (bench kills, `waitpid`s, forks itself)",
         "exec": "bare `subprocess.Popen` of `python bench_child.py`",
-        "otpd": "otpd (fork from the daemon; `ReadyAgent.init()` signals)",
+        "otpd": "otpd, default config (a warm spare from the first restart on; `ReadyAgent.init()` signals)",
+        "otpd-cold": "otpd, `spare = \"never\"` (every restart forks the daemon)",
         "supervisord": f"supervisord {venv.versions.get('supervisor', '') if venv else ''} (defaults; fork+exec)",
         "circus": f"circus {venv.versions.get('circus', '') if venv else ''} (defaults; fork+exec)",
     }
@@ -354,10 +357,10 @@ def main() -> int:
         s = bl.summary(r["event"])
         report.table(cols, [["otpd, kill -> `ready` event on an `events` subscription", s["n"], s["p50"], s["p90"],
                              s["p99"], s["max"], s["mean"]]], "**otpd's own figure**:")
-        parts = [("kill -> daemon emits `exited` (SIGCHLD wake-up, waitpid, decision)", "kill_exited"),
-                 ("`exited` -> `started` (restart decision, socketpair, fork() in the parent)", "exited_started"),
-                 ("`started` -> readiness datagram (child boot: PDEATHSIG, close fds, title, init)",
-                  "started_dgram"),
+        parts = [("kill -> daemon emits `exited` (the victim's exit, SIGCHLD wake-up, waitpid, decision)",
+                  "kill_exited"),
+                 ("`exited` -> `started` (restart decision; `go` to the spare, no fork)", "exited_started"),
+                 ("`started` -> readiness datagram (the spare reads the state, runs init)", "started_dgram"),
                  ("readiness datagram -> daemon emits `ready` (ready frame over the channel)", "dgram_ready"),
                  ("daemon emits `ready` -> event received by the bench", "ready_event")]
         brows = []
