@@ -115,7 +115,7 @@ def _boot(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSetting
     if spare:
         if not runtime.await_go():
             return system.EXIT_NORMAL  # the daemon let the spare go (or is gone)
-        system.set_title(f"otpd: agent {spec.id}")
+        runtime.title = f"otpd: agent {spec.id}"  # set once it is ready: not on the restart's path
     return runtime.run()
 
 
@@ -153,6 +153,7 @@ class Runtime:
         self.flags: dict[str, float] = {}  # feature flags as percentages, pushed by the daemon
         self.cls: type[Agent] | None = None
         self.store: Store | None = None
+        self.title: str | None = None  # a process title to set once ready
 
     # -- timers ---------------------------------------------------------------
 
@@ -250,6 +251,8 @@ class Runtime:
         agent, keeper = self._start()
         self.agent = agent
         self.send({"t": "ready", "seq": keeper.seq})
+        if self.title is not None:
+            system.set_title(self.title)
         self._commit_then_send([])  # after_commit work that init asked for
         selector = self.selector
         selector.register(self.channel, selectors.EVENT_READ, "channel")
@@ -289,6 +292,7 @@ class Runtime:
             settings = self.store_settings
             if settings is not None and settings.durability != "none" and cls.persists():
                 self.store = Store(settings.path, settings.map_size_mb, settings.map_size_max_mb, settings.durability)
+                self.store.warm_up()
             self.cls = cls
         return self.cls
 

@@ -184,6 +184,7 @@ class Daemon:
         self.server.open()
         self.log("info", f"otpd {__version__} pid {self.pid} listening on {self.config.daemon.socket}")
         gc.freeze()  # keep the forked children's copy-on-write pages shared
+        system.trim_heap()  # every page the daemon holds is a page each fork copies a mapping of
         try:
             self._apply(self.tree.start(time.monotonic()))
             if self.sweep_s:

@@ -61,6 +61,14 @@ def close_inherited_fds(keep: int) -> None:
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
 
 
+def trim_heap() -> None:
+    """Give free malloc memory back to the kernel (glibc's malloc_trim); smaller forks and exits."""
+    try:
+        _libc.malloc_trim(0)
+    except AttributeError:  # pragma: no cover - not glibc
+        pass
+
+
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process on the other end of a Unix socket."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

@@ -82,6 +82,11 @@ class Store:
             self.env.set_mapsize(0)  # another process grew the map: adopt its size
             return self.env.begin()
 
+    def warm_up(self) -> None:
+        """One empty read transaction: this process takes its reader slot now, not on its first real read."""
+        with self._read_txn():
+            pass
+
     def read_raw(self, agent_id: str) -> bytes | None:
         with self._read_txn() as txn:
             data = txn.get(agent_id.encode(), db=self.main)
