@@ -62,7 +62,6 @@ max_seconds = 5
 [[root.children]]
 id = "tasks"
 agent = "otpd.agents.task:TaskAgent"
-heartbeat_ms = 200
 heartbeat_timeout_ms = 1500
 args = {{ handler = "otpd.examples.jobs:echo", concurrency = 8, max_attempts = 50 }}
 {tasks2}
@@ -75,20 +74,17 @@ max_seconds = 1
 [root.children.template]
 agent = "otpd.agents.workflow:WorkflowProcess"
 restart = "transient"
-heartbeat_ms = 200
 heartbeat_timeout_ms = 1500
 
 [[root.children]]
 id = "coordinator"
 agent = "otpd.agents.coordinator:CoordinatorAgent"
-heartbeat_ms = 200
 heartbeat_timeout_ms = 1500
 args = {{ handlers = ["scripts.chaos_steps:*"], poison_after = 50, retention = 1000000 }}
 
 [[root.children]]
 id = "monitor"
 agent = "otpd.agents.monitor:MonitorAgent"
-heartbeat_ms = 200
 heartbeat_timeout_ms = 1500
 args = {{ interval_s = 1 }}
 """
