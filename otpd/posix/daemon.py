@@ -630,7 +630,7 @@ class Daemon:
 
     def _on_event(self, event: core.Emit) -> None:
         self.status_dirty = True
-        if event.event in ("stopped", "removed", "escalated") and event.id in self.spares:
+        if event.event in ("stopped", "removed") and event.id in self.spares:
             self._drop_spare(event.id)
         if event.event == "stopped" and self.notify.enabled and self.tree.nodes[self.tree.root_id].state == "stopping":
             # Each child that stops is progress: keep systemd's stop timeout ahead of us.
