@@ -70,6 +70,13 @@ class CrashInInit(Agent):
         raise RuntimeError("boom in init")
 
 
+class FifoInInit(Controlled):
+    """``init`` opens the FIFO ``args["fifo"]`` to read, which blocks until the test has it open to write."""
+
+    def init(self) -> None:
+        os.close(os.open(self.args["fifo"], os.O_RDONLY))
+
+
 class CrashInInitWhenGated(Controlled):
     """Starts normally until the file ``args["gate"]`` exists; from then on every start fails."""
 

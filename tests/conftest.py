@@ -482,7 +482,7 @@ class DaemonFactory:
                 title = " ".join(proc.cmdline()) if not zombie else ""
             except psutil.Error:
                 continue
-            if proc.pid not in recorded and not title.startswith("otpd: agent") and not zombie:
+            if proc.pid not in recorded and not title.startswith(("otpd: agent", "otpd: spare")) and not zombie:
                 continue  # not from any daemon of this test
             if not zombie and not (killed and wait_pid_exit(proc.pid, 5.0)):
                 problems.append(f"pid {proc.pid} ({title}) outlived its otpd; SIGKILL")
