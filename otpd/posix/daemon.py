@@ -184,6 +184,7 @@ class Daemon:
         self.server.open()
         self.log("info", f"otpd {__version__} pid {self.pid} listening on {self.config.daemon.socket}")
         gc.freeze()  # keep the forked children's copy-on-write pages shared
+        system.prepare_titles()
         system.trim_heap()  # every page the daemon holds is a page each fork copies a mapping of
         try:
             self._apply(self.tree.start(time.monotonic()))
@@ -268,8 +269,10 @@ class Daemon:
                 action = self.work.popleft()
                 match action:
                     case core.Spawn():
-                        if self.tree.spawn_is_current(action.id, action.token):
-                            self._spawn(action.id, action.spec)
+                        batch = [action]  # the Spawns queued together (a group, a parallel pool)
+                        while self.work and isinstance(self.work[0], core.Spawn):
+                            batch.append(self.work.popleft())  # type: ignore[arg-type]
+                        self._spawn(batch)
                     case core.Signal():
                         child = self.children.get(action.id)
                         if child is not None:
@@ -286,31 +289,50 @@ class Daemon:
         finally:
             self.applying = False
 
-    def _spawn(self, child_id: str, spec: AgentSpec) -> None:
-        now = time.monotonic()
-        spare = self.spares.pop(child_id, None)
-        if spare is not None:
-            go = {"t": "go", "flags": self.flags}
-            if spare.spec == spec and spare.sock is not None and self._send_child(spare, go):
-                # The warm spare becomes the agent: fork and boot are already done.
-                spare.spare = False
-                self.beats.busy[spare.slot] = self.beats.woke[spare.slot] = now  # its start counts as busy
-                self._flush_child(spare)
-                self.children[child_id] = spare
-                self._apply(self.tree.spawned(child_id, spare.pid, now))
-                return
-            _kill(spare.pid, signal.SIGKILL)  # made for another spec: reaped and forgotten
-        try:
-            child = self._fork(child_id, spec, now, spare=False)
-        except OSError as exc:  # out of fds or processes: a start failure, retried with backoff
-            self.log("error", f"{child_id}: cannot start: {exc}")
-            self._apply(self.tree.exited(child_id, "crash", now, error=f"fork: {exc}"))
-            return
-        self.children[child_id] = child
-        self._apply(self.tree.spawned(child_id, child.pid, now))
+    def _spawn(self, batch: list[core.Spawn]) -> None:
+        """Start a process for each current Spawn: its warm spare if it has one, else a fork.
 
-    def _fork(self, child_id: str, spec: AgentSpec, now: float, spare: bool) -> Child:
-        """Fork a process for ``spec`` with its channel and output pipe; raise OSError if the OS says no.
+        The forks go back to back and the bookkeeping comes after them all: each fork makes
+        every page of the daemon copy-on-write again, so the pages the daemon writes between
+        two forks are copied once per fork (~300 pages, ~0.7 ms, when the bookkeeping ran in
+        between)."""
+        now = time.monotonic()
+        forked: list[tuple[core.Spawn, tuple[int, socket.socket, int, int] | OSError]] = []
+        for action in batch:
+            if not self.tree.spawn_is_current(action.id, action.token) or self._promote(action, now):
+                continue
+            try:
+                forked.append((action, self._fork(action.id, action.spec, now, spare=False)))
+            except OSError as exc:  # out of fds or processes: a start failure, retried with backoff
+                forked.append((action, exc))
+        for action, result in forked:
+            if isinstance(result, OSError):
+                self.log("error", f"{action.id}: cannot start: {result}")
+                self._apply(self.tree.exited(action.id, "crash", now, error=f"fork: {result}"))
+                continue
+            child = self._adopt(action.id, action.spec, now, result, spare=False)
+            self.children[action.id] = child
+            self._apply(self.tree.spawned(action.id, child.pid, now))
+
+    def _promote(self, action: core.Spawn, now: float) -> bool:
+        """Hand the agent to its warm spare, if it has one made for this spec; False if not."""
+        spare = self.spares.pop(action.id, None)
+        if spare is None:
+            return False
+        go = {"t": "go", "flags": self.flags}
+        if spare.spec != action.spec or spare.sock is None or not self._send_child(spare, go):
+            _kill(spare.pid, signal.SIGKILL)  # made for another spec (or dying): reaped and forgotten
+            return False
+        spare.spare = False
+        self.beats.busy[spare.slot] = self.beats.woke[spare.slot] = now  # its start counts as busy
+        self._flush_child(spare)
+        self.children[action.id] = spare
+        self._apply(self.tree.spawned(action.id, spare.pid, now))
+        return True
+
+    def _fork(self, child_id: str, spec: AgentSpec, now: float, spare: bool) -> tuple[int, socket.socket, int, int]:
+        """Fork a process for ``spec`` with its channel and output pipe: (pid, channel, output fd,
+        liveness slot) for ``_adopt``; OSError if the OS says no.
 
         A spare boots as far as it can without the agent's state (imports, the store opened)
         and waits for ``{"t": "go"}`` on its channel; EOF ends it."""
@@ -346,6 +368,12 @@ class Daemon:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORK_BLOCKED)
         theirs.close()
         os.close(out_w)
+        return pid, ours, out_r, slot
+
+    def _adopt(self, child_id: str, spec: AgentSpec, now: float, forked: tuple[int, socket.socket, int, int],
+               spare: bool) -> Child:
+        """The daemon's side of a forked process: its Child, its channel and output in the selector."""
+        pid, ours, out_r, slot = forked
         os.set_blocking(out_r, False)
         ours.setblocking(False)
         child = Child(child_id, pid, ours, spec, now)
@@ -379,8 +407,10 @@ class Daemon:
             if node is None or node.state != "running" or child is None or child_id in self.spares \
                     or self.tree.nodes[self.tree.root_id].state not in core.UP_STATES:
                 continue
+            now = time.monotonic()
             try:
-                spare = self.spares[child_id] = self._fork(child_id, child.spec, time.monotonic(), spare=True)
+                spare = self.spares[child_id] = self._adopt(child_id, child.spec, now,
+                                                            self._fork(child_id, child.spec, now, spare=True), True)
             except OSError as exc:
                 self.log("warning", f"{child_id}: no spare: {exc}")
             else:

@@ -55,6 +55,16 @@ def set_title(title: str) -> None:
         _prctl(PR_SET_NAME, ctypes.cast(ctypes.c_char_p(title.encode()[:15]), ctypes.c_void_p).value or 0, 0, 0, 0)
 
 
+def prepare_titles() -> None:
+    """Let setproctitle move the environment aside now, once, in the daemon: each forked child
+    inherits that work and its own ``set_title`` costs a third (~0.05 ms instead of 0.15).
+    The daemon's title stays what it was."""
+    if _setproctitle is not None:
+        from setproctitle import getproctitle
+
+        _setproctitle(getproctitle())
+
+
 def close_inherited_fds(keep: int) -> None:
     """Close every fd above stderr except ``keep`` (close_range(2) under the hood)."""
     os.closerange(3, keep)
