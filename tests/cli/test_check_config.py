@@ -93,8 +93,12 @@ def test_shipped_default_config_is_valid():
      "'all_for_one' is not one of"),
     ('log_level = "info"', 'log_level = "loud"', "daemon.log_level", "'loud' is not one of"),
     ("max_seconds = 5", "max_seconds = 0", "root.max_seconds", "out of range"),
+    ('shutdown_ms = 5000', 'shutdown_ms = 5000\nspare = "sometimes"', "root.children[0].spare",
+     "'sometimes' is not one of on_restart, always, never"),
+    ('strategy = "rest_for_one"', 'strategy = "rest_for_one"\nstart = "eager"', "root.children[1].start",
+     "'eager' is not one of serial, parallel"),
 ], ids=["unknown-key", "wrong-type", "bad-restart", "duplicate-id", "unimportable-module", "not-an-agent",
-        "bad-shutdown", "bad-strategy", "bad-log-level", "out-of-range"])
+        "bad-shutdown", "bad-strategy", "bad-log-level", "out-of-range", "bad-spare", "bad-start"])
 def test_bad_value_exits_2_naming_the_key_and_its_line(tmp_path, old, new, key, message):
     assert old in GOOD
     text = GOOD.replace(old, new, 1)
