@@ -65,10 +65,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--raw", help="write the results (JSON) here")
     p.add_argument("--keep", action="store_true", help="keep the temp folders (configs, logs)")
     args = p.parse_args()
-    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    bad = set(args.systems) - set(ALL_SYSTEMS)
-    if bad:
-        p.error(f"unknown systems: {', '.join(sorted(bad))}")
+    args.systems = bl.parse_systems(p, args.systems, ALL_SYSTEMS)
     return args
 
 

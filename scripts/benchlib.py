@@ -21,6 +21,7 @@ Not part of otpd.  What lives here:
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import http.client
 import json
@@ -64,6 +65,15 @@ class Stop(SystemExit):
 
 def _raise_stop(signum: int, _frame: Any) -> None:
     raise Stop(128 + signum)
+
+
+def parse_systems(parser: argparse.ArgumentParser, value: str, known: Sequence[str]) -> list[str]:
+    """A ``--systems a,b`` value as a list; a usage error for a name not in ``known``."""
+    systems = [s.strip() for s in value.split(",") if s.strip()]
+    bad = set(systems) - set(known)
+    if bad:
+        parser.error(f"unknown systems: {', '.join(sorted(bad))}")
+    return systems
 
 
 def become_subreaper() -> bool:

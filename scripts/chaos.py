@@ -22,7 +22,6 @@ intensity allows (the daemon exits 4, is restarted, and nothing acknowledged is 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import random
@@ -40,6 +39,8 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import benchlib as bl  # noqa: E402  (scripts/, next to this file)
 
 from otpd.client import Client, Unreachable  # noqa: E402
 from otpd.errors import OtpdError  # noqa: E402
@@ -410,16 +411,6 @@ class Run:
         return out
 
 
-def reap_adopted() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-
-
 def fds(pid: int) -> int:
     """The daemon's open fds, less the two (channel and output pipe) of each warm spare it keeps."""
     spares = 0
@@ -428,7 +419,7 @@ def fds(pid: int) -> int:
             spares += " ".join(proc.cmdline()).startswith("otpd: spare ")
         except psutil.Error:
             pass
-    return len(os.listdir(f"/proc/{pid}/fd")) - 2 * spares
+    return bl.fd_count(pid) - 2 * spares
 
 
 def main() -> int:
@@ -447,8 +438,7 @@ def main() -> int:
     args = ap.parse_args()
     replay = "python scripts/chaos.py " + " ".join(sys.argv[1:])
     print(f"command: {replay}", flush=True)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: whatever the daemons leave comes to us
+    bl.become_subreaper()  # whatever the daemons leave comes to us
     with tempfile.TemporaryDirectory(prefix="otpd-chaos-") as tmp:
         h = Harness(Path(tmp), args)
         if args.mode == "corrupt":
@@ -503,7 +493,7 @@ def main() -> int:
             run.stop.set()
             assert h.proc is not None
             status = h.proc.wait(60)
-            reap_adopted()  # agents of a killed daemon come to us (subreaper) as init would reap them
+            bl.reap_adopted()  # agents of a killed daemon come to us (subreaper) as init would reap them
             left = [p for p in psutil.Process().children(recursive=True)
                     if p.status() != psutil.STATUS_ZOMBIE]
             alive = [p for p in sorted(h.pids_seen) if psutil.pid_exists(p)

@@ -141,7 +141,6 @@ class Runtime:
         self.refs = count(1)
         self.stopping: str | None = None  # "normal" or "shutdown" once decided
         self.stamp = Stamp(None, -1)  # where the loop says it works or waits (set after fork)
-        self.last_sent = time.monotonic()
         self.agent: Agent | None = None
         self.backlog: list[dict[str, Any]] = []  # frames that came while a system call waited
         self.after: list[Callable[[], None]] = []  # run once the next commit is on disk
@@ -184,7 +183,6 @@ class Runtime:
 
     def send(self, frame: dict[str, Any]) -> None:
         self.channel.sendall(codec.pack(frame))
-        self.last_sent = time.monotonic()
 
     # -- agent -> daemon ----------------------------------------------------------
 
@@ -365,7 +363,6 @@ class Runtime:
             except (TypeError, ValueError, OverflowError):  # a result msgpack cannot encode: find it
                 data = b"".join([_pack_reply(r) for r in replies])
             self.channel.sendall(data)
-            self.last_sent = time.monotonic()
         if self.after:
             callbacks, self.after = self.after, []
             for callback in callbacks:

@@ -161,7 +161,7 @@ class Daemon:
         self.dirty_children: set[Child] = set()
         self.call_buckets: dict[int, dict[int, str]] = {}  # deadline bucket -> {ref: child id}
         self.applying = False
-        self.sweep_s = self._sweep_interval()
+        self._set_sweep()
         self.store_settings = config.store_settings()
         self.seqs: dict[str, int] = {}  # highest committed seq seen per agent: it never goes back
         # op_flags_set serves "flags.set": op names are otpctl's words, dotted
@@ -590,10 +590,11 @@ class Daemon:
             elif kind == "wait":
                 self._wait_timeout(key)
 
-    def _sweep_interval(self) -> float:
+    def _set_sweep(self) -> None:
+        """From the config's shortest liveness timeout: the sweep's interval (a fifth of it, 20 ms to 1 s)."""
         timeouts = [n.heartbeat_timeout_ms for n in self._agent_specs() if n.heartbeat_timeout_ms]
         self.min_limit_s = min(timeouts) / 1000.0 if timeouts else math.inf
-        return min(1.0, max(0.02, min(timeouts) / 5000.0)) if timeouts else 1.0
+        self.sweep_s = min(1.0, max(0.02, self.min_limit_s / 5.0)) if timeouts else 1.0
 
     def _limit(self, child: Child) -> float:
         node = self.tree.nodes.get(child.id)  # a reload may have changed the timeout in place
@@ -963,7 +964,7 @@ class Daemon:
             self._set_flags(self._flags(self.config))
             actions, summary = self.tree.reload(flags.resolve(new.root, self.flags), time.monotonic())
             self.log_level = LEVELS[new.daemon.log_level]
-            self.sweep_s = self._sweep_interval()
+            self._set_sweep()
             self._apply(actions)
         finally:
             self.ready_sent = False  # READY=1 again once the new tree is up (sd_notify's reload protocol)
