@@ -47,26 +47,20 @@ class Connection:
         self.peer = peer
 
     def reply(self, req_id: Any, result: Any) -> None:
-        # send() spelled out: this runs once for every call the daemon answers
-        if self.closed:
-            return
-        # {"id": req_id, "ok": True, "result": result}, packed around its two values
-        data = b"\x83\xa2id%b\xa2ok\xc3\xa6result%b" % (_pack(req_id), _pack(result))
-        out = self.out
-        if len(out) + len(data) > OUT_CAP:
-            self.close()
-            return
-        out += data
-        self.server.dirty.add(self)
+        # {"id": req_id, "ok": True, "result": result}, packed around its two values: this runs
+        # once for every call the daemon answers, and building the map costs more than packing it
+        if not self.closed:
+            self._queue(b"\x83\xa2id%b\xa2ok\xc3\xa6result%b" % (_pack(req_id), _pack(result)))
 
     def error(self, req_id: Any, err: OtpdError) -> None:
         self.send(protocol.fail(req_id, err.to_wire()))
 
     def send(self, frame: Any) -> None:
         """Queue a frame; the loop flushes every connection once per iteration."""
-        if self.closed:
-            return
-        data = _pack(frame)
+        if not self.closed:
+            self._queue(_pack(frame))
+
+    def _queue(self, data: bytes) -> None:
         if len(self.out) + len(data) > OUT_CAP:
             self.close()  # it stopped reading: drop it rather than grow without bound
             return
