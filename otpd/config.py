@@ -58,6 +58,7 @@ class StoreConfig:
     map_size_mb: int
     map_size_max_mb: int
     sync_interval_ms: int
+    checkpoint_ms: int = 100
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Config:
         return StoreSettings(
             path=self.daemon.state_dir / "store", durability=self.store.durability,
             map_size_mb=self.store.map_size_mb, map_size_max_mb=self.store.map_size_max_mb,
-            sync_interval_ms=self.store.sync_interval_ms,
+            sync_interval_ms=self.store.sync_interval_ms, checkpoint_ms=self.store.checkpoint_ms,
         )
 
     def agent_classes(self) -> set[str]:
@@ -410,6 +411,7 @@ def parse(text: str, path: Path) -> Config:
     store = c.table("store", top.get("store", {}), {
         "durability": _one_of(DURABILITIES), "map_size_mb": _int(1, 1 << 24),
         "map_size_max_mb": _int(1, 1 << 24), "sync_interval_ms": _int(1, 3_600_000),
+        "checkpoint_ms": _int(1, 3_600_000),
     })
     root_raw = top.get("root", {})
     root_keys = c.table("root", root_raw, ROOT_KEYS)
@@ -436,6 +438,7 @@ def parse(text: str, path: Path) -> Config:
             map_size_mb=store.get("map_size_mb", 1024),
             map_size_max_mb=max(store.get("map_size_max_mb", 65536), store.get("map_size_mb", 1024)),
             sync_interval_ms=store.get("sync_interval_ms", 1000),
+            checkpoint_ms=store.get("checkpoint_ms", 100),
         ),
         root=SupervisorSpec(
             id="root",

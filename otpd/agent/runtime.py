@@ -135,6 +135,8 @@ class Runtime:
         self.keeper: StateKeeper | None = None
         self.sync_s = store.sync_interval_ms / 1000.0 if store and store.durability == "process" else None
         self.next_sync = float("inf")
+        self.checkpoint_s = store.checkpoint_ms / 1000.0 if store else 0.0
+        self.next_checkpoint = float("inf")
         self.unpacker = codec.unpacker(MAX_FRAME)
         self.timers: list[tuple[float, int]] = []
         self.timer_info: dict[int, tuple[Any, float | None]] = {}
@@ -276,10 +278,13 @@ class Runtime:
             if self.timers:
                 self._fire_timers(agent)
                 self._commit_then_send([])
+            if now >= self.next_checkpoint:
+                self._checkpoint()
             if now >= self.next_sync:
                 self._sync()
         agent.terminate(self.stopping)
         self._commit_then_send([])
+        self._checkpoint()
         self._sync()
         return system.EXIT_SHUTDOWN if self.stopping == "shutdown" else system.EXIT_NORMAL
 
@@ -336,6 +341,19 @@ class Runtime:
             raise
         return agent, keeper
 
+    def _checkpoint(self) -> None:
+        """Apply the agent's log to LMDB (after the replies: never on a caller's path)."""
+        self.next_checkpoint = float("inf")
+        store = self.store
+        if store is None or not store.pending_log():
+            return
+        was_full = store.full
+        try:
+            store.checkpoint()
+        except OtpdError as err:  # the log keeps every acknowledged change; commits answer store_full
+            if not was_full:
+                print(f"otpd: {self.spec.id}: {err}", file=sys.stderr, flush=True)
+
     def _sync(self) -> None:
         keeper = self.keeper
         if keeper is not None and keeper.store is not None and keeper.unsynced:
@@ -363,6 +381,13 @@ class Runtime:
             except (TypeError, ValueError, OverflowError):  # a result msgpack cannot encode: find it
                 data = b"".join([_pack_reply(r) for r in replies])
             self.channel.sendall(data)
+        if wrote:
+            store = keeper.store
+            assert store is not None
+            if store.checkpoint_due():
+                self._checkpoint()
+            elif self.next_checkpoint == float("inf"):
+                self.next_checkpoint = time.monotonic() + self.checkpoint_s
         if self.after:
             callbacks, self.after = self.after, []
             for callback in callbacks:
@@ -371,7 +396,7 @@ class Runtime:
 
     def _timeout(self) -> float | None:
         """Seconds until the loop has something of its own to do; None: nothing (wait for input)."""
-        wake = self.next_sync
+        wake = min(self.next_sync, self.next_checkpoint)
         if self.timers:
             wake = min(wake, self.timers[0][0])
         if wake == float("inf"):

@@ -225,6 +225,8 @@ class StateKeeper:
         self.collections = {name: kind(self, name) for name, kind in getattr(self.cls, "collections", {}).items()}
         for name, coll in self.collections.items():
             setattr(agent, name, coll)
+        if self.store is not None:
+            self.store.open_log(self.agent_id)  # what a crash left in the log is applied first
         record = self.store.read(self.agent_id) if self.store is not None else None
         writer = record.get("agent") if record is not None else None
         downgraded = None
@@ -277,7 +279,7 @@ class StateKeeper:
         record = b"".join((self._record_head, state, _COLLECTIONS, encode(markers), _SAVED_AT, encode(time.time()),
                            _SEQ, encode(seq)))
         try:
-            self.store.commit(self.agent_id, record, self.pending)
+            self.store.commit(self.agent_id, record, self.pending, seq)
         except OtpdError:
             self.load()  # back to what is on disk: nothing unsaved survives in memory
             raise

@@ -12,6 +12,10 @@ Layout (three named databases in one environment under ``state_dir/store``):
   (``agent_id NUL module:Class`` -> its main record and items), for a rollback.
 * ``meta``: the daemon's own small records (feature flags set at run time).
 
+Beside them, ``logs/``: each agent's append-only log (``otpd.store.log``).  An agent's
+commit is appended there before the reply and applied to LMDB at a checkpoint; every
+read here (the agent's own, and the operator tools') sees LMDB with the log on top.
+
 An environment is opened in the process that uses it, after fork, never
 inherited.  ``durability="process"`` commits without fsync (the data is in the
 page cache the moment the commit returns, so it survives SIGKILL of any
@@ -20,8 +24,10 @@ process) and syncs periodically; ``"fsync"`` syncs every commit.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,8 @@ import lmdb
 
 from otpd import codec
 from otpd.errors import OtpdError
+from otpd.store import log as agent_log
+from otpd.store.log import AgentLog
 
 MAX_READERS = 8192  # one slot per process that reads: every agent is a process
 SEP = b"\x00"
@@ -51,9 +59,15 @@ class Store:
     def __init__(self, path: Path, map_size_mb: int = 1024, map_size_max_mb: int | None = None,
                  durability: str = "process", readonly: bool = False) -> None:
         self.path = path
+        self.logs = path / "logs"
+        self.fsync = durability == "fsync"
+        self.own: AgentLog | None = None  # the log of the agent this process runs
+        self.full = False  # a checkpoint found the map full: the log keeps what LMDB could not take
+        self._room = 0
         self.map_size_max = (map_size_max_mb or max(map_size_mb, 65536)) << 20
         if not readonly:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.logs.mkdir(exist_ok=True, mode=0o700)
         elif not (path / "data.mdb").exists():
             raise OtpdError("not_found", f"no store at {path}")
         self.env = lmdb.open(
@@ -68,9 +82,18 @@ class Store:
         self.versions = self.env.open_db(b"versions", create=create)
         self.meta = self.env.open_db(b"meta", create=create)
         self._reads: lmdb.Transaction | None = None  # see get_item
+        self._psize = int(self.env.stat()["psize"])
 
     def close(self) -> None:
+        """Close, after applying the agent's log to LMDB if it can (a full map keeps it)."""
         self.end_reads()
+        if self.own is not None:
+            try:
+                self.checkpoint()
+            except OtpdError:
+                pass
+            self.own.close()
+            self.own = None
         self.env.close()
 
     # -- reads -----------------------------------------------------------------
@@ -87,10 +110,35 @@ class Store:
         with self._read_txn():
             pass
 
-    def read_raw(self, agent_id: str) -> bytes | None:
+    def _lmdb_raw(self, agent_id: str) -> bytes | None:
         with self._read_txn() as txn:
             data = txn.get(agent_id.encode(), db=self.main)
             return bytes(data) if data is not None else None
+
+    def read_raw(self, agent_id: str) -> bytes | None:
+        """The agent's newest main record: its log's, else LMDB's."""
+        own = self.own
+        if own is not None and own.agent_id == agent_id:
+            return own.record if own.record is not None else self._lmdb_raw(agent_id)
+        raw = self._lmdb_raw(agent_id)
+        record, _items, _seq = self._foreign_log(agent_id, raw)
+        return record if record is not None else raw
+
+    def _foreign_log(self, agent_id: str, raw: bytes | None) -> tuple[bytes | None, dict[bytes, bytes | None], int]:
+        """What the log of an agent this process does not run holds above LMDB's record."""
+        path = agent_log.log_path(self.logs, agent_id)
+        try:
+            if path.stat().st_size == 0:
+                return None, {}, 0
+        except FileNotFoundError:
+            return None, {}, 0
+        return agent_log.read(path, agent_id).after(_seq_of(raw))
+
+    def _overlay(self, agent_id: str) -> dict[bytes, bytes | None]:
+        own = self.own
+        if own is not None and own.agent_id == agent_id:
+            return own.overlay
+        return self._foreign_log(agent_id, self._lmdb_raw(agent_id))[1]
 
     def read(self, agent_id: str) -> dict[str, Any] | None:
         """The agent's main record, or None; ``store_corrupt`` if it does not decode."""
@@ -113,6 +161,9 @@ class Store:
         for the whole batch instead of one per read (a begin, a reader slot, an abort)
         is most of what a read costs.  It must not outlive the batch: an open reader
         keeps LMDB from reusing pages that later commits free, so the file would grow."""
+        own = self.own
+        if own is not None and key in own.overlay:
+            return own.overlay[key]
         txn = self._reads
         if txn is None:
             txn = self._reads = self._read_txn()
@@ -129,6 +180,20 @@ class Store:
             self._reads = None
 
     def scan_items(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Every item under ``prefix`` (an agent's, or one collection's), in key order."""
+        agent_id = prefix.split(SEP, 1)[0].decode()
+        overlay = {k: v for k, v in self._overlay(agent_id).items() if k.startswith(prefix)}
+        if not overlay:
+            yield from self._scan_lmdb(prefix)
+            return
+        merged: dict[bytes, bytes | None] = dict(self._scan_lmdb(prefix))
+        merged.update(overlay)
+        for key in sorted(merged):
+            value = merged[key]
+            if value is not None:
+                yield key, value
+
+    def _scan_lmdb(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         with self._read_txn() as txn:
             cursor = txn.cursor(db=self.items)
             if not cursor.set_range(prefix):
@@ -140,12 +205,97 @@ class Store:
                 yield key, bytes(value)
 
     def agent_ids(self) -> list[str]:
+        """Every agent with a record: in LMDB, or only in its log so far."""
         with self._read_txn() as txn:
-            return [bytes(k).decode() for k in txn.cursor(db=self.main).iternext(values=False)]
+            ids = {bytes(k).decode() for k in txn.cursor(db=self.main).iternext(values=False)}
+        try:
+            names = [entry.name for entry in os.scandir(self.logs) if entry.is_file() and entry.stat().st_size]
+        except FileNotFoundError:
+            names = []
+        for name in names:
+            agent_id = agent_log.agent_of(name)
+            if agent_id is not None and agent_id not in ids and self.read_raw(agent_id) is not None:
+                ids.add(agent_id)
+        return sorted(ids)
 
     # -- writes ------------------------------------------------------------------
 
-    def commit(self, agent_id: str, record: bytes, items: dict[bytes, bytes | None]) -> None:
+    # -- the agent's own log ------------------------------------------------------
+
+    def open_log(self, agent_id: str) -> None:
+        """Run ``agent_id`` here: take its log, and apply what a previous process left in it
+        (a crash before its checkpoint).  A full map keeps the entries in the log."""
+        if self.own is not None:
+            if self.own.agent_id != agent_id:
+                raise ValueError(f"this store runs {self.own.agent_id!r}, not {agent_id!r}")
+            return
+        own = AgentLog(self.logs, agent_id, self.fsync)
+        try:
+            found = own.replay(_seq_of(self._lmdb_raw(agent_id)))
+        except BaseException:  # store_corrupt: the log stays as it is
+            own.close()
+            raise
+        self.own = own
+        self._measure_room()
+        if found:
+            try:
+                self.checkpoint()
+            except OtpdError:
+                pass  # store_full: self.full is set, and the next commit says so
+        elif own.size:
+            own.applied()  # entries that LMDB has already
+
+    def commit(self, agent_id: str, record: bytes, items: dict[bytes, bytes | None], seq: int | None = None) -> None:
+        """Save the main record (whose seq is ``seq``) and item changes (None deletes):
+        appended to the agent's log if this process runs it (see ``checkpoint``), else
+        one LMDB transaction."""
+        own = self.own
+        if own is None or own.agent_id != agent_id:
+            self._apply(agent_id, record, items)
+            return
+        self.end_reads()  # the batch is over
+        seq = _seq_of(record) if seq is None else seq
+        entry = agent_log.frame(seq, record, items)
+        if self.full or own.size + len(entry) >= self._room:
+            # Near the map's end LMDB must take a change before its reply, so that one
+            # that does not fit is refused (store_full) rather than acknowledged: the
+            # log is applied, then this change goes straight to LMDB.
+            self.checkpoint()
+            self._apply(agent_id, record, items)
+            self._measure_room()
+            return
+        own.append(entry, seq, record, items)
+
+    def checkpoint_due(self, entries: int = 1024, size: int = 4 << 20) -> bool:
+        own = self.own
+        return own is not None and (own.entries >= entries or own.size >= size)
+
+    def pending_log(self) -> bool:
+        return self.own is not None and self.own.entries > 0
+
+    def checkpoint(self) -> None:
+        """Apply the log to LMDB in one transaction, then empty it (``store_full`` keeps it)."""
+        own = self.own
+        if own is None or own.record is None:
+            return
+        try:
+            self._apply(own.agent_id, own.record, own.overlay)
+        except OtpdError:
+            self.full = True
+            raise
+        self.full = False
+        own.applied()
+        self._measure_room()
+
+    def _measure_room(self) -> None:
+        """How much the log may hold before a commit must go to LMDB first: a quarter of
+        what the map can still take, grown to its maximum (a copy-on-write B-tree writes
+        each item's pages anew, and the free list is not counted)."""
+        info = self.env.info()
+        free = self.map_size_max - (int(info["last_pgno"]) + 1) * self._psize
+        self._room = max(0, free // 4)
+
+    def _apply(self, agent_id: str, record: bytes, items: dict[bytes, bytes | None]) -> None:
         """Write the main record and item changes (None deletes) in one transaction."""
         self.end_reads()
         while True:
@@ -176,9 +326,39 @@ class Store:
         return int(self.env.info()["map_size"])
 
     def sync(self) -> None:
+        if self.own is not None:
+            self.own.sync()
         self.env.sync(True)
 
     # -- operator tools --------------------------------------------------------
+
+    @contextmanager
+    def _held(self, agent_id: str, settle: bool = True) -> Iterator[int | None]:
+        """For a write to an agent's records: hold its log (refused while the agent runs
+        elsewhere) and, with ``settle``, apply what the log holds to LMDB first."""
+        own = self.own
+        if own is not None and own.agent_id == agent_id:
+            self.checkpoint()
+            yield None
+            return
+        path = agent_log.log_path(self.logs, agent_id)
+        fd = agent_log.lock(path, agent_id, wait=False)
+        try:
+            if fd is not None and settle:
+                size = os.fstat(fd).st_size
+                if size:
+                    replay = agent_log.parse(os.pread(fd, size, 0), agent_id)
+                    record, items, _seq = replay.after(_seq_of(self._lmdb_raw(agent_id)))
+                    if record is not None:
+                        self._apply(agent_id, record, items)
+                    if replay.torn:
+                        agent_log.set_aside(path, "torn")
+                    else:
+                        os.ftruncate(fd, 0)
+            yield fd
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def _prefixed(self, txn: lmdb.Transaction, prefix: bytes) -> list[tuple[bytes, bytes]]:
         """Every (key, value) of the items DB under ``prefix``, in key order."""
@@ -195,24 +375,37 @@ class Store:
         """Move an agent's records aside (never deleted); returns the quarantine key."""
         key = f"{agent_id}@{time.time():.6f}"
         prefix = agent_prefix(agent_id)
-        with self.env.begin(write=True) as txn:
-            main = txn.get(agent_id.encode(), db=self.main)
-            if main is None:
-                raise OtpdError("not_found", f"no record for {agent_id!r}", {"id": agent_id})
-            txn.put(key.encode(), bytes(main), db=self.quarantined)
-            for k, v in self._prefixed(txn, prefix):
-                txn.put(key.encode() + SEP + k[len(prefix):], v, db=self.quarantined)
-                txn.delete(k, db=self.items)
-            txn.delete(agent_id.encode(), db=self.main)
+        path = agent_log.log_path(self.logs, agent_id)
+        with self._held(agent_id, settle=False) as fd:
+            logged = fd is not None and os.fstat(fd).st_size > 0
+            with self.env.begin(write=True) as txn:
+                main = txn.get(agent_id.encode(), db=self.main)
+                if main is None and not logged:
+                    raise OtpdError("not_found", f"no record for {agent_id!r}", {"id": agent_id})
+                if main is not None:
+                    txn.put(key.encode(), bytes(main), db=self.quarantined)
+                for k, v in self._prefixed(txn, prefix):
+                    txn.put(key.encode() + SEP + k[len(prefix):], v, db=self.quarantined)
+                    txn.delete(k, db=self.items)
+                txn.delete(agent_id.encode(), db=self.main)
+            if logged:  # its log goes aside with it, as it is (it may be what is corrupt)
+                quarantined = self.logs / "quarantine"
+                quarantined.mkdir(exist_ok=True, mode=0o700)
+                os.rename(path, quarantined / (path.name[: -len(agent_log.SUFFIX)] + f"@{key.rsplit('@', 1)[1]}.log"))
         return key
 
     def delete_agent(self, agent_id: str) -> bool:
         """Delete an agent's records for good (a finished workflow past its retention)."""
         prefix = agent_prefix(agent_id)
+        try:
+            os.unlink(agent_log.log_path(self.logs, agent_id))
+            logged = True
+        except FileNotFoundError:
+            logged = False
         with self.env.begin(write=True) as txn:
             for k, _v in self._prefixed(txn, prefix):
                 txn.delete(k, db=self.items)
-            return bool(txn.delete(agent_id.encode(), db=self.main))
+            return bool(txn.delete(agent_id.encode(), db=self.main)) or logged
 
     # -- the daemon's records and version switches ----------------------------------
 
@@ -231,7 +424,7 @@ class Store:
 
     def keep_version(self, agent_id: str, was: str) -> None:
         """A copy of the agent's records as ``was`` left them, under versions/."""
-        with self.env.begin(write=True) as txn:
+        with self._held(agent_id), self.env.begin(write=True) as txn:
             main, items = self._records(txn, agent_id)
             if main is not None:
                 txn.put(f"{agent_id}\x00{was}".encode(), encode({"main": main, "items": items}), db=self.versions)
@@ -241,7 +434,7 @@ class Store:
 
         One transaction: nothing is lost if the process dies in the middle.  Returns True
         if ``now`` had records (a rollback restored them), False if it starts from ``was``'s."""
-        with self.env.begin(write=True) as txn:
+        with self._held(agent_id), self.env.begin(write=True) as txn:
             main, items = self._records(txn, agent_id)
             if main is None:
                 return False
@@ -257,10 +450,15 @@ class Store:
                 txn.put(k, v, db=self.items)
             return True
 
+    def put_main(self, agent_id: str, main: bytes) -> None:
+        """Replace an agent's main record (a migration written by an operator)."""
+        with self._held(agent_id), self.env.begin(write=True) as txn:
+            txn.put(agent_id.encode(), main, db=self.main)
+
     def put_raw(self, agent_id: str, main: bytes, items: list[tuple[bytes, bytes]], replace: bool = True) -> None:
         """Restore an agent's records (import): its old items are replaced."""
         prefix = agent_prefix(agent_id)
-        with self.env.begin(write=True) as txn:
+        with self._held(agent_id), self.env.begin(write=True) as txn:
             if not replace and txn.get(agent_id.encode(), db=self.main) is not None:
                 raise OtpdError("already_exists", f"{agent_id!r} has a record", {"id": agent_id})
             for k, _v in self._prefixed(txn, prefix):
@@ -268,6 +466,18 @@ class Store:
             txn.put(agent_id.encode(), main, db=self.main)
             for k, v in items:
                 txn.put(k, v, db=self.items)
+
+
+def _seq_of(raw: bytes | None) -> int:
+    """The seq of an encoded main record (0 for none, or for one that does not decode)."""
+    if raw is None:
+        return 0
+    try:
+        record = decode(raw)
+    except Exception:
+        return 0
+    seq = record.get("seq") if isinstance(record, dict) else None
+    return seq if isinstance(seq, int) else 0
 
 
 def corrupt(agent_id: str, why: str) -> OtpdError:
@@ -284,3 +494,4 @@ class StoreSettings:
     map_size_mb: int = 1024
     map_size_max_mb: int | None = None
     sync_interval_ms: int = 1000
+    checkpoint_ms: int = 100  # an agent's log is applied to LMDB this long after its first entry

@@ -191,7 +191,6 @@ def migrate_records(store: Store, classes: dict[str, str], allowed: set[str], id
             raise OtpdError("store_corrupt", f"not migrated (nothing written): {', '.join(failed)}",
                             {"results": out})
         for agent_id, record in plans:
-            with store.env.begin(write=True) as txn:
-                txn.put(agent_id.encode(), encode(record), db=store.main)
+            store.put_main(agent_id, encode(record))
             next(r for r in out if r["id"] == agent_id)["written"] = True
     return out

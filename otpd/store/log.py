@@ -1,0 +1,216 @@
+"""An agent's append-only log: its commits reach disk here before the reply.
+
+A commit is one ``write`` of one entry (and one ``fdatasync`` under ``durability =
+"fsync"``) instead of an LMDB transaction; the entries are applied to LMDB later, many
+at once (a *checkpoint*), and the log is emptied.  A crash between the two loses
+nothing: the next start replays the entries whose ``seq`` is above the main record's.
+
+File: ``store/logs/<quoted agent id>.log``, written only by the agent's own process,
+which holds an exclusive ``flock`` on it while it runs (the lock dies with the
+process).  Entry: ``u32 length, u32 crc32`` (little endian) then the payload, msgpack
+``[seq, main record bytes, [[item key, value or nil], ...]]``.  Seqs follow each other
+by one.  A last entry that is cut short or fails its checksum is a write that never
+returned (so never acknowledged): it is ignored, and the file is kept aside, never
+deleted.  A bad entry followed by more bytes, or a gap in the seqs, is corruption:
+``store_corrupt``, and the file is kept as it is.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote
+
+from otpd import codec
+from otpd.errors import OtpdError
+
+HEADER = struct.Struct("<II")
+SUFFIX = ".log"
+
+
+def log_path(logs: Path, agent_id: str) -> Path:
+    return logs / (quote(agent_id, safe="") + SUFFIX)
+
+
+def agent_of(name: str) -> str | None:
+    return unquote(name[: -len(SUFFIX)]) if name.endswith(SUFFIX) else None
+
+
+def frame(seq: int, record: bytes, items: dict[bytes, bytes | None]) -> bytes:
+    payload = codec.pack([seq, record, list(items.items())])
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+@dataclass
+class Replay:
+    """What a log holds: its entries, in order, and whether a cut-short write ends it."""
+
+    entries: list[tuple[int, bytes, list[tuple[bytes, bytes | None]]]] = field(default_factory=list)
+    end: int = 0  # bytes of whole entries
+    torn: bool = False
+
+    def after(self, seq: int) -> tuple[bytes | None, dict[bytes, bytes | None], int]:
+        """The newest main record, the item changes and the last seq of entries above ``seq``."""
+        record: bytes | None = None
+        items: dict[bytes, bytes | None] = {}
+        last = seq
+        for entry_seq, entry_record, entry_items in self.entries:
+            if entry_seq > seq:
+                record, last = entry_record, entry_seq
+                items.update(entry_items)
+        return record, items, last
+
+
+def parse(data: bytes, agent_id: str) -> Replay:
+    out = Replay()
+    pos, size = 0, len(data)
+    while pos < size:
+        if size - pos < HEADER.size:
+            out.torn = True
+            break
+        length, crc = HEADER.unpack_from(data, pos)
+        end = pos + HEADER.size + length
+        if end > size:
+            out.torn = True
+            break
+        payload = data[pos + HEADER.size:end]
+        if zlib.crc32(payload) != crc:
+            if end == size:
+                out.torn = True
+                break
+            raise _corrupt(agent_id, f"log entry at byte {pos} fails its checksum")
+        try:
+            seq, record, items = codec.unpack(payload)
+            entry = (int(seq), bytes(record), [(bytes(k), None if v is None else bytes(v)) for k, v in items])
+        except Exception as exc:  # a checksum that matches bytes that are not ours
+            raise _corrupt(agent_id, f"log entry at byte {pos} does not decode ({type(exc).__name__})") from None
+        if out.entries and entry[0] != out.entries[-1][0] + 1:
+            raise _corrupt(agent_id, f"log entry at byte {pos} has seq {entry[0]} after {out.entries[-1][0]}")
+        out.entries.append(entry)
+        pos = out.end = end
+    return out
+
+
+def read(path: Path, agent_id: str) -> Replay:
+    """The log of an agent this process does not own (it may be appending meanwhile:
+    a write in progress shows as a torn tail and is left out)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return Replay()
+    return parse(data, agent_id)
+
+
+def _corrupt(agent_id: str, why: str) -> OtpdError:
+    return OtpdError("store_corrupt", f"agent {agent_id!r}: {why}; the log is kept (see `otpctl state "
+                     f"quarantine {agent_id}`)", {"id": agent_id})
+
+
+def lock(path: Path, agent_id: str, wait: bool) -> int | None:
+    """Open ``path`` and take its exclusive lock: the fd, or None if there is no log.
+    Without ``wait``, a lock held elsewhere (the agent runs) is a ``bad_request``."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        raise OtpdError("bad_request", f"agent {agent_id!r} is running (it holds its log); stop it first "
+                        f"(`otpctl stop {agent_id}`)", {"id": agent_id}) from None
+    return fd
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Move a log out of the way, kept: ``logs/aside/<name>.<time>.<why>``."""
+    aside = path.parent / "aside"
+    aside.mkdir(exist_ok=True, mode=0o700)
+    target = aside / f"{path.name}.{time.time():.6f}.{why}"
+    os.rename(path, target)
+    return target
+
+
+class AgentLog:
+    """The log of the agent this process runs: appended to, then emptied at a checkpoint.
+
+    ``overlay`` holds the item changes of the entries not yet applied to LMDB (None:
+    deleted) and ``record`` the newest main record, so reads see them first."""
+
+    def __init__(self, logs: Path, agent_id: str, fsync: bool) -> None:
+        self.agent_id = agent_id
+        self.path = log_path(logs, agent_id)
+        self.fsync = fsync
+        self.overlay: dict[bytes, bytes | None] = {}
+        self.record: bytes | None = None
+        self.seq = 0  # the seq of the newest entry not yet applied
+        self.entries = 0
+        self.size = 0
+        self.unsynced = False
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a tool may hold it for a moment; a live owner cannot exist
+        self.fd = fd
+
+    def replay(self, applied_seq: int) -> bool:
+        """Take up what a previous process logged above ``applied_seq``; True if there was any.
+        A torn tail is kept aside and the log rewritten with its whole entries."""
+        size = os.fstat(self.fd).st_size
+        if size == 0:
+            return False
+        data = os.pread(self.fd, size, 0)
+        replay = parse(data, self.agent_id)
+        if replay.torn:
+            set_aside(self.path, "torn")
+            old, self.fd = self.fd, os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL
+                                            | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            os.close(old)
+            self._write(data[:replay.end])
+        record, items, last = replay.after(applied_seq)
+        self.size = replay.end
+        if record is None:
+            return False
+        self.record, self.overlay, self.seq = record, items, last
+        self.entries = sum(1 for entry in replay.entries if entry[0] > applied_seq)
+        return True
+
+    def append(self, data: bytes, seq: int, record: bytes, items: dict[bytes, bytes | None]) -> None:
+        """Write ``data`` (``frame(seq, record, items)``) and take its changes up."""
+        self._write(data)
+        self.overlay.update(items)
+        self.record, self.seq = record, seq
+        self.entries += 1
+        self.size += len(data)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        if self.fsync:
+            os.fdatasync(self.fd)
+        else:
+            self.unsynced = True
+
+    def applied(self) -> None:
+        """The entries are in LMDB: empty the log."""
+        os.ftruncate(self.fd, 0)
+        self.overlay = {}
+        self.record = None
+        self.entries = self.size = 0
+
+    def sync(self) -> None:
+        if self.unsynced:
+            os.fdatasync(self.fd)
+            self.unsynced = False
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def state(self) -> dict[str, Any]:
+        return {"entries": self.entries, "bytes": self.size, "seq": self.seq}

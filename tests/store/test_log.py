@@ -1,0 +1,192 @@
+"""The agent's append-only log: written before the reply, applied to LMDB at a checkpoint.
+
+The writer is a real forked process that commits, says so over a pipe, and is SIGKILLed
+(by itself, so no checkpoint can run); the reader is this process, with a fresh Store.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otpd.errors import OtpdError
+from otpd.store import log as agent_log
+from otpd.store import tools
+from otpd.store.lmdb_store import Store
+from tests.store.test_state import Counter, boot
+
+
+def in_child(path: Path, work: Callable[[Any, Any], None], hold: bool = False) -> tuple[int, int]:
+    """Fork a process that boots agent c1, runs ``work(agent, keeper)``, writes one byte to
+    the pipe and then dies by SIGKILL (or, with ``hold``, waits for its stdin pipe to close).
+    Returns (pid, fd to close to let a holding child go)."""
+    r, w = os.pipe()
+    hr, hw = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(r)
+            os.close(hw)
+            agent, keeper = boot(path)
+            work(agent, keeper)
+            os.write(w, b"!")
+            if hold:
+                os.read(hr, 1)
+        finally:
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.close(w)
+    os.close(hr)
+    assert os.read(r, 1) == b"!", "the child failed before its commits"
+    os.close(r)
+    return pid, hw
+
+
+def reap(pid: int) -> None:
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def crash_after(path: Path, work: Callable[[Any, Any], None]) -> None:
+    pid, hw = in_child(path, work)
+    os.close(hw)
+    reap(pid)
+
+
+def counting(n: int) -> Callable[[Any, Any], None]:
+    def work(agent: Any, keeper: Any) -> None:
+        for i in range(n):
+            agent.count += 1
+            agent.queue.append(i)
+            agent.table[f"k{i}"] = i
+            keeper.commit()
+        if n:
+            del agent.table["k0"]
+            keeper.commit()
+    return work
+
+
+def log_file(path: Path) -> Path:
+    return agent_log.log_path(path / "logs", "c1")
+
+
+def test_acknowledged_commits_are_in_the_log_not_yet_in_lmdb_and_a_restart_replays_them(tmp_path: Path) -> None:
+    crash_after(tmp_path, counting(5))
+    assert log_file(tmp_path).stat().st_size > 0
+    lmdb_only = Store(tmp_path)
+    assert lmdb_only._lmdb_raw("c1") is None  # the crash came before any checkpoint
+    assert lmdb_only.read("c1")["seq"] == 6  # type: ignore[index]  # readers see the log on top
+    lmdb_only.close()
+    agent, keeper = boot(tmp_path)
+    assert agent.count == 5 and list(agent.queue) == [0, 1, 2, 3, 4]
+    assert dict(agent.table.items()) == {f"k{i}": i for i in range(1, 5)} and len(agent.table) == 4
+    assert keeper.seq == 6
+    assert log_file(tmp_path).stat().st_size == 0  # applied to LMDB at load
+    assert keeper.store._lmdb_raw("c1") is not None
+    keeper.store.close()
+
+
+def test_entries_already_in_lmdb_are_skipped_by_seq(tmp_path: Path) -> None:
+    def work(agent: Any, keeper: Any) -> None:
+        counting(3)(agent, keeper)
+        data = log_file(tmp_path).read_bytes()
+        keeper.store.checkpoint()  # LMDB has seq 4 ...
+        os.write(keeper.store.own.fd, data)  # ... and the log the same entries again: a crash before the truncate
+    crash_after(tmp_path, work)
+    agent, keeper = boot(tmp_path)
+    assert agent.count == 3 and list(agent.queue) == [0, 1, 2] and keeper.seq == 4
+    keeper.store.close()
+
+
+def test_a_torn_last_entry_is_ignored_and_kept_aside(tmp_path: Path) -> None:
+    crash_after(tmp_path, counting(2))
+    whole = log_file(tmp_path).read_bytes()
+    torn = agent_log.frame(99, b"never acknowledged", {b"c1\x00x": b"y"})[:-3]
+    with log_file(tmp_path).open("ab") as f:
+        f.write(torn)
+    agent, keeper = boot(tmp_path)
+    assert agent.count == 2 and keeper.seq == 3
+    aside = list((tmp_path / "logs" / "aside").iterdir())
+    assert len(aside) == 1 and aside[0].read_bytes() == whole + torn  # never deleted
+    keeper.store.close()
+
+
+def test_a_bad_entry_before_good_ones_is_store_corrupt_and_the_log_is_left_as_it_is(tmp_path: Path) -> None:
+    crash_after(tmp_path, counting(3))
+    data = bytearray(log_file(tmp_path).read_bytes())
+    data[agent_log.HEADER.size + 2] ^= 0xFF  # inside the first entry's payload
+    log_file(tmp_path).write_bytes(bytes(data))
+    with pytest.raises(OtpdError) as err:
+        boot(tmp_path)
+    assert err.value.code == "store_corrupt" and "c1" in err.value.message
+    assert log_file(tmp_path).read_bytes() == bytes(data)
+    store = Store(tmp_path)
+    key = store.quarantine("c1")  # the operator's way out: moved aside, as it is
+    assert not log_file(tmp_path).exists()
+    kept = list((tmp_path / "logs" / "quarantine").iterdir())
+    assert len(kept) == 1 and kept[0].read_bytes() == bytes(data) and key.startswith("c1@")
+    store.close()
+    agent, keeper = boot(tmp_path)  # starts fresh
+    assert agent.count == 0
+    keeper.store.close()
+
+
+def test_a_gap_in_the_seqs_is_store_corrupt(tmp_path: Path) -> None:
+    crash_after(tmp_path, counting(1))
+    with log_file(tmp_path).open("ab") as f:
+        f.write(agent_log.frame(7, b"\x80", {}) + agent_log.frame(8, b"\x80", {}))
+    with pytest.raises(OtpdError) as err:
+        boot(tmp_path)
+    assert err.value.code == "store_corrupt" and "seq 7" in err.value.message
+
+
+def test_tools_read_a_running_agents_log_and_refuse_to_write_under_it(tmp_path: Path) -> None:
+    pid, hw = in_child(tmp_path, counting(4), hold=True)
+    try:
+        store = Store(tmp_path)
+        shown = tools.show(store, "c1")
+        assert shown["state"]["count"] == 4 and shown["items"]["queue"] == [0, 1, 2, 3]
+        assert store.agent_ids() == ["c1"]
+        lines = list(tools.export(store, ["c1"]))
+        for write in (lambda: store.quarantine("c1"), lambda: tools.import_records(store, tools.parse_export(lines))):
+            with pytest.raises(OtpdError) as err:
+                write()
+            assert err.value.code == "bad_request" and "running" in err.value.message
+        assert tools.show(store, "c1")["state"]["count"] == 4  # nothing was touched
+    finally:
+        os.close(hw)
+        reap(pid)
+    tools.import_records(store, tools.parse_export(lines))  # the agent is gone: now it may
+    assert log_file(tmp_path).stat().st_size == 0 and store.read("c1")["state"]["count"] == 4  # type: ignore[index]
+    store.close()
+
+
+def test_near_the_end_of_the_map_a_change_goes_to_lmdb_before_its_reply(tmp_path: Path) -> None:
+    agent, keeper = boot(tmp_path, map_size_mb=1, map_size_max_mb=1)
+    agent.count = 1
+    keeper.commit()
+    assert keeper.store.pending_log()  # small: the log takes it
+    for _ in range(200):
+        agent.queue.append("x" * 10_000)
+    with pytest.raises(OtpdError) as err:
+        keeper.commit()
+    assert err.value.code == "store_full"
+    assert not keeper.store.pending_log()  # the log was applied first: nothing acknowledged is only in it
+    assert agent.count == 1 and len(agent.queue) == 0
+    keeper.store.close()
+
+
+def test_the_log_is_emptied_by_a_checkpoint_and_reads_stay_the_same(tmp_path: Path) -> None:
+    agent, keeper = boot(tmp_path, cls=Counter)
+    counting(3)(agent, keeper)
+    store = keeper.store
+    before = (store.read("c1"), list(store.scan_items(b"c1\x00")))
+    assert store.pending_log() and log_file(tmp_path).stat().st_size > 0
+    store.checkpoint()
+    assert not store.pending_log() and log_file(tmp_path).stat().st_size == 0
+    assert (store.read("c1"), list(store.scan_items(b"c1\x00"))) == before
+    store.close()
