@@ -371,8 +371,11 @@ class Runtime:
             replies = [[r[0], False, error] for r in replies]
             wrote = False
             self.after.clear()  # what they were waiting for was not saved
-        if wrote:
-            replies.append({"t": "seq", "seq": keeper.seq})
+        if wrote:  # the daemon learns the seq of what it is about to acknowledge
+            if replies and type(replies[-1]) is list:
+                replies[-1].append(keeper.seq)  # on the batch's last reply: [ref, ok, result, seq]
+            else:
+                replies.append({"t": "seq", "seq": keeper.seq})
             if self.sync_s is not None and self.next_sync == float("inf"):
                 self.next_sync = time.monotonic() + self.sync_s
         if replies:
@@ -463,4 +466,4 @@ def _pack_reply(reply: list[Any]) -> bytes:
         return codec.pack(reply)
     except (TypeError, ValueError, OverflowError) as exc:
         error = OtpdError("internal", f"the agent's reply cannot be encoded: {exc}")
-        return codec.pack([reply[0], False, error.to_wire()])
+        return codec.pack([reply[0], False, error.to_wire(), *reply[3:]])

@@ -464,7 +464,12 @@ class Daemon:
 
     def _on_frame(self, child: Child, frame: Any) -> None:
         if type(frame) is list:  # a reply, the one frame that comes once per call: [ref, ok, result or error]
-            ref, ok, payload = frame
+            if len(frame) == 3:
+                ref, ok, payload = frame
+            else:  # the last of a batch that committed carries the seq: [ref, ok, result, seq]
+                ref, ok, payload, seq = frame
+                if seq > self.seqs.get(child.id, 0):
+                    self.seqs[child.id] = seq
             waiting = child.pending.pop(ref, None)
             if waiting is not None:
                 conn, req_id, bucket = waiting

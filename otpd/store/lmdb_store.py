@@ -155,12 +155,16 @@ class Store:
         return record
 
     def get_item(self, key: bytes) -> bytes | None:
-        """One item, read in a transaction kept until ``end_reads`` (or the next write).
+        """One item: the log's change if it has one, else LMDB's, read in a transaction
+        kept until ``end_reads`` or the next write to LMDB (a checkpoint).
 
-        An agent reads items while it handles a batch of calls; one read transaction
-        for the whole batch instead of one per read (a begin, a reader slot, an abort)
-        is most of what a read costs.  It must not outlive the batch: an open reader
-        keeps LMDB from reusing pages that later commits free, so the file would grow."""
+        An agent reads items while it handles calls; one read transaction for many
+        reads instead of one per read (a begin, a reader slot, an abort) is most of
+        what a read costs.  Nothing of the agent's own changes in LMDB but at its
+        checkpoints, so the snapshot stays right until then; it must not live much
+        longer: an open reader keeps LMDB from reusing pages that later commits free,
+        so the file would grow.  A batch that wrote schedules a checkpoint, and one
+        that did not ends its reads (``StateKeeper.commit``)."""
         own = self.own
         if own is not None and key in own.overlay:
             return own.overlay[key]
@@ -253,7 +257,6 @@ class Store:
         if own is None or own.agent_id != agent_id:
             self._apply(agent_id, record, items)
             return
-        self.end_reads()  # the batch is over
         seq = _seq_of(record) if seq is None else seq
         entry = agent_log.frame(seq, record, items)
         if self.full or own.size + len(entry) >= self._room:
@@ -261,7 +264,7 @@ class Store:
             # that does not fit is refused (store_full) rather than acknowledged: the
             # log is applied, then this change goes straight to LMDB.
             self.checkpoint()
-            self._apply(agent_id, record, items)
+            self._apply(agent_id, record, items)  # its reads end there
             self._measure_room()
             return
         own.append(entry, seq, record, items)
