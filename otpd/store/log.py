@@ -35,7 +35,7 @@ SUFFIX = ".log"
 
 
 def log_path(logs: Path, agent_id: str) -> Path:
-    return logs / (quote(agent_id, safe="") + SUFFIX)
+    return logs / (quote(agent_id, safe="@:") + SUFFIX)  # a valid id (config.ID_RE) is its own name
 
 
 def agent_of(name: str) -> str | None:
