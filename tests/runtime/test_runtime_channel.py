@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import socket
+import time
+from pathlib import Path
 
 from otpd import codec
 from otpd.agent.runtime import Runtime
 from otpd.core.spec import AgentSpec
+from otpd.store.lmdb_store import StoreSettings
 
 
 def test_frames_that_arrive_with_a_system_reply_join_the_backlog() -> None:
@@ -20,6 +23,32 @@ def test_frames_that_arrive_with_a_system_reply_join_the_backlog() -> None:
         assert runtime.system("ps", {}, timeout=5.0) == {"x": 1}
         assert runtime.backlog == [call]
         assert list(runtime.unpacker) == []
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_commit_schedules_a_checkpoint_and_the_checkpoint_empties_the_log(tmp_path: Path) -> None:
+    ours, theirs = socket.socketpair()
+    settings = StoreSettings(path=tmp_path / "store", checkpoint_ms=250)
+    runtime = Runtime(theirs, AgentSpec(id="kv", agent="otpd.agents.kv:KVAgent"), settings)
+    try:
+        agent, keeper = runtime._start()
+        assert runtime._timeout() is None  # nothing written: nothing to wake up for
+        agent.handle_call({"op": "put", "key": "a", "value": 1})
+        before = time.monotonic()
+        runtime._commit_then_send([[1, True, "ok"]])
+        ref, ok, result, seq = codec.unpack(ours.recv(4096))  # the reply carries the commit's seq
+        assert (ref, ok, seq) == (1, True, keeper.seq)
+        store = runtime.store
+        assert store is not None and store.pending_log()
+        assert before + 0.25 <= runtime.next_checkpoint <= time.monotonic() + 0.25
+        timeout = runtime._timeout()
+        assert timeout is not None and timeout <= 0.25  # the loop wakes for it
+        runtime._checkpoint()
+        assert not store.pending_log() and runtime.next_checkpoint == float("inf")
+        assert store._lmdb_raw("kv") is not None
+        store.close()
     finally:
         ours.close()
         theirs.close()

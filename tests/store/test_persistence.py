@@ -175,3 +175,45 @@ def test_fsync_durability_commits_and_reloads(daemon: Any) -> None:
     assert time.monotonic() - start < 10
     kill_and_wait(d, "q")
     assert call(d, "q", {"op": "list"})["items"] == list(range(5))
+
+
+def _state_dir(config: Path) -> Path:
+    return Path(next(line.split('"')[1] for line in config.read_text().splitlines() if "state_dir" in line))
+
+
+def test_acknowledged_puts_only_in_the_log_survive_sigkill_of_the_agent_and_of_the_daemon(daemon: Any) -> None:
+    from otpd.store.log import log_path
+
+    d = daemon('[store]\ncheckpoint_ms = 3600000\n' + KV)  # no checkpoint by time: the log holds them
+    for i in range(50):
+        call(d, "kv", {"op": "put", "key": i, "value": i})
+    store_dir = _state_dir(d.config_path) / "store"
+    log = log_path(store_dir / "logs", "kv")
+    assert log.stat().st_size > 0
+    store = Store(store_dir, readonly=True)
+    assert store._lmdb_raw("kv") is None and store.read("kv")["state"]["puts"] == 50  # type: ignore[index]
+    store.close()
+    kill_and_wait(d, "kv")
+    assert call(d, "kv", {"op": "len"}) == {"len": 50, "puts": 50}
+    assert log.stat().st_size == 0  # applied to LMDB by the new process before its init
+    for i in range(50, 60):
+        call(d, "kv", {"op": "put", "key": i, "value": i})
+    d.sigkill()
+    d.wait_exit()
+    d2 = daemon("", config_path=d.config_path)
+    assert call(d2, "kv", {"op": "len"}) == {"len": 60, "puts": 60}
+    assert call(d2, "kv", {"op": "get", "key": 55}) == {"found": True, "value": 55}
+
+
+def test_a_clean_stop_applies_the_log_to_lmdb(daemon: Any) -> None:
+    from otpd.store.log import log_path
+
+    d = daemon('[store]\ncheckpoint_ms = 3600000\n' + KV)
+    call(d, "kv", {"op": "put", "key": "a", "value": 1})
+    store_dir = _state_dir(d.config_path) / "store"
+    d.request("shutdown")
+    d.wait_exit()
+    assert log_path(store_dir / "logs", "kv").stat().st_size == 0
+    store = Store(store_dir, readonly=True)
+    assert store._lmdb_raw("kv") is not None and store.read("kv")["state"]["puts"] == 1  # type: ignore[index]
+    store.close()
