@@ -8,7 +8,7 @@ nothing: the next start replays the entries whose ``seq`` is above the main reco
 File: ``store/logs/<quoted agent id>.log``, written only by the agent's own process,
 which holds an exclusive ``flock`` on it while it runs (the lock dies with the
 process).  Entry: ``u32 length, u32 crc32`` (little endian) then the payload, msgpack
-``[seq, main record bytes, [[item key, value or nil], ...]]``.  Seqs follow each other
+``[seq, main record bytes, {item key: value or nil}]``.  Seqs follow each other
 by one.  A last entry that is cut short or fails its checksum is a write that never
 returned (so never acknowledged): it is ignored, and the file is kept aside, never
 deleted.  A bad entry followed by more bytes, or a gap in the seqs, is corruption:
@@ -43,7 +43,7 @@ def agent_of(name: str) -> str | None:
 
 
 def frame(seq: int, record: bytes, items: dict[bytes, bytes | None]) -> bytes:
-    payload = codec.pack([seq, record, list(items.items())])
+    payload = codec.pack([seq, record, items])
     return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
@@ -87,7 +87,7 @@ def parse(data: bytes, agent_id: str) -> Replay:
             raise _corrupt(agent_id, f"log entry at byte {pos} fails its checksum")
         try:
             seq, record, items = codec.unpack(payload)
-            entry = (int(seq), bytes(record), [(bytes(k), None if v is None else bytes(v)) for k, v in items])
+            entry = (int(seq), bytes(record), [(bytes(k), None if v is None else bytes(v)) for k, v in items.items()])
         except Exception as exc:  # a checksum that matches bytes that are not ours
             raise _corrupt(agent_id, f"log entry at byte {pos} does not decode ({type(exc).__name__})") from None
         if out.entries and entry[0] != out.entries[-1][0] + 1:
@@ -189,9 +189,9 @@ class AgentLog:
         self.size += len(data)
 
     def _write(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        done = os.write(self.fd, data)
+        while done < len(data):  # a regular file takes it whole but on a full disk or a signal
+            done += os.write(self.fd, data[done:])
         if self.fsync:
             os.fdatasync(self.fd)
         else:
