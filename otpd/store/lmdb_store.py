@@ -115,8 +115,10 @@ class Store:
             data = txn.get(agent_id.encode(), db=self.main)
             return bytes(data) if data is not None else None
 
-    def read_raw(self, agent_id: str) -> bytes | None:
-        """The agent's newest main record: its log's, else LMDB's."""
+    def read_raw(self, agent_id: str, log: bool = True) -> bytes | None:
+        """The agent's newest main record: its log's, else LMDB's (``log=False``: LMDB's)."""
+        if not log:
+            return self._lmdb_raw(agent_id)
         own = self.own
         if own is not None and own.agent_id == agent_id:
             return own.record if own.record is not None else self._lmdb_raw(agent_id)
@@ -183,10 +185,11 @@ class Store:
             self._reads.abort()
             self._reads = None
 
-    def scan_items(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """Every item under ``prefix`` (an agent's, or one collection's), in key order."""
+    def scan_items(self, prefix: bytes, log: bool = True) -> Iterator[tuple[bytes, bytes]]:
+        """Every item under ``prefix`` (an agent's, or one collection's), in key order
+        (``log=False``: as LMDB has them)."""
         agent_id = prefix.split(SEP, 1)[0].decode()
-        overlay = {k: v for k, v in self._overlay(agent_id).items() if k.startswith(prefix)}
+        overlay = {k: v for k, v in self._overlay(agent_id).items() if k.startswith(prefix)} if log else {}
         if not overlay:
             yield from self._scan_lmdb(prefix)
             return
@@ -218,7 +221,12 @@ class Store:
             names = []
         for name in names:
             agent_id = agent_log.agent_of(name)
-            if agent_id is not None and agent_id not in ids and self.read_raw(agent_id) is not None:
+            if agent_id is None or agent_id in ids:
+                continue
+            try:
+                if self.read_raw(agent_id) is not None:
+                    ids.add(agent_id)
+            except OtpdError:  # a corrupt log is listed: reading it says what is wrong
                 ids.add(agent_id)
         return sorted(ids)
 
@@ -235,7 +243,7 @@ class Store:
             return
         own = AgentLog(self.logs, agent_id, self.fsync)
         try:
-            found = own.replay(_seq_of(self._lmdb_raw(agent_id)))
+            found = own.replay(_seq_of(self._lmdb_raw(agent_id), agent_id))
         except BaseException:  # store_corrupt: the log stays as it is
             own.close()
             raise
@@ -351,7 +359,7 @@ class Store:
                 size = os.fstat(fd).st_size
                 if size:
                     replay = agent_log.parse(os.pread(fd, size, 0), agent_id)
-                    record, items, _seq = replay.after(_seq_of(self._lmdb_raw(agent_id)))
+                    record, items, _seq = replay.after(_seq_of(self._lmdb_raw(agent_id), agent_id))
                     if record is not None:
                         self._apply(agent_id, record, items)
                     if replay.torn:
@@ -471,16 +479,22 @@ class Store:
                 txn.put(k, v, db=self.items)
 
 
-def _seq_of(raw: bytes | None) -> int:
-    """The seq of an encoded main record (0 for none, or for one that does not decode)."""
+def _seq_of(raw: bytes | None, strict_for: str | None = None) -> int:
+    """The seq of an encoded main record: 0 for none, and for one that does not decode
+    (with ``strict_for``, an agent id, that is ``store_corrupt``: a log is never applied
+    over a bad record, which would overwrite it)."""
     if raw is None:
         return 0
     try:
         record = decode(raw)
     except Exception:
-        return 0
+        record = None
     seq = record.get("seq") if isinstance(record, dict) else None
-    return seq if isinstance(seq, int) else 0
+    if isinstance(seq, int):
+        return seq
+    if strict_for is not None:
+        raise corrupt(strict_for, "its main record in LMDB does not decode (its log is not applied over it)")
+    return 0
 
 
 def corrupt(agent_id: str, why: str) -> OtpdError:

@@ -87,17 +87,21 @@ def show(store: Store, agent_id: str, max_items: int = 1000) -> dict[str, Any]:
 def export(store: Store, ids: Iterable[str] | None = None) -> Iterator[str]:
     """JSON lines for the given agents (all when ``ids`` is None)."""
     for agent_id in (ids if ids is not None else store.agent_ids()):
-        raw = store.read_raw(agent_id)
-        if raw is None:
+        log_error = None
+        try:
+            raw = store.read_raw(agent_id)
+        except OtpdError as err:  # its log is corrupt: export what LMDB has, and say so
+            log_error, raw = err.message, store.read_raw(agent_id, log=False)
+        if raw is None and log_error is None:
             raise OtpdError("not_found", f"no persisted state for {agent_id!r}", {"id": agent_id})
-        value, error = _view_raw(raw)
-        line: dict[str, Any] = {"type": "agent", "id": agent_id, "raw": base64.b64encode(raw).decode(),
-                                "value": value}
-        if error:
-            line["error"] = error
+        value, error = _view_raw(raw) if raw is not None else (None, None)
+        line: dict[str, Any] = {"type": "agent", "id": agent_id,
+                                "raw": base64.b64encode(raw).decode() if raw is not None else None, "value": value}
+        if error or log_error:
+            line["error"] = "; ".join(e for e in (error, log_error) if e)
         yield json.dumps(line, sort_keys=True)
         prefix = agent_prefix(agent_id)
-        for key, item in store.scan_items(prefix):
+        for key, item in store.scan_items(prefix, log=log_error is None):
             value, error = _view_raw(item)
             line = {"type": "item", "id": agent_id, "key": base64.b64encode(key[len(prefix):]).decode(),
                     "raw": base64.b64encode(item).decode(), "value": value}
@@ -118,6 +122,8 @@ def parse_export(lines: Iterable[str]) -> dict[str, tuple[bytes, list[tuple[byte
             kind, agent_id = line["type"], line["id"]
             if not isinstance(agent_id, str) or kind not in ("agent", "item"):
                 raise ValueError("bad 'type' or 'id'")
+            if "raw" in line and line["raw"] is None:  # exported without bytes: a log that did not read
+                raise ValueError(f"{agent_id!r} has no record here ({line.get('error') or 'raw is null'})")
             raw = base64.b64decode(line["raw"], validate=True) if "raw" in line else encode(unview(line["value"]))
             if kind == "agent":
                 agents[agent_id] = raw

@@ -190,3 +190,34 @@ def test_the_log_is_emptied_by_a_checkpoint_and_reads_stay_the_same(tmp_path: Pa
     assert not store.pending_log() and log_file(tmp_path).stat().st_size == 0
     assert (store.read("c1"), list(store.scan_items(b"c1\x00"))) == before
     store.close()
+
+
+def test_a_log_is_never_applied_over_a_corrupt_main_record(tmp_path: Path) -> None:
+    crash_after(tmp_path, counting(2))
+    store = Store(tmp_path)
+    with store.env.begin(write=True) as txn:  # the LMDB record goes bad (bit rot, a bad tool)
+        txn.put(b"c1", b"\xc1 not msgpack", db=store.main)
+    store.close()
+    logged = log_file(tmp_path).read_bytes()
+    with pytest.raises(OtpdError) as err:
+        boot(tmp_path)
+    assert err.value.code == "store_corrupt" and "c1" in err.value.message
+    store = Store(tmp_path, readonly=True)
+    assert store.read_raw("c1", log=False) == b"\xc1 not msgpack"  # neither is touched
+    store.close()
+    assert log_file(tmp_path).read_bytes() == logged
+
+
+def test_an_export_with_a_corrupt_log_keeps_going_and_says_so(tmp_path: Path) -> None:
+    crash_after(tmp_path, counting(3))
+    data = bytearray(log_file(tmp_path).read_bytes())
+    data[agent_log.HEADER.size + 2] ^= 0xFF
+    log_file(tmp_path).write_bytes(bytes(data))
+    store = Store(tmp_path, readonly=True)
+    assert store.agent_ids() == ["c1"]
+    lines = list(tools.export(store))
+    assert len(lines) == 1 and '"raw": null' in lines[0] and "checksum" in lines[0]  # nothing in LMDB yet
+    with pytest.raises(OtpdError) as err:
+        tools.parse_export(lines)
+    assert err.value.code == "bad_request" and "no record here" in err.value.message
+    store.close()
