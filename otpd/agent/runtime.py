@@ -352,7 +352,7 @@ class Runtime:
             store.checkpoint()
         except OtpdError as err:  # the log keeps every acknowledged change; commits answer store_full
             if not was_full:
-                print(f"otpd: {self.spec.id}: {err}", file=sys.stderr, flush=True)
+                log_line(f"checkpoint: {err}")
 
     def _sync(self) -> None:
         keeper = self.keeper

@@ -67,7 +67,10 @@ class Store:
         self.map_size_max = (map_size_max_mb or max(map_size_mb, 65536)) << 20
         if not readonly:
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self.logs.mkdir(exist_ok=True, mode=0o700)
+            if not self.logs.is_dir():
+                self.logs.mkdir(exist_ok=True, mode=0o700)
+                if self.fsync:
+                    agent_log.sync_dir(path)
         elif not (path / "data.mdb").exists():
             raise OtpdError("not_found", f"no store at {path}")
         self.env = lmdb.open(

@@ -128,6 +128,14 @@ def lock(path: Path, agent_id: str, wait: bool) -> int | None:
     return fd
 
 
+def sync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def set_aside(path: Path, why: str) -> Path:
     """Move a log out of the way, kept: ``logs/aside/<name>.<time>.<why>``."""
     aside = path.parent / "aside"
@@ -153,9 +161,20 @@ class AgentLog:
         self.entries = 0
         self.size = 0
         self.unsynced = False
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        except FileNotFoundError:
+            fd = self._create()
         fcntl.flock(fd, fcntl.LOCK_EX)  # a tool may hold it for a moment; a live owner cannot exist
         self.fd = fd
+
+    def _create(self) -> int:
+        """A new, empty log; under fsync its directory entry is synced too, or a power cut
+        could take the file, and every entry in it, with it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if self.fsync:
+            sync_dir(self.path.parent)
+        return fd
 
     def replay(self, applied_seq: int) -> bool:
         """Take up what a previous process logged above ``applied_seq``; True if there was any.
@@ -167,8 +186,7 @@ class AgentLog:
         replay = parse(data, self.agent_id)
         if replay.torn:
             set_aside(self.path, "torn")
-            old, self.fd = self.fd, os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL
-                                            | os.O_CLOEXEC, 0o600)
+            old, self.fd = self.fd, self._create()
             fcntl.flock(self.fd, fcntl.LOCK_EX)
             os.close(old)
             self._write(data[:replay.end])
