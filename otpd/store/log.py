@@ -161,11 +161,19 @@ class AgentLog:
         self.entries = 0
         self.size = 0
         self.unsynced = False
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-        except FileNotFoundError:
-            fd = self._create()
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a tool may hold it for a moment; a live owner cannot exist
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = self._create()
+            fcntl.flock(fd, fcntl.LOCK_EX)  # a tool may hold it for a moment; a live owner cannot exist
+            try:  # the tool may have moved that file away (quarantine) while we waited for it
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
         self.fd = fd
 
     def _create(self) -> int:

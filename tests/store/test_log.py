@@ -221,3 +221,27 @@ def test_an_export_with_a_corrupt_log_keeps_going_and_says_so(tmp_path: Path) ->
         tools.parse_export(lines)
     assert err.value.code == "bad_request" and "no record here" in err.value.message
     store.close()
+
+
+def test_an_agent_that_waited_for_a_tools_lock_does_not_write_into_the_file_the_tool_moved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    crash_after(tmp_path, counting(1))
+    path = log_file(tmp_path)
+    moved = tmp_path / "logs" / "moved.log"
+    real_flock = agent_log.fcntl.flock
+    calls = []
+
+    def flock_while_a_tool_moves_the_file(fd: int, op: int) -> None:
+        if not calls:  # the agent opened the log; a tool holding it moves it away (quarantine) meanwhile
+            os.rename(path, moved)
+        calls.append(op)
+        real_flock(fd, op)
+
+    monkeypatch.setattr(agent_log.fcntl, "flock", flock_while_a_tool_moves_the_file)
+    agent, keeper = boot(tmp_path)
+    assert len(calls) == 2  # it saw the file was not the log any more, and opened the log anew
+    assert agent.count == 0  # the moved state is not its own any more
+    agent.count = 5
+    keeper.commit()
+    keeper.store.close()
+    assert agent_log.read(moved, "c1").entries[-1][0] == 2  # untouched
