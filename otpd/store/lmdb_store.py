@@ -126,17 +126,17 @@ class Store:
         if own is not None and own.agent_id == agent_id:
             return own.record if own.record is not None else self._lmdb_raw(agent_id)
         raw = self._lmdb_raw(agent_id)
-        record, _items, _seq = self._foreign_log(agent_id, raw)
+        record, _items = self._foreign_log(agent_id, raw)
         return record if record is not None else raw
 
-    def _foreign_log(self, agent_id: str, raw: bytes | None) -> tuple[bytes | None, dict[bytes, bytes | None], int]:
+    def _foreign_log(self, agent_id: str, raw: bytes | None) -> tuple[bytes | None, dict[bytes, bytes | None]]:
         """What the log of an agent this process does not run holds above LMDB's record."""
         path = agent_log.log_path(self.logs, agent_id)
         try:
             if path.stat().st_size == 0:
-                return None, {}, 0
+                return None, {}
         except FileNotFoundError:
-            return None, {}, 0
+            return None, {}
         return agent_log.read(path, agent_id).after(_seq_of(raw))
 
     def _overlay(self, agent_id: str) -> dict[bytes, bytes | None]:
@@ -244,7 +244,8 @@ class Store:
             if self.own.agent_id != agent_id:
                 raise ValueError(f"this store runs {self.own.agent_id!r}, not {agent_id!r}")
             return
-        own = AgentLog(self.logs, agent_id, self.fsync)
+        own = AgentLog.take(self.logs, agent_id, self.fsync)
+        assert own is not None  # the agent's own process makes its log
         try:
             found = own.replay(_seq_of(self._lmdb_raw(agent_id), agent_id))
         except BaseException:  # store_corrupt: the log stays as it is
@@ -278,7 +279,7 @@ class Store:
             self._apply(agent_id, record, items)  # its reads end there
             self._measure_room()
             return
-        own.append(entry, seq, record, items)
+        own.append(entry, record, items)
 
     def checkpoint_due(self, entries: int = 1024, size: int = 4 << 20) -> bool:
         own = self.own
@@ -355,24 +356,18 @@ class Store:
             self.checkpoint()
             yield None
             return
-        path = agent_log.log_path(self.logs, agent_id)
-        fd = agent_log.lock(path, agent_id, wait=False)
+        log = AgentLog.take(self.logs, agent_id, self.fsync, tool=True)
         try:
-            if fd is not None and settle:
-                size = os.fstat(fd).st_size
-                if size:
-                    replay = agent_log.parse(os.pread(fd, size, 0), agent_id)
-                    record, items, _seq = replay.after(_seq_of(self._lmdb_raw(agent_id), agent_id))
-                    if record is not None:
-                        self._apply(agent_id, record, items)
-                    if replay.torn:
-                        agent_log.set_aside(path, "torn")
-                    else:
-                        os.ftruncate(fd, 0)
-            yield fd
+            if log is not None and settle:
+                if log.replay(_seq_of(self._lmdb_raw(agent_id), agent_id)):
+                    assert log.record is not None
+                    self._apply(agent_id, log.record, log.overlay)
+                if log.size:
+                    log.applied()
+            yield log.fd if log is not None else None
         finally:
-            if fd is not None:
-                os.close(fd)
+            if log is not None:
+                log.close()
 
     def _prefixed(self, txn: lmdb.Transaction, prefix: bytes) -> list[tuple[bytes, bytes]]:
         """Every (key, value) of the items DB under ``prefix``, in key order."""

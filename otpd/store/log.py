@@ -22,9 +22,9 @@ import os
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote, unquote
 
 from otpd import codec
@@ -55,16 +55,15 @@ class Replay:
     end: int = 0  # bytes of whole entries
     torn: bool = False
 
-    def after(self, seq: int) -> tuple[bytes | None, dict[bytes, bytes | None], int]:
-        """The newest main record, the item changes and the last seq of entries above ``seq``."""
+    def after(self, seq: int) -> tuple[bytes | None, dict[bytes, bytes | None]]:
+        """The newest main record and the item changes of the entries above ``seq``."""
         record: bytes | None = None
         items: dict[bytes, bytes | None] = {}
-        last = seq
         for entry_seq, entry_record, entry_items in self.entries:
             if entry_seq > seq:
-                record, last = entry_record, entry_seq
+                record = entry_record
                 items.update(entry_items)
-        return record, items, last
+        return record, items
 
 
 def parse(data: bytes, agent_id: str) -> Replay:
@@ -112,20 +111,30 @@ def _corrupt(agent_id: str, why: str) -> OtpdError:
                      f"quarantine {agent_id}`)", {"id": agent_id})
 
 
-def lock(path: Path, agent_id: str, wait: bool) -> int | None:
-    """Open ``path`` and take its exclusive lock: the fd, or None if there is no log.
-    Without ``wait``, a lock held elsewhere (the agent runs) is a ``bad_request``."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
+def lock(path: Path, agent_id: str, wait: bool, create: Callable[[], int] | None = None) -> int | None:
+    """Open ``path`` and take its exclusive lock: the fd, or None if there is no log (and no
+    ``create`` to make one).  Without ``wait``, a lock held elsewhere (the agent runs) is a
+    ``bad_request``.  Whoever held the lock may have moved the file away meanwhile (a
+    quarantine, a torn log set aside): then the log at ``path`` is opened anew."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        except FileNotFoundError:
+            if create is None:
+                return None
+            fd = create()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise OtpdError("bad_request", f"agent {agent_id!r} is running (it holds its log); stop it first "
+                            f"(`otpctl stop {agent_id}`)", {"id": agent_id}) from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise OtpdError("bad_request", f"agent {agent_id!r} is running (it holds its log); stop it first "
-                        f"(`otpctl stop {agent_id}`)", {"id": agent_id}) from None
-    return fd
 
 
 def sync_dir(path: Path) -> None:
@@ -151,30 +160,28 @@ class AgentLog:
     ``overlay`` holds the item changes of the entries not yet applied to LMDB (None:
     deleted) and ``record`` the newest main record, so reads see them first."""
 
-    def __init__(self, logs: Path, agent_id: str, fsync: bool) -> None:
+    def __init__(self, logs: Path, agent_id: str, fsync: bool, fd: int) -> None:
         self.agent_id = agent_id
         self.path = log_path(logs, agent_id)
         self.fsync = fsync
+        self.fd = fd
         self.overlay: dict[bytes, bytes | None] = {}
         self.record: bytes | None = None
-        self.seq = 0  # the seq of the newest entry not yet applied
         self.entries = 0
         self.size = 0
         self.unsynced = False
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fd = self._create()
-            fcntl.flock(fd, fcntl.LOCK_EX)  # a tool may hold it for a moment; a live owner cannot exist
-            try:  # the tool may have moved that file away (quarantine) while we waited for it
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        self.fd = fd
+
+    @classmethod
+    def take(cls, logs: Path, agent_id: str, fsync: bool, tool: bool = False) -> AgentLog | None:
+        """The agent's log, locked.  The agent's process waits for a tool that holds it for a
+        moment and makes the log if there is none; a tool (``tool``) is refused while the
+        agent runs, and gets None if there is no log."""
+        log = cls(logs, agent_id, fsync, -1)
+        fd = lock(log.path, agent_id, wait=not tool, create=None if tool else log._create)
+        if fd is None:
+            return None
+        log.fd = fd
+        return log
 
     def _create(self) -> int:
         """A new, empty log; under fsync its directory entry is synced too, or a power cut
@@ -195,22 +202,22 @@ class AgentLog:
         if replay.torn:
             set_aside(self.path, "torn")
             old, self.fd = self.fd, self._create()
-            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            fcntl.flock(self.fd, fcntl.LOCK_EX)  # a new file: nobody else can hold it yet
             os.close(old)
             self._write(data[:replay.end])
-        record, items, last = replay.after(applied_seq)
+        record, items = replay.after(applied_seq)
         self.size = replay.end
         if record is None:
             return False
-        self.record, self.overlay, self.seq = record, items, last
+        self.record, self.overlay = record, items
         self.entries = sum(1 for entry in replay.entries if entry[0] > applied_seq)
         return True
 
-    def append(self, data: bytes, seq: int, record: bytes, items: dict[bytes, bytes | None]) -> None:
+    def append(self, data: bytes, record: bytes, items: dict[bytes, bytes | None]) -> None:
         """Write ``data`` (``frame(seq, record, items)``) and take its changes up."""
         self._write(data)
         self.overlay.update(items)
-        self.record, self.seq = record, seq
+        self.record = record
         self.entries += 1
         self.size += len(data)
 
@@ -238,5 +245,3 @@ class AgentLog:
     def close(self) -> None:
         os.close(self.fd)
 
-    def state(self) -> dict[str, Any]:
-        return {"entries": self.entries, "bytes": self.size, "seq": self.seq}
