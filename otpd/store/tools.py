@@ -57,11 +57,9 @@ def _view_raw(raw: bytes) -> tuple[Any, str | None]:
 
 def show(store: Store, agent_id: str, max_items: int = 1000) -> dict[str, Any]:
     """An agent's persisted state: the main record and up to ``max_items`` items per collection."""
-    raw = store.read_raw(agent_id)
-    if raw is None:
-        raise OtpdError("not_found", f"no persisted state for {agent_id!r}", {"id": agent_id})
     record = store.read(agent_id)  # raises store_corrupt with the reason
-    assert record is not None
+    if record is None:
+        raise OtpdError("not_found", f"no persisted state for {agent_id!r}", {"id": agent_id})
     out = view(record)
     prefix = agent_prefix(agent_id)
     items: dict[str, list[Any]] = {}
