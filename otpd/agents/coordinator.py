@@ -175,6 +175,18 @@ class CoordinatorAgent(Agent):
     def handle_info(self, message: Any) -> None:
         if message == "reconcile":
             self._reconcile()
+        elif isinstance(message, tuple) and message[0] == "forget":
+            self._forget(message[1])
+
+    def _forget(self, wf_id: str) -> None:
+        """Delete a workflow's records past retention; its process may still be finishing
+        (it holds its log until it exits): then try again a little later."""
+        try:
+            self.delete_state(wf_id)
+        except OtpdError as err:
+            if err.code != "bad_request":
+                raise
+            self.send_after(0.2, ("forget", wf_id))
 
     def _settle(self, wf_id: str) -> None:
         """The workflow's process is down for good: its own record says how it ended."""
@@ -202,7 +214,7 @@ class CoordinatorAgent(Agent):
         while len(self.finished) > self.retention:  # the counters stay lifetime counts
             old = self.finished.popleft()
             if self.workflows.pop(old, None) is not None:
-                self.after_commit(lambda old=old: self.delete_state(old))
+                self.after_commit(lambda old=old: self._forget(old))
 
     def _reconcile(self) -> None:
         """Match the recorded workflows with the processes that exist."""

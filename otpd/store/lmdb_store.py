@@ -404,17 +404,18 @@ class Store:
         return key
 
     def delete_agent(self, agent_id: str) -> bool:
-        """Delete an agent's records for good (a finished workflow past its retention)."""
+        """Delete an agent's records for good (a finished workflow past its retention).
+        Refused with ``bad_request`` while the agent runs: it holds its log, and what it
+        acknowledged next would go to a file nobody reads."""
         prefix = agent_prefix(agent_id)
-        try:
-            os.unlink(agent_log.log_path(self.logs, agent_id))
-            logged = True
-        except FileNotFoundError:
-            logged = False
-        with self.env.begin(write=True) as txn:
-            for k, _v in self._prefixed(txn, prefix):
-                txn.delete(k, db=self.items)
-            return bool(txn.delete(agent_id.encode(), db=self.main)) or logged
+        with self._held(agent_id, settle=False) as fd:
+            logged = fd is not None
+            if logged:
+                os.unlink(agent_log.log_path(self.logs, agent_id))  # under its lock: nobody appends
+            with self.env.begin(write=True) as txn:
+                for k, _v in self._prefixed(txn, prefix):
+                    txn.delete(k, db=self.items)
+                return bool(txn.delete(agent_id.encode(), db=self.main)) or logged
 
     # -- the daemon's records and version switches ----------------------------------
 

@@ -152,7 +152,8 @@ def test_tools_read_a_running_agents_log_and_refuse_to_write_under_it(tmp_path: 
         assert shown["state"]["count"] == 4 and shown["items"]["queue"] == [0, 1, 2, 3]
         assert store.agent_ids() == ["c1"]
         lines = list(tools.export(store, ["c1"]))
-        for write in (lambda: store.quarantine("c1"), lambda: tools.import_records(store, tools.parse_export(lines))):
+        for write in (lambda: store.quarantine("c1"), lambda: tools.import_records(store, tools.parse_export(lines)),
+                      lambda: store.delete_agent("c1")):
             with pytest.raises(OtpdError) as err:
                 write()
             assert err.value.code == "bad_request" and "running" in err.value.message
@@ -245,3 +246,13 @@ def test_an_agent_that_waited_for_a_tools_lock_does_not_write_into_the_file_the_
     keeper.commit()
     keeper.store.close()
     assert agent_log.read(moved, "c1").entries[-1][0] == 2  # untouched
+
+
+def test_deleting_an_agent_takes_its_log_and_records_once_it_has_stopped(tmp_path: Path) -> None:
+    crash_after(tmp_path, counting(3))  # its last commits only in the log
+    store = Store(tmp_path)
+    assert log_file(tmp_path).stat().st_size > 0 and store.read("c1") is not None
+    assert store.delete_agent("c1")
+    assert not log_file(tmp_path).exists() and store.read("c1") is None and store.agent_ids() == []
+    assert not store.delete_agent("c1")  # nothing left: False, no error
+    store.close()

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 
+from otpd.config import load
 from otpd.errors import OtpdError
+from otpd.store.lmdb_store import Store
 from tests.conftest import wait_pid_exit
 
 TREE = """
@@ -153,3 +155,23 @@ def test_steps_outside_the_allowlist_are_refused(daemon: Any) -> None:
     with pytest.raises(OtpdError) as err:
         d.request("workflow.start", {"definition": {"steps": []}})
     assert err.value.code == "bad_request"
+
+
+def test_workflows_past_retention_are_forgotten_with_their_records(daemon: Any, tmp_path: Path) -> None:
+    d = daemon(TREE.replace('"otpd.examples.jobs:*"]', '"otpd.examples.jobs:*"], retention = 1'))
+    log = tmp_path / "steps.log"
+    one_step = {"steps": [{"handler": STEPS + "record", "args": {"name": "x", "log": str(log)}}]}
+    store = Store(load(d.config_path).store_settings().path, readonly=True)
+    first = d.request("workflow.start", {"definition": one_step})["workflow_id"]
+    until_status(d, first, "completed")
+    assert store.read(first) is not None
+    second = d.request("workflow.start", {"definition": one_step})["workflow_id"]
+    until_status(d, second, "completed")
+    with pytest.raises(OtpdError) as err:
+        d.request("workflow.status", {"workflow_id": first})
+    assert err.value.code == "not_found"
+    deadline = time.monotonic() + 10  # deleted once its process let go of its log
+    while store.read(first) is not None:
+        assert time.monotonic() < deadline, f"{first}'s records outlived its retention"
+    assert store.read(second) is not None and d.request("workflow.list", {})["completed_count"] == 2
+    store.close()
