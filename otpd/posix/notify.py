@@ -1,8 +1,9 @@
 """sd_notify(3) without libsystemd: datagrams to $NOTIFY_SOCKET.
 
 A no-op when NOTIFY_SOCKET is unset.  The variables are removed from the
-environment at start (as sd_notify's ``unset_environment`` does), so agents
-never inherit them and cannot speak for the daemon.
+environment at start (as sd_notify's ``unset_environment`` does), and their bytes
+zeroed in the exec-time block /proc/PID/environ shows, so agents never inherit them
+and cannot speak for the daemon.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ class Notifier:
         address = os.environ.pop("NOTIFY_SOCKET", None)
         usec = os.environ.pop("WATCHDOG_USEC", None)
         wd_pid = os.environ.pop("WATCHDOG_PID", None)
+        if address or usec or wd_pid:  # not even in the exec-time block agents share
+            from otpd.posix.system import scrub_exec_environ
+
+            scrub_exec_environ(("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"))
         watchdog = None
         if usec and usec.isdigit() and (wd_pid is None or wd_pid == str(os.getpid())):
             watchdog = int(usec)

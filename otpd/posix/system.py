@@ -71,6 +71,29 @@ def close_inherited_fds(keep: int) -> None:
     os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
 
 
+def scrub_exec_environ(names: tuple[str, ...]) -> None:
+    """Zero the ``NAME=value`` entries of ``names`` in the environment block the kernel
+    shows as /proc/PID/environ.  unsetenv(3) only drops libc's pointer to an entry: its
+    bytes stay in the block, and every forked child shares them.  Call it once the names
+    are unset (nothing points at those bytes any more) and before any fork; a block that
+    has been moved or rewritten (setproctitle) just does not match."""
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # env_start, env_end (fields 50 and 51)
+        if not 0 < start < end:
+            return
+        block = ctypes.string_at(start, end - start)
+    except (OSError, IndexError, ValueError):  # pragma: no cover - an old kernel or no /proc
+        return
+    prefixes = tuple(name.encode() + b"=" for name in names)
+    offset = 0
+    for entry in block.split(b"\0"):
+        if entry.startswith(prefixes):
+            ctypes.memset(start + offset, 0, len(entry))
+        offset += len(entry) + 1
+
+
 def trim_heap() -> None:
     """Give free malloc memory back to the kernel (glibc's malloc_trim); smaller forks and exits."""
     try:

@@ -179,9 +179,6 @@ def test_agents_do_not_inherit_the_notify_variables(notify_otpd):
     assert report["exec_env"] == [], "a program an agent runs must not see them"
 
 
-@pytest.mark.xfail(strict=False, reason="an agent is forked, not exec'd: /proc/PID/environ shows the exec-time "
-                   "environment block it shares with the daemon, which os.environ.pop() does not rewrite "
-                   "(harmless: the live environment is clean and NotifyAccess=main ignores agents)")
 def test_agents_proc_environ_has_no_notify_variables(notify_otpd):
     d = notify_otpd(ENV_TREE, watchdog_usec=2_000_000)
     d.listener.wait_field("READY", "1", timeout=20)
