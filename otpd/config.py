@@ -256,6 +256,9 @@ def check_agent_class(ref: str) -> None:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any import-time failure of user code is a config error
         raise _Bad(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
+    from otpd.agent import code
+
+    code.note(module_name)  # a reload imports it again if its file changes
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Agent)):
         raise _Bad(f"{ref!r} is not a subclass of otpd.agent.base.Agent")

@@ -435,12 +435,16 @@ class DaemonFactory:
         return Path(match.group(1)) / "otpd.sock"
 
     def __call__(self, body: str, *, ready: bool = True, config_path: Path | None = None,
-                 log_level: str = "info") -> RunningDaemon:
-        """Start ``otpd run`` on a config made of ``body``; with ``ready``, wait until the root runs."""
+                 log_level: str = "info", import_from: Path | None = None) -> RunningDaemon:
+        """Start ``otpd run`` on a config made of ``body``; with ``ready``, wait until the root runs.
+        ``import_from``: a folder whose modules the config may name too."""
         config_path = config_path or self.config(body, log_level=log_level)
+        env = child_env()
+        if import_from is not None:
+            env["PYTHONPATH"] = os.pathsep.join((str(import_from), env["PYTHONPATH"]))
         proc = subprocess.Popen(console("otpd") + ["run", "--config", str(config_path)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                env=child_env())
+                                env=env)
         log = LogReader(proc.stderr, self.tmp_path / f"otpd{self.count}-{proc.pid}.log")
         daemon = RunningDaemon(proc, config_path, self.socket_of(config_path), log)
         self.started.append(daemon)

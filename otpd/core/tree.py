@@ -325,11 +325,13 @@ class Tree:
             self._forget(node, now)
         return self._flush()
 
-    def reload(self, root: SupervisorSpec, now: float) -> tuple[list[Action], dict[str, list[str]]]:
+    def reload(self, root: SupervisorSpec, now: float, new_code: frozenset[str] = frozenset()
+               ) -> tuple[list[Action], dict[str, list[str]]]:
         """Move the running tree to a new spec; return its actions and what changed.
 
         Added children start, removed ones stop and are forgotten, agents whose
-        process would differ (``agent``, ``args``) are restarted,
+        process would differ (``agent``, ``args``, or a module of ``new_code`` that
+        the shell imported anew) are restarted,
         and anything else (restart type, shutdown, heartbeat timeout, a
         supervisor's flags or template) is updated in place.  Untouched children
         keep their processes.  A node that moved to another supervisor, or a
@@ -356,8 +358,9 @@ class Tree:
             current = self.nodes.get(child_id)
             if current is None or self._doomed(current):
                 continue
-            if current.spec != spec:
-                restart = _needs_new_process(current.spec, spec)
+            new_version = isinstance(spec, AgentSpec) and spec.agent.partition(":")[0] in new_code
+            if current.spec != spec or new_version:
+                restart = new_version or _needs_new_process(current.spec, spec)
                 current.spec = spec
                 if restart and current.state in UP_STATES and current.parent is not None:
                     self._requeue(self.nodes[current.parent], child_id, [("stop", child_id), ("start", child_id)])

@@ -944,8 +944,9 @@ class Daemon:
         A config that does not validate is refused whole: the running tree is left
         exactly as it was.  Settings that cannot change under a running daemon
         (paths, the store) are reported in ``not_applied``; they take effect at the
-        next start.  Agent code is not re-imported: a new version of a module needs
-        a restart of the daemon.
+        next start.  An agent module whose file changed is imported anew (see
+        ``otpd.agent.code``) and its agents restart; new code that does not import is
+        refused like a bad config.
         """
         from otpd.config import ConfigError, load
 
@@ -959,6 +960,7 @@ class Daemon:
             except ConfigError as err:
                 raise OtpdError("config_invalid", "the new config is refused, nothing changed:\n" + err.message,
                                 {"errors": err.errors}) from None
+            stale = self._reimport(new)
             old = self.config
             not_applied = [f"daemon.{k}" for k in ("state_dir", "runtime_dir", "socket", "socket_group")
                            if getattr(old.daemon, k) != getattr(new.daemon, k)]
@@ -967,7 +969,12 @@ class Daemon:
             self.config = dataclasses.replace(new, daemon=dataclasses.replace(
                 old.daemon, log_level=new.daemon.log_level), store=old.store)
             self._set_flags(self._flags(self.config))
-            actions, summary = self.tree.reload(flags.resolve(new.root, self.flags), time.monotonic())
+            for child_id, spare in list(self.spares.items()):
+                if spare.spec.agent.partition(":")[0] in stale:
+                    self._drop_spare(child_id)  # booted with the old code
+            actions, summary = self.tree.reload(flags.resolve(new.root, self.flags), time.monotonic(),
+                                                frozenset(stale))
+            summary["reimported"] = stale
             self.log_level = LEVELS[new.daemon.log_level]
             self._set_sweep()
             self._apply(actions)
@@ -977,6 +984,33 @@ class Daemon:
         for key in not_applied:
             self.log("warning", f"reload: {key} changed; it takes effect when otpd restarts")
         return {**summary, "not_applied": not_applied}
+
+    def _reimport(self, config: Config) -> list[str]:
+        """Import afresh the agent modules of ``config`` whose files changed; their names.
+        All or nothing: a module that does not import or check refuses the reload."""
+        from otpd.agent import code
+        from otpd.config import check_agent_class
+
+        refs = [ref for spec in _agent_specs(config) for ref in (spec.agent, spec.agent_next) if ref]
+        stale = code.changed(refs)
+        if not stale:
+            return []
+
+        def check() -> None:
+            for ref in refs:
+                if ref.partition(":")[0] in stale:
+                    try:
+                        check_agent_class(ref)
+                    except Exception as exc:
+                        raise code.ReimportFailed(str(exc)) from None
+
+        try:
+            code.reimport(stale, check)
+        except code.ReimportFailed as err:
+            raise OtpdError("config_invalid", f"the new code is refused, nothing changed:\n{err}",
+                            {"modules": stale}) from None
+        self.log("info", f"reload: imported anew {', '.join(stale)}")
+        return stale
 
     # -- feature flags ------------------------------------------------------------
 

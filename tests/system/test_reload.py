@@ -183,3 +183,79 @@ heartbeat_timeout_ms = {timeout}
     finally:
         if is_live(pid):
             os.kill(pid, signal.SIGCONT)  # the daemon's child, reported by it: let the teardown stop it
+
+
+VERSIONED = '''
+from otpd.agent.base import Agent
+
+
+class Versioned(Agent):
+    def handle_call(self, request):
+        return {VERSION!r}
+'''
+
+CODE_TREE = """
+[[root.children]]
+id = "v"
+agent = "versioned_agent:Versioned"
+
+[[root.children]]
+id = "v2"
+agent = "versioned_agent:Versioned"
+spare = "always"
+
+[[root.children]]
+id = "bystander"
+agent = "agents_for_tests:Controlled"
+"""
+
+
+def write_version(folder, text, bump_ns):
+    """The agent's module with new source and an mtime moved on by ``bump_ns`` (a later edit)."""
+    path = folder / "versioned_agent.py"
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text)
+    os.utime(path, ns=(before + bump_ns, before + bump_ns))
+
+
+def test_reload_imports_a_changed_agent_module_anew_and_restarts_only_its_agents(daemon, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    write_version(code, VERSIONED.replace("{VERSION!r}", "'one'"), 0)
+    d = daemon(CODE_TREE, import_from=code)
+    assert d.request("call", {"id": "v", "request": None}) == "one"
+    before = d.pids("v", "v2", "bystander")
+
+    assert d.request("reload")["reimported"] == []  # nothing changed: nothing imported, nothing restarted
+    assert d.pids("v", "v2", "bystander") == before
+
+    write_version(code, VERSIONED.replace("{VERSION!r}", "'two'"), 10**9)
+    result = d.request("reload")
+    assert result["reimported"] == ["versioned_agent"] and sorted(result["restarted"]) == ["v", "v2"]
+    for child_id in ("v", "v2"):
+        d.wait(child_id, "running", not_pid=before[child_id])
+        assert d.request("call", {"id": child_id, "request": None}) == "two"
+    assert d.pids("bystander") == {"bystander": before["bystander"]}
+    after = d.pids("v", "v2")
+    d.kill("v2")  # its restart runs the new code too (not a spare booted with the old one)
+    d.wait("v2", "running", not_pid=after["v2"])
+    assert d.request("call", {"id": "v2", "request": None}) == "two"
+
+
+def test_new_agent_code_that_does_not_import_is_refused_and_nothing_changes(daemon, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    write_version(code, VERSIONED.replace("{VERSION!r}", "'one'"), 0)
+    d = daemon(CODE_TREE, import_from=code)
+    before = d.pids("v", "v2", "bystander")
+    for broken in ("class Versioned(:\n", VERSIONED.replace("{VERSION!r}", "'two'") + "raise RuntimeError('boom')\n",
+                   "Versioned = 3\n"):
+        write_version(code, broken, 10**9)
+        with pytest.raises(OtpdError) as err:
+            d.request("reload")
+        assert err.value.code == "config_invalid" and "versioned_agent" in err.value.message
+        assert d.pids("v", "v2", "bystander") == before
+        d.kill("v")  # a restart still runs the old code, which the daemon kept
+        d.wait("v", "running", not_pid=before["v"])
+        before["v"] = d.pid_of("v")
+        assert d.request("call", {"id": "v", "request": None}) == "one"
