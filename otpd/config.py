@@ -258,6 +258,8 @@ def check_agent_class(ref: str) -> None:
         raise _Bad(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
     from otpd.agent import code
 
+    if code.is_changed(module_name):
+        return  # a reload imports the new version and checks that (this is the old one)
     code.note(module_name)  # a reload imports it again if its file changes
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, Agent)):

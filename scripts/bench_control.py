@@ -120,10 +120,14 @@ def installed_otpctl() -> Path:
         src = Path(tmp) / "src"
         shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "var", "__pycache__", "build",
                                                                  "*.egg-info", ".mypy_cache", ".ruff_cache"))
-        fresh = not python.exists()
-        if fresh:
+        marker = venv / "deps-of-pyproject.toml"  # the pyproject its dependencies came from
+        fresh = not marker.exists() or marker.read_bytes() != (REPO / "pyproject.toml").read_bytes()
+        if not python.exists():
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run(pip + ([str(src)] if fresh else ["--no-deps", "--force-reinstall", str(src)]), check=True)
+        if fresh:  # its dependencies
+            subprocess.run(pip + [str(src)], check=True)
+            shutil.copyfile(REPO / "pyproject.toml", marker)
+        subprocess.run(pip + ["--no-deps", "--force-reinstall", str(src)], check=True)  # this checkout's otpd
     return venv / "bin" / "otpctl"
 
 

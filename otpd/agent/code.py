@@ -10,6 +10,8 @@ a re-imported module then restart.
 
 Only those modules: the modules they import are not imported again, and neither is
 otpd's own code (``otpd.*``); a new version of those needs a restart of the daemon.
+Changed agent modules are imported again in name order: one that subclasses a class of
+another changed agent module may keep the old base (restart the daemon for that).
 """
 
 from __future__ import annotations
@@ -43,44 +45,62 @@ def _reloadable(name: str) -> bool:
     return name != "otpd" and not name.startswith("otpd.") and name != "__main__"
 
 
-def note(module_name: str) -> None:
-    """The daemon has imported ``module_name`` (to check an agent class): remember its file."""
+def note_loaded() -> None:
+    """Remember the file of every module imported so far (the daemon calls this at start,
+    before the first fork): a module the config names only later, once its file changed,
+    is then still seen as changed."""
+    for name, module in list(sys.modules.items()):
+        note(name, module)
+
+
+def note(module_name: str, module: ModuleType | None = None) -> None:
+    """``module_name`` is imported (to check an agent class, say): remember its file, unless
+    it already is remembered."""
     if module_name not in _seen and _reloadable(module_name):
-        stamp = _stamp(sys.modules.get(module_name))
+        stamp = _stamp(module or sys.modules.get(module_name))
         if stamp is not None:
             _seen[module_name] = stamp
 
 
+def is_changed(module_name: str) -> bool:
+    return module_name in _seen and _stamp(sys.modules.get(module_name)) != _seen[module_name]
+
+
 def changed(refs: Iterable[str]) -> list[str]:
     """The agent modules among ``refs`` ("module:Class") whose file is not the one imported."""
-    names = sorted({ref.partition(":")[0] for ref in refs})
-    return [n for n in names if n in _seen and _stamp(sys.modules.get(n)) != _seen[n]]
+    return [n for n in sorted({ref.partition(":")[0] for ref in refs}) if is_changed(n)]
 
 
 def reimport(names: list[str], check: Callable[[], None]) -> None:
-    """Import each of ``names`` afresh, then ``check()`` (which raises if the new code is
-    not usable); on any failure every old module is put back and ReimportFailed raised."""
+    """Import each of ``names`` afresh (in that order: a module that subclasses another one
+    of them should come after it), then ``check()`` (which raises if the new code is not
+    usable); on any failure every old module is put back and ReimportFailed raised."""
     old = {name: sys.modules[name] for name in names}
+    old_seen = {name: _seen[name] for name in names if name in _seen}
     try:
         for name in names:
-            sys.modules[name] = _fresh(name, old[name])  # where the module's own code looks for itself
-            _link(name, sys.modules[name])
+            stamp = _stamp(old[name])  # before it runs: an edit meanwhile is seen next time
+            _fresh(name, old[name])
+            if stamp is not None:
+                _seen[name] = stamp  # this is the version imported now
         check()
-    except ReimportFailed:
-        _restore(old)
-        raise
     except Exception as exc:
         _restore(old)
+        _seen.update(old_seen)
+        if isinstance(exc, ReimportFailed):
+            raise
         raise ReimportFailed(f"{type(exc).__name__}: {exc}") from None
-    for name in names:
-        _seen[name] = _stamp(sys.modules[name]) or _seen[name]
 
 
-def _fresh(name: str, old: ModuleType) -> ModuleType:
+def _fresh(name: str, old: ModuleType) -> None:
+    """Run the module's current source into a new module object, which is ``sys.modules[name]``
+    while it runs (where its own code, dataclasses among it, looks for it) and after."""
     spec = old.__spec__
     if spec is None or spec.loader is None:
         raise ReimportFailed(f"cannot import {name!r} again: it has no loader")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    _link(name, module)
     try:
         loader = spec.loader
         if isinstance(loader, importlib.machinery.SourceFileLoader) and spec.origin:
@@ -92,7 +112,11 @@ def _fresh(name: str, old: ModuleType) -> ModuleType:
             loader.exec_module(module)
     except Exception as exc:
         raise ReimportFailed(f"cannot import {name!r} again: {type(exc).__name__}: {exc}") from None
-    return module
+    prefix = name + "."
+    for sub, submodule in list(sys.modules.items()):  # a package keeps its imported submodules
+        child = sub[len(prefix):]
+        if sub.startswith(prefix) and "." not in child and not hasattr(module, child):
+            setattr(module, child, submodule)
 
 
 def _link(name: str, module: ModuleType) -> None:

@@ -184,7 +184,7 @@ class CoordinatorAgent(Agent):
         try:
             self.delete_state(wf_id)
         except OtpdError as err:
-            if err.code != "bad_request":
+            if not (err.details or {}).get("running"):
                 raise
             self.send_after(0.2, ("forget", wf_id))
 

@@ -36,6 +36,7 @@ from typing import Any, TextIO
 import msgpack
 
 from otpd import __version__, codec, flags
+from otpd.agent import code
 from otpd.agent.runtime import child_main  # imported here so that no child pays for it after fork
 from otpd.config import Config
 from otpd.control import protocol
@@ -183,6 +184,7 @@ class Daemon:
         self.selector.register(wake_r, selectors.EVENT_READ, lambda _m: self._on_signals(os.read(wake_r, 512)))
         self.server.open()
         self.log("info", f"otpd {__version__} pid {self.pid} listening on {self.config.daemon.socket}")
+        code.note_loaded()  # what a reload compares agent modules' files with
         gc.freeze()  # keep the forked children's copy-on-write pages shared
         system.prepare_titles()
         system.trim_heap()  # every page the daemon holds is a page each fork copies a mapping of
@@ -988,7 +990,6 @@ class Daemon:
     def _reimport(self, config: Config) -> list[str]:
         """Import afresh the agent modules of ``config`` whose files changed; their names.
         All or nothing: a module that does not import or check refuses the reload."""
-        from otpd.agent import code
         from otpd.config import check_agent_class
 
         refs = [ref for spec in _agent_specs(config) for ref in (spec.agent, spec.agent_next) if ref]

@@ -407,6 +407,8 @@ class Store:
         """Delete an agent's records for good (a finished workflow past its retention).
         Refused with ``bad_request`` while the agent runs: it holds its log, and what it
         acknowledged next would go to a file nobody reads."""
+        if self.own is not None and self.own.agent_id == agent_id:
+            raise OtpdError("bad_request", "an agent cannot delete its own records", {"id": agent_id})
         prefix = agent_prefix(agent_id)
         with self._held(agent_id, settle=False) as fd:
             logged = fd is not None

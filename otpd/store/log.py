@@ -128,7 +128,7 @@ def lock(path: Path, agent_id: str, wait: bool, create: Callable[[], int] | None
         except BlockingIOError:
             os.close(fd)
             raise OtpdError("bad_request", f"agent {agent_id!r} is running (it holds its log); stop it first "
-                            f"(`otpctl stop {agent_id}`)", {"id": agent_id}) from None
+                            f"(`otpctl stop {agent_id}`)", {"id": agent_id, "running": True}) from None
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 return fd

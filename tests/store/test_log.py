@@ -256,3 +256,16 @@ def test_deleting_an_agent_takes_its_log_and_records_once_it_has_stopped(tmp_pat
     assert not log_file(tmp_path).exists() and store.read("c1") is None and store.agent_ids() == []
     assert not store.delete_agent("c1")  # nothing left: False, no error
     store.close()
+
+
+def test_an_agent_cannot_delete_its_own_records(tmp_path: Path) -> None:
+    def work(agent: Any, keeper: Any) -> None:
+        agent.count = 1
+        keeper.commit()
+        with pytest.raises(OtpdError) as err:
+            keeper.store.delete_agent("c1")
+        assert err.value.code == "bad_request"
+    crash_after(tmp_path, work)
+    store = Store(tmp_path)
+    assert store.read("c1")["state"]["count"] == 1  # type: ignore[index]
+    store.close()

@@ -259,3 +259,27 @@ def test_new_agent_code_that_does_not_import_is_refused_and_nothing_changes(daem
         d.wait("v", "running", not_pid=before["v"])
         before["v"] = d.pid_of("v")
         assert d.request("call", {"id": "v", "request": None}) == "one"
+
+
+def test_a_reload_may_name_a_new_class_of_a_changed_module_or_a_module_edited_before_it_was_named(
+        daemon, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    write_version(code, VERSIONED.replace("{VERSION!r}", "'one'") + "import helper_agent  # noqa\n", 0)
+    (code / "helper_agent.py").write_text(VERSIONED.replace("Versioned", "Helper").replace("{VERSION!r}", "'h1'"))
+    d = daemon(CODE_TREE, import_from=code)  # helper_agent is imported (by versioned_agent), not named
+    # the edit comes before the config names it: the daemon still knows which file it imported
+    (code / "helper_agent.py").write_text(VERSIONED.replace("Versioned", "Helper").replace("{VERSION!r}", "'h2'"))
+    write_version(code, VERSIONED.replace("{VERSION!r}", "'two'") + "\n\nclass Added(Versioned):\n"
+                  "    def handle_call(self, request):\n        return 'added'\n", 10**9)
+    d.config_path.write_text(d.config_path.read_text() + '\n[[root.children]]\nid = "added"\n'
+                             'agent = "versioned_agent:Added"\n\n[[root.children]]\nid = "helper"\n'
+                             'agent = "helper_agent:Helper"\n')
+    result = d.request("reload")
+    assert result["reimported"] == ["helper_agent", "versioned_agent"]
+    assert sorted(result["added"]) == ["added", "helper"]
+    d.wait("added")
+    d.wait("helper")
+    assert d.request("call", {"id": "added", "request": None}) == "added"
+    assert d.request("call", {"id": "helper", "request": None}) == "h2"
+    assert d.request("call", {"id": "v", "request": None}) == "two"

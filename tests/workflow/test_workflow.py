@@ -74,8 +74,11 @@ def test_a_workflow_survives_killing_its_process_and_the_coordinator_and_complet
     old = d.pid_of(wf)
     os.kill(old, signal.SIGKILL)
     os.kill(d.pid_of("coordinator"), signal.SIGKILL)
-    d.wait(wf, "running", not_pid=old)  # the old reader is gone: the next open meets the new one
+    # Closed before the new process can open the FIFO: a reader that opened while this writer
+    # was still open would read EOF when it closed, and end step 2 with no data.  (The killed
+    # reader runs no more code: SIGKILL is pending.)
     os.close(writer)
+    d.wait(wf, "running", not_pid=old)
     writer = at_gate(fifo)  # the restarted process is back in step 2, not step 1
     os.write(writer, b"go")
     os.close(writer)
