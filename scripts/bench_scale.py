@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import selectors
 import statistics
 import time
@@ -82,6 +83,18 @@ def children_pss(pid: int) -> float:
         except OSError:
             pass
     return total / 1024.0
+
+
+def children_cpu(pids: list[int]) -> float:
+    """CPU the processes used so far (their own start included), from /proc/PID/schedstat."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/schedstat") as fh:
+                total += int(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1e9
 
 
 def measure_master(pid: int, n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -203,6 +216,7 @@ def bench_otpd(args: argparse.Namespace, label: str = "otpd", extra: dict[str, A
         with Client(sock, timeout=60) as ctl:
             snap = ctl.request("status")
             res["own_view_s"] = time.perf_counter() - t0
+            res["children_cpu_s"] = children_cpu([c["pid"] for c in snap["children"] if c.get("pid")])
             up = sum(1 for c in snap["children"] if c["state"] == "running")
             if up != n:
                 raise RuntimeError(f"otpd: status shows {up}/{n} running")
@@ -398,7 +412,9 @@ def main() -> int:
         for r in results:
             if "start_cpu_s" in r:
                 notes.append(f"{r['system']}: the daemon used {r['start_cpu_s']:.2f} s of CPU from its exec until "
-                             "every child was running")
+                             f"every child was running, the {args.n} children {r.get('children_cpu_s', 0):.2f} s "
+                             f"together ({r.get('children_cpu_s', 0) / args.n * 1e3:.2f} ms each, their boot "
+                             f"included); on {os.cpu_count()} cores a start takes at least (daemon + children) / cores")
         notes.append(f"otpd: control socket accepted {otpd['socket_s']:.2f} s after start; agent "
                      f"`{args.otpd_agent}` with default liveness settings; `otpctl status` first line: "
                      f"`{otpd['cli_head']}`; daemon log lines at warning: {otpd['log_lines']}")
