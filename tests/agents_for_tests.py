@@ -59,6 +59,7 @@ class Controlled(Agent):
             assert runtime is not None
             runtime.stamp.waiting()
             runtime.stamp = Stamp(None, -1)
+            print("hanging unseen", flush=True)  # the test's cue: input sent from now on stays unread
             while True:
                 signal.pause()
 

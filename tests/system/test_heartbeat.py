@@ -100,6 +100,9 @@ def test_child_that_does_not_wake_for_its_input_is_killed(daemon):
     pid = d.pid_of("hb")
     with d.events() as events:
         d.request("cast", {"id": "hb", "message": {"do": "hang-unseen"}})
+        # The call goes once the agent hangs: sent earlier, it could come in the same read as
+        # the cast (then the agent did wake for it, and only a lying agent stamps nothing).
+        d.log.wait_for(r"hb: hanging unseen")
         with pytest.raises(OtpdError) as err:
             d.request("call", {"id": "hb", "request": "ping", "timeout": 30})
         assert err.value.code == "agent_crashed"
