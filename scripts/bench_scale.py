@@ -85,18 +85,6 @@ def children_pss(pid: int) -> float:
     return total / 1024.0
 
 
-def children_cpu(pids: list[int]) -> float:
-    """CPU the processes used so far (their own start included), from /proc/PID/schedstat."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/schedstat") as fh:
-                total += int(fh.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total / 1e9
-
-
 def measure_master(pid: int, n: int, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"rss_mib": bl.rss_bytes(pid) / 2**20, "fds": bl.fd_count(pid)}
     out["fds_per_child"] = out["fds"] / n
@@ -216,7 +204,7 @@ def bench_otpd(args: argparse.Namespace, label: str = "otpd", extra: dict[str, A
         with Client(sock, timeout=60) as ctl:
             snap = ctl.request("status")
             res["own_view_s"] = time.perf_counter() - t0
-            res["children_cpu_s"] = children_cpu([c["pid"] for c in snap["children"] if c.get("pid")])
+            res["children_cpu_s"] = sum(bl.cpu_seconds(c["pid"]) for c in snap["children"] if c.get("pid"))
             up = sum(1 for c in snap["children"] if c["state"] == "running")
             if up != n:
                 raise RuntimeError(f"otpd: status shows {up}/{n} running")
