@@ -38,10 +38,13 @@ class CoordinatorAgent(Agent):
     state_version = 1
     fields = {"completed_count": 0, "failed_count": 0, "cancelled_count": 0, "started_count": 0}
     persistent_fields = tuple(fields)
-    collections = {"workflows": PersistentMap, "finished": PersistentQueue}
+    # forgetting: workflows past retention whose records are still to delete (a delete waits
+    # for the workflow's process to let go of its log, and survives a restart of this agent)
+    collections = {"workflows": PersistentMap, "finished": PersistentQueue, "forgetting": PersistentMap}
 
     workflows: PersistentMap
     finished: PersistentQueue
+    forgetting: PersistentMap
     completed_count: int
     failed_count: int
     cancelled_count: int
@@ -54,6 +57,8 @@ class CoordinatorAgent(Agent):
         self.poison_after = int(self.args.get("poison_after", 3))
         self.subscribe_events()
         self.send_after(0, "reconcile")
+        for wf_id in list(self.forgetting.keys()):  # deletes a crash interrupted
+            self.send_after(0, ("forget", wf_id))
 
     # -- requests ------------------------------------------------------------
 
@@ -181,12 +186,16 @@ class CoordinatorAgent(Agent):
     def _forget(self, wf_id: str) -> None:
         """Delete a workflow's records past retention; its process may still be finishing
         (it holds its log until it exits): then try again a little later."""
+        if wf_id not in self.forgetting:
+            return  # done already (a retry that was scheduled twice)
         try:
             self.delete_state(wf_id)
         except OtpdError as err:
             if not (err.details or {}).get("running"):
                 raise
             self.send_after(0.2, ("forget", wf_id))
+            return
+        del self.forgetting[wf_id]
 
     def _settle(self, wf_id: str) -> None:
         """The workflow's process is down for good: its own record says how it ended."""
@@ -214,6 +223,7 @@ class CoordinatorAgent(Agent):
         while len(self.finished) > self.retention:  # the counters stay lifetime counts
             old = self.finished.popleft()
             if self.workflows.pop(old, None) is not None:
+                self.forgetting[old] = True
                 self.after_commit(lambda old=old: self._forget(old))
 
     def _reconcile(self) -> None:
