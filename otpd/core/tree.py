@@ -361,11 +361,11 @@ class Tree:
             new_version = isinstance(spec, AgentSpec) and spec.agent.partition(":")[0] in new_code
             if current.spec != spec or new_version:
                 restart = new_version or _needs_new_process(current.spec, spec)
-                current.spec = spec
+                differs, current.spec = current.spec != spec, spec
                 if restart and current.state in UP_STATES and current.parent is not None:
                     self._requeue(self.nodes[current.parent], child_id, [("stop", child_id), ("start", child_id)])
                     summary["restarted"].append(child_id)
-                else:
+                elif differs:  # (new code for an agent that is down: its next start runs it)
                     summary["updated"].append(child_id)
         self._target = root
         self._add_missing(root, new, summary, now)

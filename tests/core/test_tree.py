@@ -396,6 +396,19 @@ def test_reload_starts_added_stops_removed_restarts_changed_and_keeps_the_rest()
     assert [c["id"] for c in sim.tree.snapshot()] == ["a", "b", "s", "d", "e", "f"]
 
 
+def test_reload_restarts_the_running_agents_of_a_module_imported_anew_and_only_them() -> None:
+    new_code = AgentSpec(id="n", agent="newcode:Agent")
+    ended = AgentSpec(id="t", agent="newcode:Agent", restart="temporary")
+    root = sup("root", agent("a"), new_code, ended)
+    sim = Sim(root).start()
+    sim.crash("t", "normal")  # a temporary that ended: down, and it stays down
+    pids = {c: sim.pid(c) for c in "an"}
+    actions, summary = sim.tree.reload(root, sim.now, frozenset({"newcode"}))
+    sim.apply(actions)
+    assert summary["restarted"] == ["n"] and summary["updated"] == [] and sim.state("t") == "stopped"
+    assert sim.pid("a") == pids["a"] and sim.pid("n") != pids["n"] and sim.state("n") == "running"
+
+
 def test_reload_updates_supervision_settings_in_place() -> None:
     sim = Sim(sup("root", agent("a", restart="permanent"), max_restarts=3)).start()
     pid = sim.pid("a")
