@@ -10,11 +10,12 @@ The seed design's TaskAgent (``task_queue``, ``processing_tasks``,
 
 Args: ``handler`` (``module:function``, imported in the agent's process when it
 starts; ``fn(payload) -> result``, run on the runtime's worker threads),
-``concurrency`` (tasks run at once, default 4), ``max_attempts`` (default 3).
+``concurrency`` (tasks run at once, default 4), ``max_attempts`` (default 3),
+``timeout_s`` (how long one attempt may run, default 0: no limit; an ``add`` may set its own).
 
 Calls (``otpctl task ...`` forwards to them)::
 
-    {"op": "add", "payload": X, "task_id": "optional"} -> {"task_id": id}
+    {"op": "add", "payload": X, "task_id": "optional", "timeout_s": S} -> {"task_id": id}
     {"op": "stats"}                 -> {"queued", "processing", "completed_count", "error_count",
                                         "interrupted_count", "dead", "status", "concurrency", "max_attempts"}
     {"op": "list", "dead": false, "limit": 100} -> {"tasks": [...]}  (processing, then queued; or dead letters)
@@ -40,6 +41,10 @@ Guarantees:
 * A completion removes the task from processing and is counted once (the id's state becomes
   ``completed``; results are not kept).
 * Paused: adds are accepted and queued, nothing new starts (running tasks finish).
+* A timeout: a thread cannot be stopped, so an attempt past its ``timeout_s`` ends the
+  agent's process (let it crash: the supervisor restarts it, with its intensity).  The attempt
+  counts, like any attempt the agent died in, and its last error says it timed out; the other
+  tasks that were running get their attempt back, as at a clean stop.
 
 Every collection is one LMDB record per task, so adding, starting or finishing a task writes
 O(1) records whatever the queue's length, and a restart reads only the markers and the
@@ -49,6 +54,7 @@ O(1) records whatever the queue's length, and a restart reads only the markers a
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -58,6 +64,7 @@ from otpd.agent.state import PersistentMap, PersistentQueue
 from otpd.errors import OtpdError
 
 DEFAULT_LIMIT = 100
+EXIT_TIMEOUT = 75  # the status a process ends with when a task's attempt timed out (a crash)
 MAX_LIMIT = 100_000
 
 
@@ -75,6 +82,12 @@ def load_handler(ref: Any) -> Callable[[Any], Any]:
     if not callable(fn):
         raise OtpdError("config_invalid", f"handler {ref!r}: {module_name!r} has no function {name!r}")
     return fn  # type: ignore[no-any-return]
+
+
+def _timeout_arg(value: Any, name: str, code: str) -> float:
+    if type(value) not in (int, float) or not 0 <= value <= 86_400 * 365:  # NaN fails too
+        raise OtpdError(code, f"{name} must be a number of seconds >= 0 (0: no limit), got {value!r}")
+    return float(value)
 
 
 def _int_arg(args: dict[str, Any], name: str, default: int, minimum: int) -> int:
@@ -114,7 +127,7 @@ class TaskAgent(Agent):
 
     def init(self) -> None:
         args = self.args
-        unknown = sorted(set(args) - {"handler", "concurrency", "max_attempts"})
+        unknown = sorted(set(args) - {"handler", "concurrency", "max_attempts", "timeout_s"})
         if unknown:
             raise OtpdError("config_invalid", f"TaskAgent: unknown args {', '.join(unknown)}")
         if "handler" not in args:
@@ -122,6 +135,7 @@ class TaskAgent(Agent):
         self.handler = load_handler(args["handler"])
         self.concurrency = _int_arg(args, "concurrency", 4, 1)
         self.max_attempts = _int_arg(args, "max_attempts", 3, 1)
+        self.timeout_s = _timeout_arg(args.get("timeout_s", 0), "timeout_s", "config_invalid")
         self.scheduled: set[str] = set()  # moved to processing, handed to a worker once committed
         self.submitted: set[str] = set()  # on a worker now
         self.resync = False
@@ -131,11 +145,14 @@ class TaskAgent(Agent):
         again = []
         for task_id, task in list(self.processing_tasks.items()):
             self.interrupted_count += 1
+            why = task.pop("timed_out", None) or f"the agent died during attempt {task['attempts']}"
             if task["attempts"] >= self.max_attempts:
                 self.processing_tasks.pop(task_id)
-                task["last_error"] = f"the agent died during attempt {task['attempts']}"
+                task["last_error"] = why
                 self._bury(task)
             else:
+                if why.startswith("timed out"):
+                    task["last_error"] = why
                 task["attempts"] += 1
                 task["started_at"] = time.time()
                 self.processing_tasks[task_id] = task
@@ -176,8 +193,10 @@ class TaskAgent(Agent):
             if state is not None:
                 raise OtpdError("already_exists", f"task {task_id!r} exists ({state})",
                                 {"task_id": task_id, "state": state})
-        self.task_queue.append({"id": task_id, "payload": request["payload"], "attempts": 0,
-                                "added_at": time.time()})
+        task = {"id": task_id, "payload": request["payload"], "attempts": 0, "added_at": time.time()}
+        if "timeout_s" in request:
+            task["timeout_s"] = _timeout_arg(request["timeout_s"], "timeout_s", "bad_request")
+        self.task_queue.append(task)
         self.task_ids[task_id] = "pending"
         self._pump()
         return {"task_id": task_id}
@@ -285,6 +304,30 @@ class TaskAgent(Agent):
             self.submitted.add(task_id)
             self.run_in_worker(self.handler, payload, done=lambda result, error, t=task_id:
                                self._finished(t, error), workers=self.concurrency)
+            task = self.processing_tasks.get(task_id)
+            timeout = task.get("timeout_s", self.timeout_s) if task is not None else 0
+            if timeout:
+                self.send_after(timeout, ("timeout", task_id, task["attempts"]))
+
+    def handle_info(self, message: Any) -> None:
+        if isinstance(message, tuple) and message[0] == "timeout":
+            self._timed_out(message[1], message[2])
+
+    def _timed_out(self, task_id: str, attempt: int) -> None:
+        """Its attempt is still running past its timeout: its thread cannot be stopped, so the
+        process ends once this is committed, and the next start sees why."""
+        task = self.processing_tasks.get(task_id)
+        if task is None or task["attempts"] != attempt or task_id not in self.submitted:
+            return  # finished meanwhile (or a later attempt)
+        timeout = task.get("timeout_s", self.timeout_s)
+        task["timed_out"] = f"timed out after {timeout:g} s in attempt {attempt}"
+        self.processing_tasks[task_id] = task
+        for other_id, other in list(self.processing_tasks.items()):
+            if other_id != task_id:  # interrupted through no fault of theirs, as at a clean stop
+                other["attempts"] = max(0, other["attempts"] - 1)
+                self.processing_tasks[other_id] = other
+        self.log(f"task {task_id!r} {task['timed_out']}; ending this process to free its worker")
+        self.after_commit(lambda: os._exit(EXIT_TIMEOUT))
 
     def _finished(self, task_id: str, error: BaseException | None) -> None:
         """On the agent's loop: record the outcome (committed with the rest of this batch)."""
@@ -354,7 +397,7 @@ class TaskAgent(Agent):
     def _view(task: dict[str, Any], state: str) -> dict[str, Any]:
         out = {"task_id": task["id"], "state": state, "attempts": task.get("attempts", 0),
                "payload": task.get("payload")}
-        for key in ("added_at", "started_at", "dead_at", "last_error"):
+        for key in ("added_at", "started_at", "dead_at", "timeout_s", "last_error"):
             if task.get(key) is not None:
                 out[key] = task[key]
         return out

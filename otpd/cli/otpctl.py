@@ -365,12 +365,16 @@ def task() -> None:
 @click.argument("agent_id", metavar="ID")
 @click.argument("payload_json", metavar="PAYLOAD_JSON")
 @click.option("--task-id", default=None, help="Idempotency key (default: a new id).")
+@click.option("--task-timeout", type=float, default=None,
+              help="Seconds one attempt may run (default: the agent's timeout_s; 0: no limit).")
 @pass_ctx
-def task_add(c: Ctx, agent_id: str, payload_json: str, task_id: str | None) -> None:
+def task_add(c: Ctx, agent_id: str, payload_json: str, task_id: str | None, task_timeout: float | None) -> None:
     """Queue a task; answered once it is durable."""
     args = {"id": agent_id, "payload": _json_arg(payload_json, "PAYLOAD_JSON")}
     if task_id is not None:
         args["task_id"] = task_id
+    if task_timeout is not None:
+        args["timeout_s"] = task_timeout
     result = c.request("task.add", args)
     c.show(result, f"queued {result['task_id']}")
 

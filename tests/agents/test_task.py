@@ -20,6 +20,7 @@ import pytest
 
 from otpd.errors import OtpdError
 from otpd.examples import jobs
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -500,3 +501,49 @@ def test_after_a_rollback_lost_moves_are_forgotten_and_lost_completions_run_agai
     assert (s["completed_count"], s["queued"], s["processing"]) == (4, 0, 0)
     assert [agent.op_get({"task_id": f"k{i}"})["state"] for i in range(4)] == ["completed"] * 4
     store.close()
+
+
+def test_an_attempt_past_its_timeout_ends_the_agent_and_the_other_running_task_keeps_its_attempt(
+        daemon: Any, tmp_path: Path) -> None:
+    d = daemon(tasks_config("tests.agents.handlers:gate", concurrency=2, max_attempts=2))
+    hangs, waits = Gate(tmp_path, 1), Gate(tmp_path, 2)
+    d.request("task.add", {"id": "tasks", "payload": hangs.payload(), "task_id": "hangs", "timeout_s": 0.5})
+    add(d, waits.payload(), task_id="waits")  # no timeout (the config sets none)
+    for attempt in (1, 2):
+        hangs.running()
+        waits.running()
+        pid = d.pid_of("tasks")
+        d.wait("tasks", "running", not_pid=pid, timeout=20)  # the timeout ended the process
+        hangs.drop()
+        waits.drop()
+        d.log.wait_for(rf"task 'hangs' timed out after 0.5 s in attempt {attempt}")
+    waits.running()  # its third run, still its first attempt: the timeouts were not its fault
+    [task] = listing(d)
+    assert (task["task_id"], task["attempts"]) == ("waits", 1)
+    waits.release()
+    until_stats(d, completed_count=1, dead=1)
+    dead = call(d, {"op": "get", "task_id": "hangs"})
+    assert dead["state"] == "dead" and dead["attempts"] == 2
+    assert "timed out after 0.5 s in attempt 2" in dead["last_error"]
+    assert call(d, {"op": "get", "task_id": "waits"})["state"] == "completed"
+
+
+def test_timeouts_that_are_not_a_number_of_seconds_are_refused(daemon: Any) -> None:
+    d = daemon(tasks_config())
+    for bad in (-1, "5", True, float("nan")):
+        with pytest.raises(OtpdError) as err:
+            d.request("task.add", {"id": "tasks", "payload": 1, "timeout_s": bad})
+        assert err.value.code == "bad_request" and "timeout_s" in err.value.message
+    assert stats(d)["queued"] == 0
+
+
+def test_otpctl_task_add_takes_a_timeout(daemon: Any) -> None:
+    d = daemon(tasks_config())
+    d.request("task.pause", {"id": "tasks"})
+    out = run_cli("otpctl", "--socket", str(d.socket), "task", "add", "tasks", '{"x": 1}', "--task-id", "t1",
+                  "--task-timeout", "2.5")
+    assert out.returncode == 0 and "queued t1" in out.stdout, out
+    [task] = listing(d)
+    assert (task["task_id"], task["timeout_s"]) == ("t1", 2.5)
+    out = run_cli("otpctl", "--socket", str(d.socket), "task", "add", "tasks", "1", "--task-timeout", "-3")
+    assert out.returncode == 1 and "bad_request" in out.stderr and "timeout_s" in out.stderr, out
