@@ -138,6 +138,8 @@ class TaskAgent(Agent):
         self.timeout_s = _timeout_arg(args.get("timeout_s", 0), "timeout_s", "config_invalid")
         self.scheduled: set[str] = set()  # moved to processing, handed to a worker once committed
         self.submitted: set[str] = set()  # on a worker now
+        self.deadlines: dict[str, float] = {}  # task on a worker -> when its attempt times out
+        self.alarm: tuple[float, int] | None = None  # (due, timer ref) of the one deadline timer
         self.resync = False
         self.loaded = self.processing_tasks  # a rollback (store_full) loads new collection objects
         self.started = True
@@ -307,19 +309,36 @@ class TaskAgent(Agent):
             task = self.processing_tasks.get(task_id)
             timeout = task.get("timeout_s", self.timeout_s) if task is not None else 0
             if timeout:
-                self.send_after(timeout, ("timeout", task_id, task["attempts"]))
+                self.deadlines[task_id] = time.monotonic() + timeout
+        self._arm()
+
+    def _arm(self) -> None:
+        """One timer, for the earliest deadline of the attempts running now (at most
+        ``concurrency`` of them, so a busy queue does not pile up timers)."""
+        if not self.deadlines:
+            return
+        due = min(self.deadlines.values())
+        if self.alarm is not None:
+            if self.alarm[0] <= due:
+                return
+            self.cancel_timer(self.alarm[1])
+        self.alarm = (due, self.send_after(max(0.0, due - time.monotonic()), "deadlines"))
 
     def handle_info(self, message: Any) -> None:
-        if isinstance(message, tuple) and message[0] == "timeout":
-            self._timed_out(message[1], message[2])
+        if message == "deadlines":
+            self.alarm = None
+            now = time.monotonic()
+            late = [task_id for task_id, due in self.deadlines.items() if due <= now]
+            if late:
+                self._timed_out(late[0])
+            else:
+                self._arm()
 
-    def _timed_out(self, task_id: str, attempt: int) -> None:
+    def _timed_out(self, task_id: str) -> None:
         """Its attempt is still running past its timeout: its thread cannot be stopped, so the
         process ends once this is committed, and the next start sees why."""
-        task = self.processing_tasks.get(task_id)
-        if task is None or task["attempts"] != attempt or task_id not in self.submitted:
-            return  # finished meanwhile (or a later attempt)
-        timeout = task.get("timeout_s", self.timeout_s)
+        task = self.processing_tasks[task_id]
+        attempt, timeout = task["attempts"], task.get("timeout_s", self.timeout_s)
         task["timed_out"] = f"timed out after {timeout:g} s in attempt {attempt}"
         self.processing_tasks[task_id] = task
         for other_id, other in list(self.processing_tasks.items()):
@@ -332,6 +351,7 @@ class TaskAgent(Agent):
     def _finished(self, task_id: str, error: BaseException | None) -> None:
         """On the agent's loop: record the outcome (committed with the rest of this batch)."""
         self.submitted.discard(task_id)
+        self.deadlines.pop(task_id, None)
         task = self.processing_tasks.get(task_id)
         if task is None:  # cannot happen without a rollback; then the outcome is not ours to record
             self._pump()
