@@ -337,7 +337,11 @@ class TaskAgent(Agent):
     def _timed_out(self, task_id: str) -> None:
         """Its attempt is still running past its timeout: its thread cannot be stopped, so the
         process ends once this is committed, and the next start sees why."""
-        task = self.processing_tasks[task_id]
+        task = self.processing_tasks.get(task_id)
+        if task is None:  # not ours to record any more (a rollback put it back in the queue)
+            self.deadlines.pop(task_id, None)
+            self._arm()
+            return
         attempt, timeout = task["attempts"], task.get("timeout_s", self.timeout_s)
         task["timed_out"] = f"timed out after {timeout:g} s in attempt {attempt}"
         self.processing_tasks[task_id] = task
