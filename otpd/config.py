@@ -75,12 +75,15 @@ class Config:
             sync_interval_ms=self.store.sync_interval_ms, checkpoint_ms=self.store.checkpoint_ms,
         )
 
-    def agent_classes(self) -> set[str]:
-        out = {n.agent for n in walk(self.root) if isinstance(n, AgentSpec)}
-        for node in walk(self.root):
-            if isinstance(node, SupervisorSpec) and node.template is not None:
-                out.add(node.template.agent)
+    def agent_specs(self) -> list[AgentSpec]:
+        """Every agent spec of the tree, the dynamic supervisors' templates included."""
+        nodes = walk(self.root)
+        out = [n for n in nodes if isinstance(n, AgentSpec)]
+        out += [n.template for n in nodes if isinstance(n, SupervisorSpec) and n.template is not None]
         return out
+
+    def agent_classes(self) -> set[str]:
+        return {spec.agent for spec in self.agent_specs()}
 
 
 class ConfigError(OtpdError):

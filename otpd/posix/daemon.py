@@ -691,7 +691,7 @@ class Daemon:
     def _agent_specs(self) -> list[AgentSpec]:
         """The config's agent specs (templates included), computed once per config."""
         if self._specs_of is not self.config:
-            self._specs = _agent_specs(self.config)
+            self._specs = self.config.agent_specs()
             self._specs_of = self.config
         return self._specs
 
@@ -992,7 +992,7 @@ class Daemon:
         All or nothing: a module that does not import or check refuses the reload."""
         from otpd.config import check_agent_class
 
-        refs = [ref for spec in _agent_specs(config) for ref in (spec.agent, spec.agent_next) if ref]
+        refs = [ref for spec in config.agent_specs() for ref in (spec.agent, spec.agent_next) if ref]
         stale = code.changed(refs)
         if not stale:
             return []
@@ -1112,14 +1112,6 @@ def _arg(args: dict[str, Any], name: str, types: Any, default: Any = ...) -> Any
     if not isinstance(value, types) or (isinstance(value, bool) and types is not bool):
         raise OtpdError("bad_request", f"argument {name!r} has the wrong type ({type(value).__name__})")
     return value
-
-
-def _agent_specs(config: Config) -> list[AgentSpec]:
-    from otpd.core.spec import SupervisorSpec, walk
-
-    out = [n for n in walk(config.root) if isinstance(n, AgentSpec)]
-    out += [n.template for n in walk(config.root) if isinstance(n, SupervisorSpec) and n.template]
-    return out
 
 
 def _stream_is_journal(stream: TextIO) -> bool:
