@@ -147,14 +147,14 @@ class TaskAgent(Agent):
         again = []
         for task_id, task in list(self.processing_tasks.items()):
             self.interrupted_count += 1
-            why = task.pop("timed_out", None) or f"the agent died during attempt {task['attempts']}"
+            timed_out = task.pop("timed_out", None)
             if task["attempts"] >= self.max_attempts:
                 self.processing_tasks.pop(task_id)
-                task["last_error"] = why
+                task["last_error"] = timed_out or f"the agent died during attempt {task['attempts']}"
                 self._bury(task)
             else:
-                if why.startswith("timed out"):
-                    task["last_error"] = why
+                if timed_out:
+                    task["last_error"] = timed_out
                 task["attempts"] += 1
                 task["started_at"] = time.time()
                 self.processing_tasks[task_id] = task
@@ -166,9 +166,14 @@ class TaskAgent(Agent):
     def terminate(self, reason: str) -> None:
         """A clean stop interrupts the running tasks through no fault of theirs: give their attempt
         back (the next start counts one again when it re-runs them)."""
+        self._give_back()
+
+    def _give_back(self, but: str | None = None) -> None:
+        """The running tasks (but ``but``) are interrupted through no fault of theirs."""
         for task_id, task in list(self.processing_tasks.items()):
-            task["attempts"] = max(0, task["attempts"] - 1)
-            self.processing_tasks[task_id] = task
+            if task_id != but:
+                task["attempts"] = max(0, task["attempts"] - 1)
+                self.processing_tasks[task_id] = task
 
     def on_after_load(self, state: dict[str, Any]) -> dict[str, Any]:
         if getattr(self, "started", False):
@@ -345,10 +350,7 @@ class TaskAgent(Agent):
         attempt, timeout = task["attempts"], task.get("timeout_s", self.timeout_s)
         task["timed_out"] = f"timed out after {timeout:g} s in attempt {attempt}"
         self.processing_tasks[task_id] = task
-        for other_id, other in list(self.processing_tasks.items()):
-            if other_id != task_id:  # interrupted through no fault of theirs, as at a clean stop
-                other["attempts"] = max(0, other["attempts"] - 1)
-                self.processing_tasks[other_id] = other
+        self._give_back(but=task_id)  # as at a clean stop
         self.log(f"task {task_id!r} {task['timed_out']}; ending this process to free its worker")
         self.after_commit(lambda: os._exit(EXIT_TIMEOUT))
 
