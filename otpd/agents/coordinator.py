@@ -191,7 +191,7 @@ class CoordinatorAgent(Agent):
         try:
             self.delete_state(wf_id)
         except OtpdError as err:
-            if not (err.details or {}).get("running"):
+            if not err.details.get("running"):
                 raise
             self.send_after(0.2, ("forget", wf_id))
             return
