@@ -155,6 +155,7 @@ class Daemon:
         self.log_level = LEVELS[config.daemon.log_level]
         self.journal = _stream_is_journal(self.log_stream)
         self.notify = Notifier.from_env()  # before any fork: agents must not inherit it
+        self.watchdog_due = math.inf  # when WATCHDOG=1 is next owed (never without a watchdog)
         self.ready_sent = False
         self.status_dirty = False
         self.last_status = ""
@@ -192,8 +193,6 @@ class Daemon:
             self._apply(self.tree.start(time.monotonic()))
             if self.sweep_s:
                 self._set_timer(("sweep",), time.monotonic() + self.sweep_s)
-            if self.notify.watchdog_interval:
-                self._set_timer(("watchdog",), time.monotonic() + self.notify.watchdog_interval)
             while self.exit_status is None:
                 self._once()
         except Exception:
@@ -268,6 +267,7 @@ class Daemon:
         self.applying = True
         try:
             while self.work:
+                self._keepalive()
                 action = self.work.popleft()
                 match action:
                     case core.Spawn():
@@ -301,6 +301,7 @@ class Daemon:
         now = time.monotonic()
         forked: list[tuple[core.Spawn, tuple[int, socket.socket, int, int] | OSError]] = []
         for action in batch:
+            self._keepalive()
             if not self.tree.spawn_is_current(action.id, action.token) or self._promote(action, now):
                 continue
             try:
@@ -308,6 +309,7 @@ class Daemon:
             except OSError as exc:  # out of fds or processes: a start failure, retried with backoff
                 forked.append((action, exc))
         for action, result in forked:
+            self._keepalive()
             if isinstance(result, OSError):
                 self.log("error", f"{action.id}: cannot start: {result}")
                 self._apply(self.tree.exited(action.id, "crash", now, error=f"fork: {result}"))
@@ -404,6 +406,7 @@ class Daemon:
         """Fork the spares asked for, once the iteration's real work is done."""
         wanted, self.spares_wanted = self.spares_wanted, set()
         for child_id in wanted:
+            self._keepalive()
             node = self.tree.nodes.get(child_id)
             child = self.children.get(child_id)
             if node is None or node.state != "running" or child is None or child_id in self.spares \
@@ -541,6 +544,7 @@ class Daemon:
             child = self.by_pid.pop(pid, None)
             if child is None:
                 continue  # not one of ours (tolerated)
+            self._keepalive()
             self._on_exit(child, status)
 
     def _on_exit(self, child: Child, status: int) -> None:
@@ -588,14 +592,28 @@ class Daemon:
             elif kind == "sweep":
                 self._sweep(now)
             elif kind == "watchdog":
-                # Sent from the loop itself: a stuck loop stops the pings and systemd acts.
-                self.notify.watchdog()
-                self._set_timer(("watchdog",), now + (self.notify.watchdog_interval or 1.0))
+                self._keepalive()
             elif kind == "calls":
                 for ref, child_id in self.call_buckets.pop(key[1], {}).items():
                     self._call_timeout(child_id, ref)
             elif kind == "wait":
                 self._wait_timeout(key)
+
+    def _keepalive(self) -> None:
+        """WATCHDOG=1 if half the watchdog period passed since the last one, and its timer again.
+
+        Sent from the loop itself, so a stuck loop stops the pings and systemd acts.  Besides
+        its timer, the long stretches of one iteration call it as they go: a pool of thousands
+        forked back to back (~1-3 ms a fork), their bookkeeping, a one_for_all restart of them
+        all, their warm spares.  Without it such a stretch past WatchdogSec gets the daemon
+        killed while it is doing its job."""
+        now = time.monotonic()
+        if now < self.watchdog_due:
+            return
+        assert self.notify.watchdog_interval
+        self.notify.watchdog()
+        self.watchdog_due = now + self.notify.watchdog_interval
+        self._set_timer(("watchdog",), self.watchdog_due)
 
     def _set_sweep(self) -> None:
         """From the config's shortest liveness timeout: the sweep's interval (a fifth of it, 20 ms to 1 s)."""
@@ -662,6 +680,9 @@ class Daemon:
             self.ready_sent = True
             self.last_status = status
             self.notify.ready(status)
+            if self.notify.watchdog_interval:  # systemd arms the watchdog at READY=1 (start-post)
+                self.watchdog_due = time.monotonic() + self.notify.watchdog_interval
+                self._set_timer(("watchdog",), self.watchdog_due)
         elif status != self.last_status and self.ready_sent:
             self.last_status = status
             self.notify.status(status)

@@ -33,11 +33,15 @@ from otpd.client import Client
 from tests.conftest import LogReader, child_env, console, wait_pid_exit
 
 CRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+# SO_TIMESTAMPNS (= its SCM_ type) from asm-generic/socket.h; Python does not export it.
+SO_TIMESTAMPNS = 35
+TIMESPEC = struct.Struct("qq")  # struct timespec on a 64-bit Linux: tv_sec, tv_nsec
 
 
 @dataclass
 class Message:
-    at: float  # time.monotonic() when it arrived
+    at: float  # time.monotonic() when the listener's thread read it
+    stamp: float | None  # when the kernel queued it (CLOCK_REALTIME, SO_TIMESTAMPNS): exact under load
     pid: int | None  # the sender, from SCM_CREDENTIALS
     fields: dict[str, str]
     raw: str = field(repr=False)
@@ -55,6 +59,7 @@ class NotifyListener:
             self.sock.bind(str(path))
             self.address = str(path)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         self.messages: list[Message] = []
         self.cond = threading.Condition()
         self.closed = False
@@ -64,19 +69,23 @@ class NotifyListener:
     def _run(self) -> None:
         while True:
             try:
-                data, anc, _flags, _addr = self.sock.recvmsg(65536, socket.CMSG_SPACE(CRED.size))
+                data, anc, _flags, _addr = self.sock.recvmsg(
+                    65536, socket.CMSG_SPACE(CRED.size) + socket.CMSG_SPACE(TIMESPEC.size))
             except OSError:
                 break
             if not data and self.closed:
                 break
-            pid = None
+            pid = stamp = None
             for level, kind, cdata in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = CRED.unpack(cdata[: CRED.size])[0]
+                elif level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = TIMESPEC.unpack(cdata[: TIMESPEC.size])
+                    stamp = sec + nsec / 1e9
             text = data.decode("utf-8", "replace")
             fields = dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
             with self.cond:
-                self.messages.append(Message(time.monotonic(), pid, fields, text))
+                self.messages.append(Message(time.monotonic(), stamp, pid, fields, text))
                 self.cond.notify_all()
 
     def close(self) -> None:

@@ -94,6 +94,43 @@ def test_status_follows_restarts_and_watchdog_pings_at_half_the_period(notify_ot
     assert not any("READY" in m.fields for m in d.listener.snapshot()[mark:]), "a restart is no new READY=1"
 
 
+POOL = 300
+
+
+def _pool(n: int) -> str:
+    head = ('[[root.children]]\nid = "pool"\nsupervisor = "static"\nstrategy = "one_for_all"\n'
+            'start = "parallel"\nmax_restarts = 5\nmax_seconds = 60\n')
+    agent = '[[root.children.children]]\nid = "e{:03d}"\nagent = "otpd.agents.echo:EchoAgent"\n'
+    return head + "".join(agent.format(i) for i in range(n))
+
+
+@pytest.mark.timeout(120)
+def test_watchdog_pings_go_on_through_a_restart_of_hundreds_forked_in_one_go(notify_otpd):
+    """A one_for_all restart forks a whole pool inside one iteration of the loop, and the spares
+    for the next restart after it: on this machine 300 forks take longer than the watchdog
+    period below, so a ping owed meanwhile must go out from inside the burst.  Gaps are taken
+    from the kernel's arrival stamps, which do not move when the test itself waits for a CPU."""
+    usec = 200_000
+    d = notify_otpd(_pool(POOL), watchdog_usec=usec)
+    ready = d.listener.wait_field("READY", "1", timeout=60)
+    victim = d.children()["e000"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    d.wait("e000", "running", not_pid=victim, timeout=60)
+    for i in range(1, POOL):
+        d.wait(f"e{i:03d}", "running", timeout=60)
+    # Two more pings: the window ends after the last burst (the spares forked once all were ready).
+    first = d.listener.wait_field("WATCHDOG", "1", timeout=5, start=len(d.listener.snapshot()))
+    last = d.listener.wait_field("WATCHDOG", "1", timeout=5, start=d.listener.snapshot().index(first) + 1)
+    window = d.listener.snapshot()
+    pings = [m for m in window[window.index(ready): window.index(last) + 1]
+             if m.fields.get("WATCHDOG") == "1" or m is ready]
+    assert all(m.stamp is not None for m in pings)
+    stamps = [m.stamp for m in pings]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    assert max(gaps) < usec / 1e6, f"a WATCHDOG=1 gap of {max(gaps):.3f}s reached WATCHDOG_USEC: {gaps}"
+    assert {m.pid for m in pings} == {d.pid}
+
+
 def test_no_watchdog_pings_when_watchdog_pid_names_another_process(notify_otpd):
     d = notify_otpd(TREE, watchdog_usec=200_000, watchdog_pid="1")
     ready = d.listener.wait_field("READY", "1", timeout=20)
