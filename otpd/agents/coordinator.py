@@ -17,7 +17,8 @@ The design's "God" coordinator is decomposed: each workflow is its own process
 Step handlers must match ``args.handlers`` (fnmatch patterns on ``module:function``, default
 ``["otpd.examples.steps:*"]``): nothing named on the wire is imported unless the config allows it.
 Finished workflows are kept (``args.retention``, default 1000); older ones are forgotten
-(their records deleted); the counters are lifetime counts.
+(their records deleted); the counters are lifetime counts.  ``args.step_timeout_s`` (default 0:
+no limit) bounds each step of every workflow; a step's own ``timeout_s`` overrides it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any
 
 from otpd.agent.base import Agent
 from otpd.agent.state import PersistentMap, PersistentQueue
+from otpd.agents import timeout_arg
 from otpd.agents.workflow import FINAL
 from otpd.config import ID_RE
 from otpd.errors import OtpdError
@@ -55,6 +57,7 @@ class CoordinatorAgent(Agent):
         self.patterns = list(self.args.get("handlers", ["otpd.examples.steps:*"]))
         self.retention = int(self.args.get("retention", 1000))
         self.poison_after = int(self.args.get("poison_after", 3))
+        self.step_timeout_s = timeout_arg(self.args.get("step_timeout_s", 0), "step_timeout_s", "config_invalid")
         self.subscribe_events()
         self.send_after(0, "reconcile")
         for wf_id in list(self.forgetting.keys()):  # deletes a crash interrupted
@@ -91,7 +94,7 @@ class CoordinatorAgent(Agent):
                 "current_step": state.get("current_step", 0), "task_results": state.get("task_results", []),
                 "started_at": state.get("started_at"), "finished_at": state.get("finished_at"),
                 "metadata": state.get("metadata", {}), "parked_reason": state.get("parked_reason"),
-                "attempts": state.get("attempts", {})}
+                "attempts": state.get("attempts", {}), "errors": state.get("errors", {})}
 
     def op_list(self, request: dict[str, Any]) -> Any:
         wanted = request.get("state")
@@ -145,6 +148,8 @@ class CoordinatorAgent(Agent):
                                                f"coordinator's config (handlers = {self.patterns})")
             if not isinstance(step.get("args", {}), dict):
                 raise OtpdError("bad_request", f"step {i}: 'args' must be a map")
+            if "timeout_s" in step:
+                timeout_arg(step["timeout_s"], f"step {i}: timeout_s", "bad_request")
         return definition
 
     # -- processes and outcomes -----------------------------------------------
@@ -153,7 +158,8 @@ class CoordinatorAgent(Agent):
         entry = self.workflows.get(wf_id)
         if entry is None or entry["status"] != "running":
             return
-        args = {"workflow_id": wf_id, "definition": entry["definition"], "poison_after": self.poison_after}
+        args = {"workflow_id": wf_id, "definition": entry["definition"], "poison_after": self.poison_after,
+                "step_timeout_s": self.step_timeout_s}
         if resume:
             args["resume"] = resume
         try:

@@ -61,10 +61,11 @@ from typing import Any
 
 from otpd.agent.base import Agent
 from otpd.agent.state import PersistentMap, PersistentQueue
+from otpd.agents import timeout_arg
 from otpd.errors import OtpdError
+from otpd.posix import system
 
 DEFAULT_LIMIT = 100
-EXIT_TIMEOUT = 75  # the status a process ends with when a task's attempt timed out (a crash)
 MAX_LIMIT = 100_000
 
 
@@ -82,12 +83,6 @@ def load_handler(ref: Any) -> Callable[[Any], Any]:
     if not callable(fn):
         raise OtpdError("config_invalid", f"handler {ref!r}: {module_name!r} has no function {name!r}")
     return fn  # type: ignore[no-any-return]
-
-
-def _timeout_arg(value: Any, name: str, code: str) -> float:
-    if type(value) not in (int, float) or not 0 <= value <= 86_400 * 365:  # NaN fails too
-        raise OtpdError(code, f"{name} must be a number of seconds >= 0 (0: no limit), got {value!r}")
-    return float(value)
 
 
 def _int_arg(args: dict[str, Any], name: str, default: int, minimum: int) -> int:
@@ -135,7 +130,7 @@ class TaskAgent(Agent):
         self.handler = load_handler(args["handler"])
         self.concurrency = _int_arg(args, "concurrency", 4, 1)
         self.max_attempts = _int_arg(args, "max_attempts", 3, 1)
-        self.timeout_s = _timeout_arg(args.get("timeout_s", 0), "timeout_s", "config_invalid")
+        self.timeout_s = timeout_arg(args.get("timeout_s", 0), "timeout_s", "config_invalid")
         self.scheduled: set[str] = set()  # moved to processing, handed to a worker once committed
         self.submitted: set[str] = set()  # on a worker now
         self.deadlines: dict[str, float] = {}  # task on a worker -> when its attempt times out
@@ -202,7 +197,7 @@ class TaskAgent(Agent):
                                 {"task_id": task_id, "state": state})
         task = {"id": task_id, "payload": request["payload"], "attempts": 0, "added_at": time.time()}
         if "timeout_s" in request:
-            task["timeout_s"] = _timeout_arg(request["timeout_s"], "timeout_s", "bad_request")
+            task["timeout_s"] = timeout_arg(request["timeout_s"], "timeout_s", "bad_request")
         self.task_queue.append(task)
         self.task_ids[task_id] = "pending"
         self._pump()
@@ -352,7 +347,7 @@ class TaskAgent(Agent):
         self.processing_tasks[task_id] = task
         self._give_back(but=task_id)  # as at a clean stop
         self.log(f"task {task_id!r} {task['timed_out']}; ending this process to free its worker")
-        self.after_commit(lambda: os._exit(EXIT_TIMEOUT))
+        self.after_commit(lambda: os._exit(system.EXIT_TIMEOUT))
 
     def _finished(self, task_id: str, error: BaseException | None) -> None:
         """On the agent's loop: record the outcome (committed with the rest of this batch)."""

@@ -16,16 +16,25 @@ runs, so:
 
 Steps run on a worker thread, so the process keeps its heartbeat during a long step.  A step
 that raises crashes the process (the supervisor restarts it and it tries the step again).
+
+A step may take ``timeout_s`` (default: the coordinator's ``step_timeout_s``, given to the
+process as ``args.step_timeout_s``; 0: no limit).  A thread cannot be stopped, so a step
+still running past it ends the process (``EXIT_TIMEOUT``), as a crash: the attempt counts
+towards ``poison_after`` like any other.  Why the last attempt of each step failed is kept
+in ``errors`` (step index -> text) and named in the parked reason.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from typing import Any
 
 from otpd.agent.base import Agent
+from otpd.agents import timeout_arg
 from otpd.errors import OtpdError
+from otpd.posix import system
 
 FINAL = ("completed", "parked", "cancelled")
 
@@ -47,7 +56,7 @@ class WorkflowProcess(Agent):
     fields = {
         "workflow_id": "", "definition": dict, "current_step": 0, "task_results": list,
         "status": "running", "started_at": None, "finished_at": None, "metadata": dict,
-        "attempts": dict, "parked_reason": None,
+        "attempts": dict, "parked_reason": None, "errors": dict,
     }
     persistent_fields = tuple(fields)
 
@@ -61,8 +70,10 @@ class WorkflowProcess(Agent):
     metadata: dict[str, Any]
     attempts: dict[str, int]
     parked_reason: str | None
+    errors: dict[str, str]
 
     def init(self) -> None:
+        self.deadline: int | None = None  # the timer of the running step's timeout
         if not self.workflow_id:  # the first start: the definition comes with the args
             self.workflow_id = self.args.get("workflow_id") or self.id
             self.definition = self.args["definition"]
@@ -79,6 +90,7 @@ class WorkflowProcess(Agent):
         if self.status != "parked" or how not in ("retry", "skip"):
             return
         self.attempts.pop(str(self.current_step), None)
+        self.errors.pop(str(self.current_step), None)
         if how == "skip":
             self.task_results.append(None)
             self.current_step += 1
@@ -89,6 +101,9 @@ class WorkflowProcess(Agent):
         return list(self.definition.get("steps") or [])
 
     def handle_info(self, message: Any) -> None:
+        if isinstance(message, tuple) and message[0] == "timeout":
+            self._timed_out(*message[1:])
+            return
         if message != "step" or self.status != "running":
             return
         if self.current_step >= len(self.steps):
@@ -102,21 +117,50 @@ class WorkflowProcess(Agent):
             self.status, self.finished_at = "parked", time.time()
             self.parked_reason = (f"step {self.current_step} ({step.get('name') or step.get('handler')}) "
                                   f"crashed {tries} times")
+            if key in self.errors:
+                self.parked_reason += f"; the last one {self.errors[key]}"
             self.stop()
             return
         self.attempts = {**self.attempts, key: tries + 1}
         self.after_commit(self._run_step)  # the attempt is on disk before the step runs
 
+    def _timeout(self, step: dict[str, Any]) -> float:
+        return timeout_arg(step.get("timeout_s", self.args.get("step_timeout_s", 0)), "timeout_s", "bad_request")
+
     def _run_step(self) -> None:
         step = self.steps[self.current_step]
         fn = load_handler(step["handler"])
+        timeout = self._timeout(step)
         self.run_in_worker(fn, dict(step.get("args") or {}), list(self.task_results), done=self._step_done,
                            workers=1)
+        if timeout:
+            self.deadline = self.send_after(timeout, ("timeout", self.current_step))
+
+    def _timed_out(self, index: int) -> None:
+        """The step is still running past its timeout: its thread cannot be stopped, so the
+        process ends once why is committed, and the next start counts the attempt."""
+        self.deadline = None
+        if index != self.current_step or self.status != "running":
+            return  # it finished meanwhile
+        key = str(index)
+        text = f"timed out after {self._timeout(self.steps[index]):g} s in attempt {self.attempts.get(key, 0)}"
+        self.errors = {**self.errors, key: text}
+        self.log(f"step {index} of {self.workflow_id} {text}; ending this process to free its worker")
+        self.after_commit(lambda: os._exit(system.EXIT_TIMEOUT))
 
     def _step_done(self, result: Any, error: BaseException | None) -> None:
+        if self.deadline is not None:
+            self.cancel_timer(self.deadline)
+            self.deadline = None
         if error is not None:
-            raise StepCrashed(f"step {self.current_step} of {self.workflow_id} raised "
-                              f"{type(error).__name__}: {error}") from error
+            key, text = str(self.current_step), f"raised {type(error).__name__}: {error}"
+            self.errors = {**self.errors, key: text}
+
+            def crash() -> None:  # after the error is on disk: the next start names it
+                raise StepCrashed(f"step {key} of {self.workflow_id} {text}") from error
+
+            self.after_commit(crash)
+            return
         self.task_results.append(result)
         self.current_step += 1
         self.send_after(0, "step")  # the result is committed before the next step starts

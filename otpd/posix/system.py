@@ -34,6 +34,7 @@ except ImportError:  # pragma: no cover - it is a dependency
 EXIT_NORMAL = 0
 EXIT_CRASH = 70  # EX_SOFTWARE: an exception escaped the agent
 EXIT_SHUTDOWN = 79  # stopped cleanly on SIGTERM (OTP's reason `shutdown`)
+EXIT_TIMEOUT = 75  # a task's or a workflow step's attempt ran past its timeout (a crash)
 
 
 def die_with_parent(parent_pid: int) -> bool:

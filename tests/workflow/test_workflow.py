@@ -119,7 +119,8 @@ def test_a_poison_step_parks_its_workflow_then_retry_and_skip(daemon: Any, tmp_p
         {"handler": STEPS + "record", "args": {"name": "after", "log": str(log)}},
     ]}})["workflow_id"]
     parked = until_status(d, wf, "parked")
-    assert "crashed 3 times" in parked["parked_reason"]
+    assert parked["parked_reason"].endswith("crashed 3 times; the last one raised RuntimeError: the poison step")
+    assert parked["errors"] == {"0": "raised RuntimeError: the poison step"}
     assert log.read_text().split() == ["boom"] * 3
     assert d.request("workflow.list", {})["failed_count"] == 1
     d.request("workflow.retry", {"workflow_id": wf})
@@ -130,6 +131,39 @@ def test_a_poison_step_parks_its_workflow_then_retry_and_skip(daemon: Any, tmp_p
     assert result["task_results"][0] is None and log.read_text().split()[-1] == "after"
     listing = d.request("workflow.list", {})
     assert listing["completed_count"] == 1 and listing["failed_count"] == 0
+
+
+def test_a_step_past_its_timeout_ends_the_process_and_counts_as_an_attempt(daemon: Any, tmp_path: Path) -> None:
+    d = daemon(TREE.replace("handlers = [", "poison_after = 2, step_timeout_s = 1.0, handlers = ["))
+    definition, log, fifo = three_steps(tmp_path)  # the gate: nobody writes, so it never returns
+    wf = d.request("workflow.start", {"definition": definition})["workflow_id"]
+    with d.events() as ev:
+        first = ev.until(lambda e: e["event"] == "exited" and e["id"] == wf, timeout=30)[-1]
+        assert first["reason"] == "crash" and first["status"] == 75, first  # EXIT_TIMEOUT
+    parked = until_status(d, wf, "parked")
+    assert parked["parked_reason"] == "step 1 (wait) crashed 2 times; the last one timed out after 1 s in attempt 2"
+    assert parked["errors"] == {"1": "timed out after 1 s in attempt 2"}
+    assert parked["current_step"] == 1 and len(parked["task_results"]) == 1
+    assert log.read_text().split() == ["a", "gate", "gate"]  # step 0 ran once: its result was saved
+
+
+def test_a_steps_own_timeout_overrides_the_default_and_ends_with_its_step(daemon: Any, tmp_path: Path) -> None:
+    d = daemon(TREE.replace("handlers = [", "step_timeout_s = 1.0, handlers = ["))
+    definition, _log, fifo = three_steps(tmp_path)
+    definition["steps"][1]["timeout_s"] = 0  # no limit for the gate, over the default
+    wf = d.request("workflow.start", {"definition": definition})["workflow_id"]
+    writer = at_gate(fifo)
+    with d.events() as ev, pytest.raises(AssertionError, match="no event within"):
+        # twice the default: neither the gate's default nor step 0's timer (due meanwhile) fires
+        ev.until(("exited", wf), timeout=2.0)
+    os.write(writer, b"open\n")
+    os.close(writer)
+    result = until_status(d, wf, "completed")
+    assert result["task_results"][1]["gate"] == "open" and result["errors"] == {}
+    assert result["attempts"] == {"0": 1, "1": 1, "2": 1}, "each step ran once: no restart"
+    with pytest.raises(OtpdError) as err:
+        d.request("workflow.start", {"definition": {"steps": [{"handler": STEPS + "record", "timeout_s": -1}]}})
+    assert err.value.code == "bad_request" and "timeout_s" in err.value.message
 
 
 def test_cancel_stops_a_running_workflow_for_good(daemon: Any, tmp_path: Path) -> None:
