@@ -325,6 +325,8 @@ class TaskAgent(Agent):
         self.alarm = (due, self.send_after(max(0.0, due - time.monotonic()), "deadlines"))
 
     def handle_info(self, message: Any) -> None:
+        if message == "exit":  # one turn after a timeout: after its commit, whether that worked or not
+            os._exit(system.EXIT_TIMEOUT)
         if message == "deadlines":
             self.alarm = None
             now = time.monotonic()
@@ -347,7 +349,9 @@ class TaskAgent(Agent):
         self.processing_tasks[task_id] = task
         self._give_back(but=task_id)  # as at a clean stop
         self.log(f"task {task_id!r} {task['timed_out']}; ending this process to free its worker")
-        self.after_commit(lambda: os._exit(system.EXIT_TIMEOUT))
+        # On the next turn of the loop, so after this is committed; and even if that commit
+        # failed (store_full), since a stuck worker must not be left holding its slot for good.
+        self.send_after(0, "exit")
 
     def _finished(self, task_id: str, error: BaseException | None) -> None:
         """On the agent's loop: record the outcome (committed with the rest of this batch)."""

@@ -101,8 +101,18 @@ class WorkflowProcess(Agent):
         return list(self.definition.get("steps") or [])
 
     def handle_info(self, message: Any) -> None:
-        if isinstance(message, tuple) and message[0] == "timeout":
-            self._timed_out(*message[1:])
+        # ("crash", error) and ("exit", status) come one turn of the loop after they were asked
+        # for, so after the commit that records why, and whether that commit worked or not
+        # (store_full): a step's thread that is stuck or done must never leave the process idle.
+        if isinstance(message, tuple):
+            if message[0] == "timeout":
+                self._timed_out(message[1])
+            elif message[0] == "crash":
+                error = message[1]
+                raise StepCrashed(f"step {self.current_step} of {self.workflow_id} raised "
+                                  f"{type(error).__name__}: {error}") from error
+            elif message[0] == "exit":
+                os._exit(message[1])
             return
         if message != "step" or self.status != "running":
             return
@@ -138,7 +148,7 @@ class WorkflowProcess(Agent):
 
     def _timed_out(self, index: int) -> None:
         """The step is still running past its timeout: its thread cannot be stopped, so the
-        process ends once why is committed, and the next start counts the attempt."""
+        process ends after why is committed, and the next start counts the attempt."""
         self.deadline = None
         if index != self.current_step or self.status != "running":
             return  # it finished meanwhile
@@ -146,20 +156,15 @@ class WorkflowProcess(Agent):
         text = f"timed out after {self._timeout(self.steps[index]):g} s in attempt {self.attempts.get(key, 0)}"
         self.errors = {**self.errors, key: text}
         self.log(f"step {index} of {self.workflow_id} {text}; ending this process to free its worker")
-        self.after_commit(lambda: os._exit(system.EXIT_TIMEOUT))
+        self.send_after(0, ("exit", system.EXIT_TIMEOUT))
 
     def _step_done(self, result: Any, error: BaseException | None) -> None:
         if self.deadline is not None:
             self.cancel_timer(self.deadline)
             self.deadline = None
         if error is not None:
-            key, text = str(self.current_step), f"raised {type(error).__name__}: {error}"
-            self.errors = {**self.errors, key: text}
-
-            def crash() -> None:  # after the error is on disk: the next start names it
-                raise StepCrashed(f"step {key} of {self.workflow_id} {text}") from error
-
-            self.after_commit(crash)
+            self.errors = {**self.errors, str(self.current_step): f"raised {type(error).__name__}: {error}"}
+            self.send_after(0, ("crash", error))
             return
         self.task_results.append(result)
         self.current_step += 1

@@ -450,8 +450,17 @@ class FakeRuntime:
         self.after: list[Callable[[], None]] = []
         self.work: list[tuple[Any, tuple[Any, ...], Callable[[Any, BaseException | None], None]]] = []
 
+        self.timers: dict[int, Any] = {}
+
     def run_in_worker(self, fn: Any, args: tuple[Any, ...], done: Any, workers: int) -> None:
         self.work.append((fn, args, done))
+
+    def add_timer(self, delay_s: float, message: Any, interval: float | None) -> int:
+        self.timers[len(self.timers) + 1] = message
+        return len(self.timers)
+
+    def cancel_timer(self, ref: int) -> None:
+        self.timers.pop(ref, None)
 
 
 def test_after_a_rollback_lost_moves_are_forgotten_and_lost_completions_run_again(tmp_path: Path) -> None:
@@ -500,6 +509,34 @@ def test_after_a_rollback_lost_moves_are_forgotten_and_lost_completions_run_agai
     s = agent.op_stats({})
     assert (s["completed_count"], s["queued"], s["processing"]) == (4, 0, 0)
     assert [agent.op_get({"task_id": f"k{i}"})["state"] for i in range(4)] == ["completed"] * 4
+    store.close()
+
+
+def test_a_timeout_whose_commit_fails_still_ends_the_process(tmp_path: Path) -> None:
+    """The process must end even when the batch that records the timeout is rolled back
+    (store_full): its callbacks are dropped then, and a stuck worker would be kept for good."""
+    from otpd.agent.state import StateKeeper
+    from otpd.agents.task import TaskAgent
+    from otpd.store.lmdb_store import Store
+
+    rt = FakeRuntime()
+    agent = TaskAgent("t", {"handler": "otpd.examples.jobs:echo", "timeout_s": 5}, rt)  # type: ignore[arg-type]
+    store = Store(tmp_path / "store")
+    keeper = StateKeeper(agent, store)
+    keeper.load()
+    agent.init()
+    agent.handle_call({"op": "add", "payload": 1, "task_id": "stuck"})
+    keeper.commit()
+    for callback in rt.after:
+        callback()  # the task's attempt starts (on a worker that never finishes here)
+    rt.after.clear()
+    assert agent.deadlines.keys() == {"stuck"}
+    agent.deadlines["stuck"] = 0.0  # past due
+    agent.handle_info("deadlines")
+    assert agent.processing_tasks.get("stuck")["timed_out"] == "timed out after 5 s in attempt 1"
+    keeper.load()  # the runtime's rollback: the commit failed
+    rt.after.clear()
+    assert "exit" in rt.timers.values(), "the process is still told to end, on the loop's next turn"
     store.close()
 
 
