@@ -245,7 +245,6 @@ class Store:
                 raise ValueError(f"this store runs {self.own.agent_id!r}, not {agent_id!r}")
             return
         own = AgentLog.take(self.logs, agent_id, self.fsync)
-        assert own is not None  # the agent's own process makes its log
         try:
             found = own.replay(_seq_of(self._lmdb_raw(agent_id), agent_id))
         except BaseException:  # store_corrupt: the log stays as it is
@@ -350,7 +349,8 @@ class Store:
     @contextmanager
     def _held(self, agent_id: str, settle: bool = True) -> Iterator[int | None]:
         """For a write to an agent's records: hold its log (refused while the agent runs
-        elsewhere) and, with ``settle``, apply what the log holds to LMDB first."""
+        elsewhere; made, empty, if it has none) and, with ``settle``, apply what the log
+        holds to LMDB first.  Yields the log's fd; None for this process's own agent."""
         own = self.own
         if own is not None and own.agent_id == agent_id:
             self.checkpoint()
@@ -358,16 +358,15 @@ class Store:
             return
         log = AgentLog.take(self.logs, agent_id, self.fsync, tool=True)
         try:
-            if log is not None and settle:
+            if settle:
                 if log.replay(_seq_of(self._lmdb_raw(agent_id), agent_id)):
                     assert log.record is not None
                     self._apply(agent_id, log.record, log.overlay)
                 if log.size:
                     log.applied()
-            yield log.fd if log is not None else None
+            yield log.fd
         finally:
-            if log is not None:
-                log.close()
+            log.close()
 
     def _prefixed(self, txn: lmdb.Transaction, prefix: bytes) -> list[tuple[bytes, bytes]]:
         """Every (key, value) of the items DB under ``prefix``, in key order."""
@@ -411,9 +410,9 @@ class Store:
             raise OtpdError("bad_request", "an agent cannot delete its own records", {"id": agent_id})
         prefix = agent_prefix(agent_id)
         with self._held(agent_id, settle=False) as fd:
-            logged = fd is not None
-            if logged:
-                os.unlink(agent_log.log_path(self.logs, agent_id))  # under its lock: nobody appends
+            assert fd is not None  # not our own agent (refused above)
+            logged = os.fstat(fd).st_size > 0
+            os.unlink(agent_log.log_path(self.logs, agent_id))  # under its lock: nobody appends
             with self.env.begin(write=True) as txn:
                 for k, _v in self._prefixed(txn, prefix):
                     txn.delete(k, db=self.items)

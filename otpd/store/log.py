@@ -172,14 +172,14 @@ class AgentLog:
         self.unsynced = False
 
     @classmethod
-    def take(cls, logs: Path, agent_id: str, fsync: bool, tool: bool = False) -> AgentLog | None:
-        """The agent's log, locked.  The agent's process waits for a tool that holds it for a
-        moment and makes the log if there is none; a tool (``tool``) is refused while the
-        agent runs, and gets None if there is no log."""
+    def take(cls, logs: Path, agent_id: str, fsync: bool, tool: bool = False) -> AgentLog:
+        """The agent's log, locked, made empty if there is none.  The agent's process waits
+        for a tool that holds it for a moment; a tool (``tool``) is refused while the agent
+        runs.  A tool makes a missing log too: the lock is what keeps an agent that starts
+        meanwhile from reading records the tool is about to change."""
         log = cls(logs, agent_id, fsync, -1)
-        fd = lock(log.path, agent_id, wait=not tool, create=None if tool else log._create)
-        if fd is None:
-            return None
+        fd = lock(log.path, agent_id, wait=not tool, create=log._create)
+        assert fd is not None  # with ``create`` there is always a log
         log.fd = fd
         return log
 

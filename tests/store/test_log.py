@@ -269,3 +269,26 @@ def test_an_agent_cannot_delete_its_own_records(tmp_path: Path) -> None:
     store = Store(tmp_path)
     assert store.read("c1")["state"]["count"] == 1  # type: ignore[index]
     store.close()
+
+
+def test_a_tool_holds_an_agents_log_even_when_it_has_none_yet(tmp_path: Path) -> None:
+    """Records imported for an agent that never ran have no log: a tool writing them must still
+    hold one, or the agent starting meanwhile reads records half changed under it."""
+    store = Store(tmp_path)
+    store.put_raw("c1", _main(), [])
+    path = agent_log.log_path(store.logs, "c1")
+    path.unlink()  # as an import into a fresh state dir leaves it: records, no log
+    with store._held("c1", settle=False):
+        with pytest.raises(OtpdError) as err:
+            agent_log.lock(path, "c1", wait=False)  # what the agent's start meets
+        assert err.value.code == "bad_request" and err.value.details["running"] is True
+    assert store.delete_agent("c1")
+    assert not path.exists() and store.read("c1") is None
+    assert not store.delete_agent("c1") and not path.exists()  # nothing to delete: no log left behind
+    store.close()
+
+
+def _main() -> bytes:
+    from otpd.codec import pack
+
+    return pack({"version": 1, "state": {"count": 3}, "saved_at": 0.0, "seq": 1})

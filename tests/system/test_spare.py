@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import psutil
 
 from tests.conftest import wait_pid_exit
@@ -24,19 +26,33 @@ def _first_spare(d, child_id: str) -> int:
     return int(next(e for e in history if e["event"] == "spare" and e["id"] == child_id)["pid"])
 
 
+def _has_title(pid: int, title: str, timeout: float = 10.0) -> bool:
+    """True once the process's title says ``title``.  A spare sets it early in its boot, which
+    the daemon hears nothing of (its "spare" event comes at the fork): so this polls /proc,
+    with a deadline, as tests.conftest.wait_stopped does."""
+    deadline = time.monotonic() + timeout
+    proc = psutil.Process(pid)
+    while title not in " ".join(proc.cmdline()):
+        if time.monotonic() > deadline:
+            return False
+    return True
+
+
 def test_always_keeps_a_spare_that_becomes_the_agent_with_its_state(daemon):
     d = daemon(CONFIG.format(policy="always"))
     spare = _first_spare(d, "kv")
     with d.events() as events:
         assert psutil.Process(spare).ppid() == d.pid
-        assert "otpd: spare kv" in " ".join(psutil.Process(spare).cmdline())
+        assert _has_title(spare, "otpd: spare kv")
         d.request("call", {"id": "kv", "request": {"op": "put", "key": "a", "value": 1}})
         old = d.kill("kv")
         assert d.wait("kv", "running", not_pid=old)["pid"] == spare  # no fork on the restart path
         d.record_pid(spare)
-        assert "otpd: agent kv" in " ".join(psutil.Process(spare).cmdline())
         got = d.request("call", {"id": "kv", "request": {"op": "get", "key": "a"}})
         assert got == {"found": True, "value": 1}
+        # Its title changes just after its ready (off the restart's path), before it reads any call:
+        # asked after a reply, never before the change.
+        assert "otpd: agent kv" in " ".join(psutil.Process(spare).cmdline())
         d.record_pid(_spare_pid(events, "kv"))  # and a new spare for the next one
 
 
