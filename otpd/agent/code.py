@@ -8,10 +8,12 @@ runs into a fresh module object, and the fresh modules replace the old ones only
 every one of them imports and checks; otherwise nothing changes.  The agents that run
 a re-imported module then restart.
 
-Only those modules: the modules they import are not imported again, and neither is
-otpd's own code (``otpd.*``); a new version of those needs a restart of the daemon.
-Changed agent modules are imported again in name order: one that subclasses a class of
-another changed agent module may keep the old base (restart the daemon for that).
+An agent module that holds something of a module imported anew (``from base import
+Base`` to subclass it, a function, the module itself) is imported anew after it, changed
+or not, until none holds an old version: so a subclass gets the new base whatever the
+modules' names, and its agents restart too.  Other modules are not imported again (the
+helpers agent modules import, otpd's own code): a new version of those needs a restart
+of the daemon.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Iterable
-from types import ModuleType
+from types import FunctionType, ModuleType
 
 _seen: dict[str, tuple[int, int, int]] = {}  # module -> its file's (mtime_ns, size, inode) when imported
 
@@ -71,25 +73,62 @@ def changed(refs: Iterable[str]) -> list[str]:
     return [n for n in sorted({ref.partition(":")[0] for ref in refs}) if is_changed(n)]
 
 
-def reimport(names: list[str], check: Callable[[], None]) -> None:
-    """Import each of ``names`` afresh (in that order: a module that subclasses another one
-    of them should come after it), then ``check()`` (which raises if the new code is not
-    usable); on any failure every old module is put back and ReimportFailed raised."""
-    old = {name: sys.modules[name] for name in names}
-    old_seen = {name: _seen[name] for name in names if name in _seen}
+def reimport(changed: list[str], check: Callable[[list[str]], None], others: Iterable[str] = ()) -> list[str]:
+    """Import each of ``changed`` afresh, then each module of ``others`` (the config's other
+    agent modules) or of ``changed`` that holds an old version of something imported anew,
+    round after round until none does (as many rounds as there are modules: a cycle keeps
+    what the last round gave it).  Then ``check(names)`` raises if the new code is not
+    usable.  Returns every module imported anew; on any failure every old module is put
+    back and ReimportFailed raised."""
+    pool = sorted(set(changed) | {n for n in others if n in sys.modules and _reloadable(n)})
+    old = {name: sys.modules[name] for name in pool}
+    old_seen = {name: _seen[name] for name in pool if name in _seen}
+    done: list[str] = []
     try:
-        for name in names:
-            stamp = _stamp(old[name])  # before it runs: an edit meanwhile is seen next time
-            _fresh(name, old[name])
-            if stamp is not None:
-                _seen[name] = stamp  # this is the version imported now
-        check()
+        todo = sorted(changed)
+        for _round in range(len(pool)):
+            for name in todo:
+                stamp = _stamp(old[name])  # before it runs: an edit meanwhile is seen next time
+                _fresh(name, old[name])
+                if stamp is not None:
+                    _seen[name] = stamp  # this is the version imported now
+                if name not in done:
+                    done.append(name)
+            todo = [name for name in pool if _holds_old(sys.modules[name], done, old)]
+            if not todo:
+                break
+        done.sort()
+        check(done)
     except Exception as exc:
         _restore(old)
         _seen.update(old_seen)
         if isinstance(exc, ReimportFailed):
             raise
         raise ReimportFailed(f"{type(exc).__name__}: {exc}") from None
+    return done
+
+
+def _holds_old(module: ModuleType, anew: list[str], old: dict[str, ModuleType]) -> bool:
+    """Does ``module`` hold the old version of a module in ``anew``, or a class or function
+    (or an instance of a class) defined there that the module's new version does not have?"""
+    for value in list(vars(module).values()):
+        if isinstance(value, ModuleType):
+            if any(value is old[name] for name in anew):
+                return True
+            continue
+        target = value if isinstance(value, (type, FunctionType)) else type(value)
+        owner = getattr(target, "__module__", None)
+        if owner == module.__name__ or owner not in anew:
+            continue
+        found: object = sys.modules[owner]
+        for part in getattr(target, "__qualname__", "<locals>").split("."):
+            if part == "<locals>":
+                found = target  # defined inside a function: nothing to compare it with
+                break
+            found = getattr(found, part, None)
+        if found is not target:
+            return True
+    return False
 
 
 def _fresh(name: str, old: ModuleType) -> None:

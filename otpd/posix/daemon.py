@@ -1009,8 +1009,9 @@ class Daemon:
         return {**summary, "not_applied": not_applied}
 
     def _reimport(self, config: Config) -> list[str]:
-        """Import afresh the agent modules of ``config`` whose files changed; their names.
-        All or nothing: a module that does not import or check refuses the reload."""
+        """Import afresh the agent modules of ``config`` whose files changed, and those that
+        hold something of them; their names.  All or nothing: a module that does not import
+        or check refuses the reload."""
         from otpd.config import check_agent_class
 
         refs = [ref for spec in config.agent_specs() for ref in (spec.agent, spec.agent_next) if ref]
@@ -1018,21 +1019,21 @@ class Daemon:
         if not stale:
             return []
 
-        def check() -> None:
+        def check(names: list[str]) -> None:
             for ref in refs:
-                if ref.partition(":")[0] in stale:
+                if ref.partition(":")[0] in names:
                     try:
                         check_agent_class(ref)
                     except Exception as exc:
                         raise code.ReimportFailed(str(exc)) from None
 
         try:
-            code.reimport(stale, check)
+            names = code.reimport(stale, check, {ref.partition(":")[0] for ref in refs})
         except code.ReimportFailed as err:
             raise OtpdError("config_invalid", f"the new code is refused, nothing changed:\n{err}",
                             {"modules": stale}) from None
-        self.log("info", f"reload: imported anew {', '.join(stale)}")
-        return stale
+        self.log("info", f"reload: imported anew {', '.join(names)}")
+        return names
 
     # -- feature flags ------------------------------------------------------------
 

@@ -283,3 +283,29 @@ def test_a_reload_may_name_a_new_class_of_a_changed_module_or_a_module_edited_be
     assert d.request("call", {"id": "added", "request": None}) == "added"
     assert d.request("call", {"id": "helper", "request": None}) == "h2"
     assert d.request("call", {"id": "v", "request": None}) == "two"
+
+
+def test_a_module_that_subclasses_a_changed_one_is_imported_anew_after_it(daemon, tmp_path):
+    """``a_child`` subclasses ``z_base``'s class, and comes first by name: the base's new
+    version must still reach the subclass's agents, though its own file did not change."""
+    code = tmp_path / "code"
+    code.mkdir()
+    base = code / "z_base.py"
+    base.write_text(VERSIONED.replace("Versioned", "Base").replace("{VERSION!r}", "'base one'"))
+    (code / "a_child.py").write_text("from z_base import Base\n\n\nclass Child(Base):\n    pass\n")
+    tree = ('[[root.children]]\nid = "child"\nagent = "a_child:Child"\n\n'
+            '[[root.children]]\nid = "base"\nagent = "z_base:Base"\n\n'
+            '[[root.children]]\nid = "bystander"\nagent = "agents_for_tests:Controlled"\n')
+    d = daemon(tree, import_from=code)
+    assert d.request("call", {"id": "child", "request": None}) == "base one"
+    before = d.pids("child", "base", "bystander")
+    stamp = base.stat().st_mtime_ns + 10**9
+    base.write_text(VERSIONED.replace("Versioned", "Base").replace("{VERSION!r}", "'base two'"))
+    os.utime(base, ns=(stamp, stamp))
+    result = d.request("reload")
+    assert result["reimported"] == ["a_child", "z_base"]
+    assert sorted(result["restarted"]) == ["base", "child"]
+    for child_id in ("child", "base"):
+        d.wait(child_id, "running", not_pid=before[child_id])
+        assert d.request("call", {"id": child_id, "request": None}) == "base two"
+    assert d.pids("bystander") == {"bystander": before["bystander"]}
