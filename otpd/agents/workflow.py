@@ -72,8 +72,13 @@ class WorkflowProcess(Agent):
     parked_reason: str | None
     errors: dict[str, str]
 
+    RETRY_S = 1.0  # after a commit that failed (store_full), the next try at the step
+
     def init(self) -> None:
         self.deadline: int | None = None  # the timer of the running step's timeout
+        self.asked = False  # a step's attempt is counted, not yet committed: it runs once it is
+        self.in_step = False  # a step runs on the worker
+        self.started = True
         if not self.workflow_id:  # the first start: the definition comes with the args
             self.workflow_id = self.args.get("workflow_id") or self.id
             self.definition = self.args["definition"]
@@ -114,8 +119,8 @@ class WorkflowProcess(Agent):
             elif message[0] == "exit":
                 os._exit(message[1])
             return
-        if message != "step" or self.status != "running":
-            return
+        if message != "step" or self.status != "running" or self.asked or self.in_step:
+            return  # (a retry that comes while the step it was for is asked or runs)
         if self.current_step >= len(self.steps):
             self.status, self.finished_at = "completed", time.time()
             self.stop()
@@ -132,12 +137,22 @@ class WorkflowProcess(Agent):
             self.stop()
             return
         self.attempts = {**self.attempts, key: tries + 1}
+        self.asked = True
         self.after_commit(self._run_step)  # the attempt is on disk before the step runs
+
+    def on_after_load(self, state: dict[str, Any]) -> dict[str, Any]:
+        if getattr(self, "started", False) and not self.in_step:
+            # A failed commit (store_full) put the workflow back at its last commit, and
+            # dropped the step it asked for with it (or the move to the next one): try again.
+            self.asked = False
+            self.send_after(self.RETRY_S, "step")
+        return state
 
     def _timeout(self, step: dict[str, Any]) -> float:
         return timeout_arg(step.get("timeout_s", self.args.get("step_timeout_s", 0)), "timeout_s", "bad_request")
 
     def _run_step(self) -> None:
+        self.asked, self.in_step = False, True
         step = self.steps[self.current_step]
         fn = load_handler(step["handler"])
         timeout = self._timeout(step)
@@ -159,6 +174,7 @@ class WorkflowProcess(Agent):
         self.send_after(0, ("exit", system.EXIT_TIMEOUT))
 
     def _step_done(self, result: Any, error: BaseException | None) -> None:
+        self.in_step = False
         if self.deadline is not None:
             self.cancel_timer(self.deadline)
             self.deadline = None

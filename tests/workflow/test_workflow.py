@@ -213,3 +213,37 @@ def test_workflows_past_retention_are_forgotten_with_their_records(daemon: Any, 
         assert time.monotonic() < deadline, f"{first}'s records outlived its retention"
     assert store.read(second) is not None and d.request("workflow.list", {})["completed_count"] == 2
     store.close()
+
+
+def test_after_a_failed_commit_the_step_is_asked_again_and_runs_once(tmp_path: Path) -> None:
+    """A commit that fails (store_full) rolls the workflow back and drops what it asked for
+    after the commit (the step's run): a retry asks again; one that comes while the step is
+    asked or runs changes nothing."""
+    from otpd.agent.state import StateKeeper
+    from otpd.agents.workflow import WorkflowProcess
+    from tests.agents.test_task import FakeRuntime
+
+    rt = FakeRuntime()
+    definition = {"steps": [{"handler": STEPS + "record", "args": {"name": "a", "log": str(tmp_path / "log")}}]}
+    agent = WorkflowProcess("wf", {"definition": definition}, rt)  # type: ignore[arg-type]
+    store = Store(tmp_path / "store")
+    keeper = StateKeeper(agent, store)
+    keeper.load()
+    agent.init()
+    keeper.commit()
+    assert list(rt.timers.values()) == ["step"]
+    agent.handle_info("step")  # its attempt is counted; the commit fails:
+    keeper.load()  # the runtime's rollback
+    rt.after.clear()  # and the step's run, asked for after the commit, is dropped
+    assert agent.attempts == {} and list(rt.timers.values())[-1] == "step"  # a retry is due
+    agent.handle_info("step")  # the retry
+    agent.handle_info("step")  # another, while the step is asked: nothing
+    keeper.commit()
+    assert agent.attempts == {"0": 1} and len(rt.after) == 1
+    rt.after.pop()()  # committed: the step runs
+    agent.handle_info("step")  # and one while it runs: nothing
+    assert len(rt.work) == 1 and agent.attempts == {"0": 1}
+    fn, args, done = rt.work[0]
+    done(fn(*args), None)
+    assert agent.current_step == 1 and (tmp_path / "log").read_text() == "a\n"
+    store.close()
