@@ -411,15 +411,13 @@ class Run:
         return out
 
 
-def fds(pid: int) -> int:
-    """The daemon's open fds, less the two (channel and output pipe) of each warm spare it keeps."""
-    spares = 0
-    for proc in psutil.Process(pid).children():
-        try:
-            spares += " ".join(proc.cmdline()).startswith("otpd: spare ")
-        except psutil.Error:
-            pass
-    return bl.fd_count(pid) - 2 * spares
+def fds(pid: int, status: dict[str, Any]) -> int:
+    """The daemon's open fds, less the two (channel and output pipe) of each of its processes
+    that ``status`` does not list as an agent: a warm spare (told apart by that, not by its
+    title, which a spare still booting has not set yet) or one that died and is not reaped."""
+    agents = {c["pid"] for c in status["children"] if c.get("pid")}
+    others = sum(1 for proc in psutil.Process(pid).children() if proc.pid not in agents)
+    return bl.fd_count(pid) - 2 * others
 
 
 def main() -> int:
@@ -450,8 +448,7 @@ def main() -> int:
             store.close()
         h.start()
         with Client(h.socket) as probe:  # measured holding one connection, after a round trip
-            probe.request("status")
-            baseline_fds = fds(h.proc.pid)  # type: ignore[union-attr]
+            baseline_fds = fds(h.proc.pid, probe.request("status"))  # type: ignore[union-attr]
         if args.mode == "mapfull":  # tasks stay queued, so the store fills up
             args.workflows = 0
             with Client(h.socket) as c:
@@ -485,8 +482,8 @@ def main() -> int:
                                     tasks2["state"] == "failed"))
                 run.stop.set()  # the event watcher lets go of its connection
                 threads[0].join()
-                c.request("status")  # a round trip: the watcher's close has been seen
-                daemon_fds = fds(h.proc.pid)  # type: ignore[union-attr]
+                # after a round trip: the watcher's close has been seen
+                daemon_fds = fds(h.proc.pid, c.request("status"))  # type: ignore[union-attr]
                 zombies = [p for p in psutil.Process(h.proc.pid).children()  # type: ignore[union-attr]
                            if p.status() == psutil.STATUS_ZOMBIE]  # unreaped by the daemon
                 c.request("shutdown")
