@@ -411,13 +411,26 @@ class Run:
         return out
 
 
-def fds(pid: int, status: dict[str, Any]) -> int:
+def fds(pid: int, client: Client) -> int:
     """The daemon's open fds, less the two (channel and output pipe) of each of its processes
-    that ``status`` does not list as an agent: a warm spare (told apart by that, not by its
-    title, which a spare still booting has not set yet) or one that died and is not reaped."""
-    agents = {c["pid"] for c in status["children"] if c.get("pid")}
-    others = sum(1 for proc in psutil.Process(pid).children() if proc.pid not in agents)
-    return bl.fd_count(pid) - 2 * others
+    that ``status`` does not list as an agent: a warm spare (told apart that way, not by its
+    title, which a spare still booting has not set yet).  Read once the daemon is quiet: no
+    child dead and unreaped (its fds may or may not be closed yet), and the same figure twice
+    in a row, each after a round trip (within 10 s; then the last reading stands)."""
+    deadline = time.monotonic() + 10.0
+    last = None
+    while True:
+        status = client.request("status")
+        agents = {c["pid"] for c in status["children"] if c.get("pid")}
+        try:
+            kids = psutil.Process(pid).children()
+            quiet = all(k.status() != psutil.STATUS_ZOMBIE for k in kids)
+        except psutil.NoSuchProcess:  # one went while we looked
+            kids, quiet = [], False
+        count = bl.fd_count(pid) - 2 * sum(1 for k in kids if k.pid not in agents)
+        if (quiet and count == last) or time.monotonic() > deadline:
+            return count
+        last = count if quiet else None
 
 
 def main() -> int:
@@ -448,7 +461,7 @@ def main() -> int:
             store.close()
         h.start()
         with Client(h.socket) as probe:  # measured holding one connection, after a round trip
-            baseline_fds = fds(h.proc.pid, probe.request("status"))  # type: ignore[union-attr]
+            baseline_fds = fds(h.proc.pid, probe)  # type: ignore[union-attr]
         if args.mode == "mapfull":  # tasks stay queued, so the store fills up
             args.workflows = 0
             with Client(h.socket) as c:
@@ -482,8 +495,7 @@ def main() -> int:
                                     tasks2["state"] == "failed"))
                 run.stop.set()  # the event watcher lets go of its connection
                 threads[0].join()
-                # after a round trip: the watcher's close has been seen
-                daemon_fds = fds(h.proc.pid, c.request("status"))  # type: ignore[union-attr]
+                daemon_fds = fds(h.proc.pid, c)  # type: ignore[union-attr]  (the watcher's close seen)
                 zombies = [p for p in psutil.Process(h.proc.pid).children()  # type: ignore[union-attr]
                            if p.status() == psutil.STATUS_ZOMBIE]  # unreaped by the daemon
                 c.request("shutdown")
