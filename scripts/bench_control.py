@@ -7,6 +7,7 @@
   p50/p99 in microseconds.  Floor, in the same run: a msgpack ping-pong between two
   processes over a socketpair (one hop; the call makes two).
 * pipelined: one client keeping --window calls in flight (topped up once per read); calls per second.
+* both in map frames (DESIGN §4) and in compact frames ([id, "call", agent, request]), alternated.
 * otpctl status: wall time of the whole command, interpreter start included: the checkout's
   editable install and the package built and installed as a deployment has it, alternated,
   with a bare interpreter start beside them.
@@ -67,24 +68,31 @@ def socketpair_floor(n: int) -> list[float]:
     return out
 
 
-def round_trips(sock: Path, n: int) -> list[float]:
+def round_trips(sock: Path, n: int, compact: bool = False) -> list[float]:
+    """One call at a time: ``request("call", ...)`` in map frames, or ``call()`` in compact ones."""
     out = []
     with Client(sock) as c:
         for i in range(n):
             t0 = time.perf_counter()
-            c.request("call", {"id": "echo", "request": i})
+            if compact:
+                c.call("echo", i)
+            else:
+                c.request("call", {"id": "echo", "request": i})
             out.append((time.perf_counter() - t0) * 1e6)
     return out
 
 
-def pipelined(sock: Path, n: int, window: int) -> float:
+def pipelined(sock: Path, n: int, window: int, compact: bool = False) -> float:
     with Client(sock, timeout=60) as c:
         frame = bytearray()
         t0 = time.perf_counter()
         sent = done = 0
         while done < n:
             while sent < n and sent - done < window:
-                frame += protocol.pack({"id": sent, "op": "call", "args": {"id": "echo", "request": sent}})
+                if compact:
+                    frame += protocol.pack([sent, "call", "echo", sent])
+                else:
+                    frame += protocol.pack({"id": sent, "op": "call", "args": {"id": "echo", "request": sent}})
                 sent += 1
             if frame:
                 c.sock.sendall(frame)
@@ -92,7 +100,7 @@ def pipelined(sock: Path, n: int, window: int) -> float:
             reply = c.receive()  # blocks for one reply, then takes every reply that read brought:
             replies = [reply, *c.unpacker]  # the window is topped up once per read, not once per reply
             for reply in replies:
-                if not reply.get("ok"):
+                if not (reply[1] if compact else reply.get("ok")):
                     raise RuntimeError(reply)
             done += len(replies)
         return n / (time.perf_counter() - t0)
@@ -147,11 +155,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="otpd-bench-") as tmp:
         d = Daemon(body, Path(tmp), "control").start()
         try:
-            floor, rtt, rates = [], [], []
-            for _ in range(args.rounds):  # alternate, so both see the same machine
+            floor, rtt, rtt_c, rates, rates_c = [], [], [], [], []
+            for _ in range(args.rounds):  # alternate, so all see the same machine
                 floor += socketpair_floor(args.calls)
                 rtt += round_trips(d.socket, args.calls)
+                rtt_c += round_trips(d.socket, args.calls, compact=True)
                 rates.append(pipelined(d.socket, args.pipelined, args.window))
+                rates_c.append(pipelined(d.socket, args.pipelined, args.window, compact=True))
             ctl, ctl_installed, floor_py = [], [], []
             for _ in range(args.ctl_runs):  # alternated, run by run
                 ctl += otpctl_status(d.socket, 1)
@@ -168,8 +178,12 @@ def main() -> None:
           f"| {pct(floor, 0.99):.0f} µs | |")
     print(f"| call round trip client → daemon → EchoAgent → client | {statistics.median(rtt):.0f} µs "
           f"| {pct(rtt, 0.99):.0f} µs | p50 ≤ 100 µs |")
+    print(f"| the same, compact frames (`Client.call`) | {statistics.median(rtt_c):.0f} µs "
+          f"| {pct(rtt_c, 0.99):.0f} µs | p50 ≤ 100 µs |")
     print(f"| pipelined calls/s, one client, {args.window} in flight (median of {args.rounds}) "
           f"| {statistics.median(rates):,.0f} /s | min {min(rates):,.0f} /s | ≥ 100,000 /s |")
+    print(f"| the same, compact frames | {statistics.median(rates_c):,.0f} /s | min {min(rates_c):,.0f} /s "
+          f"| ≥ 100,000 /s |")
     print(f"| `otpctl status` wall time, checkout's editable install ({args.ctl_runs} runs) "
           f"| {statistics.median(ctl):.0f} ms | {pct(ctl, 0.99):.0f} ms | ≤ 150 ms |")
     if ctl_installed:

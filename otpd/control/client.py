@@ -3,8 +3,12 @@
     from otpd.client import Client
     with Client("var/run/otpd.sock") as c:
         print(c.request("status"))
+        print(c.call("echo", {"hello": 1}))        # the same as c.request("call", {"id": "echo", ...})
         c.request("kill", {"id": "echo"})
         c.request("wait", {"id": "echo", "state": "running", "not_pid": old_pid})
+
+``call`` and the calls of ``pipeline`` travel as compact frames (protocol.py): arrays, not
+maps, which cost the client and the daemon about half as much to encode and decode.
 
 Errors from the daemon raise ``OtpdError`` with the daemon's code; a socket
 that cannot be reached raises ``Unreachable``.
@@ -83,12 +87,12 @@ class Client:
         except OSError as exc:
             raise Unreachable(f"otpd at {self.path} went away: {exc}") from None
 
-    def receive(self) -> dict[str, Any]:
-        """The next frame from the daemon (a reply or an event)."""
+    def receive(self) -> Any:
+        """The next frame from the daemon: a reply or an event (maps), or a compact reply (an array)."""
         unpacker = self.unpacker
         while True:
             for frame in unpacker:  # (not next(): an empty buffer would cost a StopIteration)
-                return frame  # type: ignore[no-any-return]
+                return frame
             try:
                 data = self.sock.recv(256 * 1024)
             except (TimeoutError, BlockingIOError):  # the socket's timeout (EAGAIN from SO_RCVTIMEO)
@@ -101,28 +105,46 @@ class Client:
 
     def request(self, op: str, args: dict[str, Any] | None = None) -> Any:
         """Send one request and return its result, or raise its OtpdError."""
-        req_id = self.send(op, args)
+        return self._await(self.send(op, args))
+
+    def call(self, agent_id: str, request: Any, timeout: float | None = None) -> Any:
+        """Call an agent and return its reply (or raise its OtpdError): ``request("call", ...)``
+        in a compact frame.  ``timeout``: the daemon's, default 5 s."""
+        req_id = self.next_id
+        self.next_id += 1
+        self._sendall(_encode(_compact(req_id, agent_id, request, timeout)))
+        return self._await(req_id)
+
+    def _await(self, req_id: int) -> Any:
         while True:
             frame = self.receive()
-            if frame.get("id") == req_id or frame.get("id") is None and "ok" in frame:
+            if type(frame) is list:  # a compact reply
+                if frame[0] == req_id:
+                    return _compact_result(frame)
+            elif frame.get("id") == req_id or frame.get("id") is None and "ok" in frame:
                 return _result(frame)
 
     def pipeline(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
-        """Send every request at once, then collect the replies (results or OtpdErrors) in order."""
+        """Send every request at once, then collect the replies (results or OtpdErrors) in order.
+        Calls (``("call", {"id", "request"[, "timeout"]})``) go as compact frames."""
         data = bytearray()
         ids = []
         for op, args in requests:
             ids.append(self.next_id)
-            data += _encode({"id": self.next_id, "op": op, "args": args})
+            if op == "call" and type(args.get("id")) is str and set(args) <= {"id", "request", "timeout"}:
+                data += _encode(_compact(self.next_id, args["id"], args.get("request"), args.get("timeout")))
+            else:
+                data += _encode({"id": self.next_id, "op": op, "args": args})
             self.next_id += 1
         self._sendall(bytes(data))
         replies: dict[int, Any] = {}
         while len(replies) < len(ids):
             frame = self.receive()
+            compact = type(frame) is list
             try:
-                replies[frame["id"]] = _result(frame)
+                replies[frame[0] if compact else frame["id"]] = (_compact_result if compact else _result)(frame)
             except OtpdError as err:
-                replies[frame["id"]] = err
+                replies[frame[0] if compact else frame["id"]] = err
         return [replies[i] for i in ids]
 
     def events(self, last: int = 0) -> Iterator[dict[str, Any]]:
@@ -131,15 +153,25 @@ class Client:
         yield from self.request("events", {"follow": True, "last": last})["events"]
         while True:
             frame = self.receive()
-            if "event" in frame:
+            if type(frame) is dict and "event" in frame:
                 yield frame
 
 
-def _encode(request: dict[str, Any]) -> bytes:
+def _encode(request: dict[str, Any] | list[Any]) -> bytes:
     try:
         return protocol.pack(request)
     except (TypeError, ValueError, OverflowError) as exc:
         raise OtpdError("bad_request", f"the request cannot be encoded as msgpack: {exc}") from None
+
+
+def _compact(req_id: int, agent_id: str, request: Any, timeout: float | None) -> list[Any]:
+    return [req_id, "call", agent_id, request] if timeout is None else [req_id, "call", agent_id, request, timeout]
+
+
+def _compact_result(frame: list[Any]) -> Any:
+    if len(frame) == 3 and frame[1] is True:
+        return frame[2]
+    raise OtpdError.from_wire(frame[2] if len(frame) == 3 else None)
 
 
 def _result(frame: dict[str, Any]) -> Any:

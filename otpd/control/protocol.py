@@ -3,6 +3,14 @@
 Request ``{"id": n, "op": "...", "args": {...}}``; reply ``{"id": n, "ok": true,
 "result": ...}`` or ``{"id": n, "ok": false, "error": {"code", "message", "details"}}``.
 After ``events``, the connection carries ``{"event": ..., ...}`` frames.
+
+One exception, for the hot path: a call may also travel as a compact frame, an array
+``[id, "call", agent_id, request]`` (or ``[..., timeout]``), answered ``[id, true, result]``
+or ``[id, false, {"code", "message", "details"}]``.  The same call, the same errors and
+timeouts; only the encoding differs.  Decoding a map makes a dict and looks up (interned)
+string keys, so the map form costs the daemon ~1.6 µs per request against ~0.5 µs, and
+a client ~0.9 µs per reply against ~0.2 µs: about a fifth of a pipelined call's CPU.
+A map request is always answered with a map.
 """
 
 from __future__ import annotations

@@ -28,13 +28,40 @@ from otpd.errors import OtpdError
 from otpd.posix import system
 
 Handler = Callable[["Connection", Any, dict[str, Any]], Any]
+# A compact call: (replies, id, agent id, request, timeout) -> a result, or DEFERRED
+CompactCall = Callable[["Compact", Any, Any, Any, Any], Any]
 DEFERRED = object()  # a handler's result meaning "the reply comes later"
 MAX_ID, OUT_CAP = protocol.MAX_ID, protocol.OUT_CAP
 _pack = protocol.pack
 
 
+class Compact:
+    """Where a connection's compact calls are answered: ``[id, true, result]`` or
+    ``[id, false, error]`` (protocol.py), in the place of the map a request gets."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.closed
+
+    def reply(self, req_id: Any, result: Any) -> None:
+        if not self.conn.closed:  # [req_id, True, result], packed around its two values
+            self.conn._queue(b"\x93%b\xc3%b" % (_pack(req_id), _pack(result)))
+
+    def error(self, req_id: Any, err: OtpdError) -> None:
+        if not self.conn.closed:
+            self.conn._queue(_pack([req_id, False, err.to_wire()]))
+
+    def send(self, frame: Any) -> None:
+        self.conn.send(frame)
+
+
 class Connection:
-    __slots__ = ("sock", "server", "unpacker", "out", "closed", "writing", "subscribed", "peer")
+    __slots__ = ("sock", "server", "unpacker", "out", "closed", "writing", "subscribed", "peer", "compact")
 
     def __init__(self, sock: socket.socket, server: ControlServer, peer: tuple[int, int, int]) -> None:
         self.sock = sock
@@ -45,6 +72,7 @@ class Connection:
         self.writing = False
         self.subscribed = False
         self.peer = peer
+        self.compact: Compact | None = None  # made at its first compact call; dropped at close (a cycle)
 
     def reply(self, req_id: Any, result: Any) -> None:
         # {"id": req_id, "ok": True, "result": result}, packed around its two values: this runs
@@ -120,6 +148,7 @@ class Connection:
         if self.closed:
             return
         self.closed = True
+        self.compact = None
         self.out.clear()
         self.server.forget(self)
         try:
@@ -132,8 +161,9 @@ class Connection:
 class ControlServer:
     def __init__(self, selector: selectors.BaseSelector, path: Path, group: str | None,
                  handlers: dict[str, Handler], on_close: Callable[[Connection], None],
-                 log: Callable[[str, str], None]) -> None:
+                 log: Callable[[str, str], None], compact_call: CompactCall | None = None) -> None:
         self.selector = selector
+        self.compact_call = compact_call
         self.log = log
         self.path = path
         self.group_gid = grp.getgrnam(group).gr_gid if group else None
@@ -236,6 +266,9 @@ class ControlServer:
         self.on_close(conn)
 
     def dispatch(self, conn: Connection, frame: Any) -> None:
+        if type(frame) is list:
+            self._dispatch_compact(conn, frame)
+            return
         # Exact types (what the decoder makes): a bool is not an id, and this runs for every request.
         req_id = frame.get("id") if type(frame) is dict else None
         if type(req_id) is not int or not 0 <= req_id <= MAX_ID:
@@ -262,3 +295,29 @@ class ControlServer:
             return
         if result is not DEFERRED:
             conn.reply(req_id, result)
+
+    def _dispatch_compact(self, conn: Connection, frame: list[Any]) -> None:
+        """``[id, "call", agent id, request]`` or ``[..., timeout]``: answered as an array."""
+        req_id = frame[0] if frame else None
+        if type(req_id) is not int or not 0 <= req_id <= MAX_ID:
+            conn.error(None, OtpdError("bad_request", COMPACT_SHAPE))
+            return
+        out = conn.compact
+        if out is None:
+            out = conn.compact = Compact(conn)
+        try:
+            if not 4 <= len(frame) <= 5 or frame[1] != "call" or self.compact_call is None:
+                raise OtpdError("bad_request", COMPACT_SHAPE)
+            result = self.compact_call(out, req_id, frame[2], frame[3], frame[4] if len(frame) == 5 else 5.0)
+        except OtpdError as err:
+            out.error(req_id, err)
+            return
+        except Exception:  # a bug in the handler: answer it, log it, keep supervising
+            self.log("error", f"internal error in a compact call:\n{traceback.format_exc()}")
+            out.error(req_id, OtpdError("internal", "internal error in the daemon (logged)"))
+            return
+        if result is not DEFERRED:
+            out.reply(req_id, result)
+
+
+COMPACT_SHAPE = 'a compact request is [id, "call", agent id, request] or [id, "call", agent id, request, timeout]'

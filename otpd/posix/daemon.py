@@ -40,7 +40,7 @@ from otpd.agent import code
 from otpd.agent.runtime import child_main  # imported here so that no child pays for it after fork
 from otpd.config import Config
 from otpd.control import protocol
-from otpd.control.server import DEFERRED, Connection, ControlServer
+from otpd.control.server import DEFERRED, Compact, Connection, ControlServer
 from otpd.core import tree as core
 from otpd.core.spec import AgentSpec
 from otpd.errors import OtpdError
@@ -78,7 +78,7 @@ class Child:
         self.wrote_at: float | None = None  # the oldest input it may not have woken for
         self.wrote_last = 0.0  # the newest
         self.stopped_at: float | None = None  # SIGSTOPped (or SIGTSTP) since
-        self.pending: dict[int, tuple[Connection, Any, int]] = {}  # ref -> caller, deadline bucket
+        self.pending: dict[int, tuple[Connection | Compact, Any, int]] = {}  # ref -> caller, deadline bucket
         self.spec = spec
         self.start_error: str | None = None
         self.out = bytearray()
@@ -172,7 +172,7 @@ class Daemon:
             handlers[op] = functools.partial(self._forward, op)
         self.server = ControlServer(
             self.selector, config.daemon.socket, config.daemon.socket_group, handlers,
-            self._forget_connection, self.log,
+            self._forget_connection, self.log, compact_call=self._call,
         )
 
     # -- lifecycle -----------------------------------------------------------
@@ -815,7 +815,7 @@ class Daemon:
     def op_call(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
         return self._call(conn, req_id, args.get("id"), args.get("request"), args.get("timeout", 5.0))
 
-    def _call(self, conn: Connection, req_id: Any, child_id: Any, request: Any, timeout: Any) -> Any:
+    def _call(self, conn: Connection | Compact, req_id: Any, child_id: Any, request: Any, timeout: Any) -> Any:
         # The hot path of the control plane: kept to a few dict operations.
         child = self.children.get(child_id) if type(child_id) is str else None
         if child is None or child.sock is None or self.tree.nodes[child.id].state != "running":

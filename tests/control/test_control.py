@@ -113,11 +113,58 @@ def test_sighup_reloads(daemon: Any) -> None:
         st.sampled_from(["id", "op", "args", "x"]) | st.text(max_size=5), inner, max_size=4),
     max_leaves=10))
 def test_any_msgpack_frame_gets_an_answer_or_a_clean_error(shared_daemon: Any, frame: Any) -> None:
-    frames = raw_exchange(shared_daemon.socket, protocol.pack(frame))
-    for reply in frames:
-        assert isinstance(reply, dict) and "ok" in reply
-        if not reply["ok"]:
-            assert reply["error"]["code"] in ("bad_request", "not_found", "agent_down", "timeout")
+    check_replies(frame, raw_exchange(shared_daemon.socket, protocol.pack(frame)))
+
+
+def check_replies(frame: Any, replies: list[Any]) -> None:
+    """Every reply is a map with "ok", or, to an array with an id, the compact [id, ok, x]."""
+    for reply in replies:
+        if isinstance(reply, list):
+            assert isinstance(frame, list) and len(reply) == 3 and reply[0] == frame[0], (frame, reply)
+            ok, error = reply[1], reply[2]
+        else:
+            assert isinstance(reply, dict) and "ok" in reply
+            ok, error = reply["ok"], reply.get("error")
+        assert ok in (True, False)
+        if not ok:
+            assert error["code"] in ("bad_request", "not_found", "agent_down", "timeout")
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frame=st.lists(st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+                      | st.floats() | st.sampled_from(["call", "echo", "other", "nope", "x"]) | st.text(max_size=5)
+                      | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), max_size=6)
+       | st.tuples(st.integers(min_value=0, max_value=2**63 - 1), st.just("call"),
+                   st.sampled_from(["echo", "other", "nope"]) | st.integers(min_value=0, max_value=9),
+                   st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.text(max_size=5),
+                   st.floats() | st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.text(max_size=3)).map(list))
+def test_any_compact_frame_gets_an_answer_or_a_clean_error(shared_daemon: Any, frame: list[Any]) -> None:
+    replies = raw_exchange(shared_daemon.socket, protocol.pack(frame))
+    check_replies(frame, replies)
+    if len(frame) == 4 and frame[1:3] == ["call", "echo"] and type(frame[0]) is int and 0 <= frame[0] < 2**63:
+        assert replies == [[frame[0], True, frame[3]]]
+
+
+def test_compact_calls_are_answered_as_map_calls_are_in_compact_frames(daemon: Any) -> None:
+    d = daemon(TREE + '\n[[root.children]]\nid = "slow"\nagent = "tests.control.agents:Sleeper"\n'
+                      'heartbeat_timeout_ms = 0\n')
+    with Client(d.socket, timeout=20) as c:
+        assert c.call("echo", {"a": [1, 2]}) == {"a": [1, 2]}
+        for agent_id, code in (("nope", "not_found"), ("slow", "timeout")):
+            with pytest.raises(OtpdError) as err:
+                c.call(agent_id, 2, timeout=0.3)
+            assert err.value.code == code
+        results = c.pipeline([("call", {"id": "echo", "request": 1}), ("status", {}),
+                              ("call", {"id": "other", "request": 2, "timeout": 5}), ("call", {"id": "nope"})])
+        assert results[0] == 1 and "daemon" in results[1] and results[2] == 2
+        assert isinstance(results[3], OtpdError) and results[3].code == "not_found"
+        pid = d.pid_of("slow")
+        c._sendall(protocol.pack([7, "call", "slow", 30, 60]))
+        with Client(d.socket) as probe:  # the call has reached the agent once it answers nothing else
+            probe.request("wait", {"id": "slow", "state": "running"})
+        os.kill(pid, signal.SIGKILL)
+        reply = c.receive()
+    assert reply[:2] == [7, False] and reply[2]["code"] == "agent_crashed"
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -178,6 +225,8 @@ def test_thousands_of_connections_opened_and_dropped_leak_nothing(daemon: Any) -
             s.connect(str(d.socket))
             if i % 2:
                 s.sendall(protocol.pack({"id": i, "op": "status"})[: i % 7])
+            elif i % 4 == 0:  # a compact call: its connection's Compact is let go at close too
+                s.sendall(protocol.pack([i, "call", "echo", i]))
             s.close()
         # The backlog drains 64 connections per wake-up: probe with round trips until it has.
         deadline = time.monotonic() + 20
