@@ -257,15 +257,17 @@ def concurrent_puts(sock_path: Path, clients: int, seconds: float) -> float:
     return done / elapsed
 
 
-def concurrent_puts_lean(sock_path: Path, clients: int, seconds: float) -> float:
+def concurrent_puts_lean(sock_path: Path, clients: int, seconds: float, compact: bool = False) -> float:
     """The same load as ``concurrent_puts`` (``clients`` connections, one put outstanding on
     each, every reply checked), from a leaner load generator: one epoll, requests packed
     from a fixed prefix.  The clients share the daemon's 2 cores, so every µs they spend
-    per call is a µs the daemon and the agent do not get."""
+    per call is a µs the daemon and the agent do not get.  ``compact``: the calls travel
+    as compact frames (otpd/control/protocol.py), their replies too."""
     import select
 
     pack = protocol.pack
     prefix = b"\x83\xa2op\xa4call\xa4args\x82\xa2id\xa2kv\xa7request\x83\xa2op\xa3put\xa3key"
+    compact_put = b"\xa4call\xa2kv\x83\xa2op\xa3put\xa3key"  # [n, "call", "kv", {"op": "put", "key": k, "value": k}]
     ep = select.epoll()
     conns: dict[int, tuple[socket.socket, Any, int]] = {}
     counters: dict[int, int] = {}
@@ -281,7 +283,10 @@ def concurrent_puts_lean(sock_path: Path, clients: int, seconds: float) -> float
         n = counters[fd] = counters[fd] + 1
         s, _, base = conns[fd]
         key = pack(base + n)
-        s.send(prefix + key + b"\xa5value" + key + b"\xa2id" + pack(n))
+        if compact:
+            s.send(b"\x94" + pack(n) + compact_put + key + b"\xa5value" + key)
+        else:
+            s.send(prefix + key + b"\xa5value" + key + b"\xa2id" + pack(n))
 
     t0 = time.perf_counter()
     end = t0 + seconds
@@ -292,7 +297,7 @@ def concurrent_puts_lean(sock_path: Path, clients: int, seconds: float) -> float
             s, unpacker, _ = conns[fd]
             unpacker.feed(s.recv(65536))
             for frame in unpacker:
-                if frame.get("ok") is not True:
+                if (frame[1] if compact else frame.get("ok")) is not True:
                     raise RuntimeError(frame)
                 done += 1
                 send(fd)
@@ -307,17 +312,20 @@ def bench_fsync(root: Path, clients: int, seconds: float, rounds: int) -> list[s
     body = '\n[[root.children]]\nid = "kv"\nagent = "otpd.agents.kv:KVAgent"\n'
     d = Daemon('[store]\ndurability = "fsync"\n' + body, root, "fsync").start()
     p = Daemon('[store]\ndurability = "process"\n' + body, root, "fsync-process").start()
-    rows = ["| durability | clients | acknowledged puts/s, lean load generator | the same, selectors-based "
-            "generator |", "|---|---:|---:|---:|"]
+    rows = ["| durability | clients | acknowledged puts/s, lean load generator | the same, compact frames "
+            "| the same, selectors-based generator |", "|---|---:|---:|---:|---:|"]
+    gens: dict[str, Any] = {"lean": concurrent_puts_lean,
+                            "compact": lambda *a: concurrent_puts_lean(*a, compact=True),
+                            "selectors": concurrent_puts}
     try:
         rates: dict[tuple[str, str], list[float]] = {}
         for _ in range(rounds):  # alternated, so drift hits every column alike
             for name, daemon in (("fsync", d), ("process", p)):
-                for gen, fn in (("lean", concurrent_puts_lean), ("selectors", concurrent_puts)):
+                for gen, fn in gens.items():
                     rates.setdefault((name, gen), []).append(fn(daemon.socket, clients, seconds))
         for name in ("fsync", "process"):
-            rows.append(f"| {name} | {clients} | {statistics.median(rates[name, 'lean']):,.0f} "
-                        f"| {statistics.median(rates[name, 'selectors']):,.0f} |")
+            rows.append(f"| {name} | {clients} | " + " | ".join(
+                f"{statistics.median(rates[name, gen]):,.0f}" for gen in gens) + " |")
         print("\n".join(rows[-2:]), flush=True)
     finally:
         d.stop()
