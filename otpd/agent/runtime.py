@@ -5,12 +5,12 @@ socketpair to the daemon), runs the agent's callbacks and fires its timers.
 Liveness costs no messages: the loop stamps when it wakes and when it waits
 into the daemon's shared liveness region (``otpd.posix.liveness``).
 
-Channel frames (msgpack maps, ``t`` = type; replies are arrays):
-  daemon -> child: ``{"t": "call", "ref": n, "req": x}``, ``{"t": "cast", "msg": x}``
+Channel frames (msgpack maps, ``t`` = type; the two that come once per call are arrays, as a
+map with string keys costs several times more to decode):
+  daemon -> child: a call ``[ref, request]``, ``{"t": "cast", "msg": x}``, ``{"t": "event", ...}``, ...
   child -> daemon: ``{"t": "ready", "seq": n}``, ``{"t": "seq", "seq": n}``,
                    ``{"t": "start_error", "code": c, "message": s}``,
-                   and, once per call, a reply as an array (a map with string keys costs
-                   several times more to decode): ``[ref, true, result]`` or ``[ref, false, {error}]``
+                   and a call's reply ``[ref, true, result]`` or ``[ref, false, {error}]``
 
 Write before the reply, with group commit: everything the channel holds is
 read at once, every frame is applied, the state is committed once, and only
@@ -198,7 +198,7 @@ class Runtime:
         deadline = time.monotonic() + timeout
         while True:
             for frame in self.unpacker:
-                if frame.get("t") == "sysreply" and frame.get("ref") == ref:
+                if type(frame) is dict and frame.get("t") == "sysreply" and frame.get("ref") == ref:
                     # Frames that came in the same read stay in the decoder, where the loop
                     # would not see them until more input arrived: they join the backlog.
                     self.backlog.extend(self.unpacker)
@@ -315,7 +315,7 @@ class Runtime:
                 return False
             self.unpacker.feed(data)
             for frame in self.unpacker:
-                if not go and frame.get("t") == "go":
+                if not go and type(frame) is dict and frame.get("t") == "go":
                     self.flags = dict(frame.get("flags") or {})
                     go = True
                 else:
@@ -434,7 +434,7 @@ class Runtime:
             self._apply(agent, list(self.unpacker))
         return not eof
 
-    def _apply(self, agent: Agent, frames: list[dict[str, Any]]) -> None:
+    def _apply(self, agent: Agent, frames: list[Any]) -> None:
         """One batch: apply every frame, commit once, then send the replies."""
         replies: list[Any] = []
         for frame in frames:
@@ -443,16 +443,18 @@ class Runtime:
                 break
         self._commit_then_send(replies)
 
-    def _dispatch(self, agent: Agent, frame: dict[str, Any], replies: list[Any]) -> None:
-        kind = frame.get("t")
-        if kind == "call":
+    def _dispatch(self, agent: Agent, frame: Any, replies: list[Any]) -> None:
+        if type(frame) is list:  # a call: [ref, request]
+            ref, request = frame
             try:
-                result = agent.handle_call(frame.get("req"))
+                result = agent.handle_call(request)
             except OtpdError as err:
-                replies.append([frame["ref"], False, err.to_wire()])
+                replies.append([ref, False, err.to_wire()])
             else:
-                replies.append([frame["ref"], True, result])
-        elif kind == "cast":
+                replies.append([ref, True, result])
+            return
+        kind = frame.get("t")
+        if kind == "cast":
             agent.handle_cast(frame.get("msg"))
         elif kind == "event":
             agent.handle_event(frame.get("e") or {})

@@ -823,8 +823,8 @@ class Daemon:
         if type(timeout) not in (int, float) or not 0 <= timeout <= MAX_TIMEOUT:  # NaN fails too
             raise OtpdError("bad_request", f"argument 'timeout' must be 0..{MAX_TIMEOUT:g} seconds")
         ref = next(self.refs)
-        try:  # {"t": "call", "ref": ref, "req": request}, packed around its two values: no map to build and walk
-            frame = b"\x83\xa1t\xa4call\xa3ref%b\xa3req%b" % (protocol.pack(ref), protocol.pack(request))
+        try:  # [ref, request], packed around its two values (an array: the agent decodes no map)
+            frame = b"\x92%b%b" % (protocol.pack(ref), protocol.pack(request))
         except (TypeError, ValueError) as exc:
             raise OtpdError("bad_request", f"cannot encode the request: {exc}") from None
         if not self._send_child(child, frame):

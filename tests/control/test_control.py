@@ -133,7 +133,8 @@ def check_replies(frame: Any, replies: list[Any]) -> None:
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(frame=st.lists(st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
                       | st.floats() | st.sampled_from(["call", "echo", "other", "nope", "x"]) | st.text(max_size=5)
-                      | st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), max_size=6)
+                      | st.dictionaries(st.text(max_size=3), st.integers(min_value=-(2**63), max_value=2**63),
+                                      max_size=2), max_size=6)
        | st.tuples(st.integers(min_value=0, max_value=2**63 - 1), st.just("call"),
                    st.sampled_from(["echo", "other", "nope"]) | st.integers(min_value=0, max_value=9),
                    st.integers(min_value=-(2**63), max_value=2**64 - 1) | st.text(max_size=5),
