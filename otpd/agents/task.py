@@ -61,7 +61,7 @@ from typing import Any
 
 from otpd.agent.base import Agent
 from otpd.agent.state import PersistentMap, PersistentQueue
-from otpd.agents import timeout_arg
+from otpd.agents import error_text, timeout_arg
 from otpd.errors import OtpdError
 from otpd.posix import system
 
@@ -90,11 +90,6 @@ def _int_arg(args: dict[str, Any], name: str, default: int, minimum: int) -> int
     if type(value) is not int or value < minimum:
         raise OtpdError("config_invalid", f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
-
-
-def _error_text(error: BaseException) -> str:
-    text = f"{type(error).__name__}: {error}"
-    return text if len(text) <= 2000 else text[:2000] + "..."
 
 
 class TaskAgent(Agent):
@@ -367,7 +362,7 @@ class TaskAgent(Agent):
             self.completed_count += 1
         else:
             self.error_count += 1
-            task["last_error"] = _error_text(error)
+            task["last_error"] = error_text(error)
             task.pop("started_at", None)
             if task["attempts"] >= self.max_attempts:
                 self._bury(task)

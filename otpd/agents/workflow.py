@@ -32,7 +32,7 @@ import time
 from typing import Any
 
 from otpd.agent.base import Agent
-from otpd.agents import timeout_arg
+from otpd.agents import error_text, timeout_arg
 from otpd.errors import OtpdError
 from otpd.posix import system
 
@@ -78,6 +78,8 @@ class WorkflowProcess(Agent):
         self.deadline: int | None = None  # the timer of the running step's timeout
         self.asked = False  # a step's attempt is counted, not yet committed: it runs once it is
         self.in_step = False  # a step runs on the worker
+        self.succeeded = False  # a step's result is recorded, not yet committed
+        self.redo = False  # a rollback lost that result: run the step again, as the same attempt
         self.started = True
         if not self.workflow_id:  # the first start: the definition comes with the args
             self.workflow_id = self.args.get("workflow_id") or self.id
@@ -123,7 +125,11 @@ class WorkflowProcess(Agent):
             return  # (a retry that comes while the step it was for is asked or runs)
         if self.current_step >= len(self.steps):
             self.status, self.finished_at = "completed", time.time()
-            self.stop()
+            self.after_commit(self.stop)  # a final status on disk first: a rollback keeps it running
+            return
+        if self.redo:  # its attempt succeeded and is counted already: not one more, not a crash
+            self.redo, self.asked = False, True
+            self.after_commit(self._run_step)
             return
         key = str(self.current_step)
         tries = self.attempts.get(key, 0)
@@ -134,7 +140,7 @@ class WorkflowProcess(Agent):
                                   f"crashed {tries} times")
             if key in self.errors:
                 self.parked_reason += f"; the last one {self.errors[key]}"
-            self.stop()
+            self.after_commit(self.stop)
             return
         self.attempts = {**self.attempts, key: tries + 1}
         self.asked = True
@@ -143,8 +149,10 @@ class WorkflowProcess(Agent):
     def on_after_load(self, state: dict[str, Any]) -> dict[str, Any]:
         if getattr(self, "started", False) and not self.in_step:
             # A failed commit (store_full) put the workflow back at its last commit, and
-            # dropped the step it asked for with it (or the move to the next one): try again.
+            # dropped what it asked for after it (the step's run, the move to the next step,
+            # the stop after a final status): try again.
             self.asked = False
+            self.redo, self.succeeded = self.succeeded, False
             self.send_after(self.RETRY_S, "step")
         return state
 
@@ -178,13 +186,20 @@ class WorkflowProcess(Agent):
         if self.deadline is not None:
             self.cancel_timer(self.deadline)
             self.deadline = None
+        key = str(self.current_step)
         if error is not None:
-            self.errors = {**self.errors, str(self.current_step): f"raised {type(error).__name__}: {error}"}
+            self.errors = {**self.errors, key: f"raised {error_text(error)}"}
             self.send_after(0, ("crash", error))
             return
+        self.errors.pop(key, None)  # "why the last attempt failed": it did not
         self.task_results.append(result)
         self.current_step += 1
-        self.send_after(0, "step")  # the result is committed before the next step starts
+        self.succeeded = True
+        self.after_commit(self._advance)  # the result is committed before the next step starts
+
+    def _advance(self) -> None:
+        self.succeeded = False
+        self.send_after(0, "step")
 
     def handle_call(self, request: Any) -> Any:
         return {"workflow_id": self.workflow_id, "status": self.status, "current_step": self.current_step}

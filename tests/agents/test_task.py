@@ -8,6 +8,7 @@ exists for a task's completion), child states come from ``wait`` and the event s
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -450,14 +451,23 @@ class FakeRuntime:
         self.after: list[Callable[[], None]] = []
         self.work: list[tuple[Any, tuple[Any, ...], Callable[[Any, BaseException | None], None]]] = []
 
-        self.timers: dict[int, Any] = {}
+        self.timers: dict[int, Any] = {}  # ref -> message, of the timers not fired or cancelled
+        self.refs = itertools.count(1)
+        self.stopping: str | None = None  # what Agent.stop() sets
 
     def run_in_worker(self, fn: Any, args: tuple[Any, ...], done: Any, workers: int) -> None:
         self.work.append((fn, args, done))
 
     def add_timer(self, delay_s: float, message: Any, interval: float | None) -> int:
-        self.timers[len(self.timers) + 1] = message
-        return len(self.timers)
+        ref = next(self.refs)
+        self.timers[ref] = message
+        return ref
+
+    def fire(self, agent: Any) -> None:
+        """Deliver every timer set so far (as if they all came due), in the order they were set."""
+        due, self.timers = self.timers, {}
+        for message in due.values():
+            agent.handle_info(message)
 
     def cancel_timer(self, ref: int) -> None:
         self.timers.pop(ref, None)

@@ -215,35 +215,94 @@ def test_workflows_past_retention_are_forgotten_with_their_records(daemon: Any, 
     store.close()
 
 
-def test_after_a_failed_commit_the_step_is_asked_again_and_runs_once(tmp_path: Path) -> None:
-    """A commit that fails (store_full) rolls the workflow back and drops what it asked for
-    after the commit (the step's run): a retry asks again; one that comes while the step is
-    asked or runs changes nothing."""
+def _driven_workflow(tmp_path: Path, steps: list[dict[str, Any]], **args: Any) -> tuple[Any, Any, Any, Any]:
+    """A WorkflowProcess run by hand on a real store: (agent, its FakeRuntime, keeper, store)."""
     from otpd.agent.state import StateKeeper
     from otpd.agents.workflow import WorkflowProcess
     from tests.agents.test_task import FakeRuntime
 
     rt = FakeRuntime()
-    definition = {"steps": [{"handler": STEPS + "record", "args": {"name": "a", "log": str(tmp_path / "log")}}]}
-    agent = WorkflowProcess("wf", {"definition": definition}, rt)  # type: ignore[arg-type]
+    agent = WorkflowProcess("wf", {"definition": {"steps": steps}, **args}, rt)  # type: ignore[arg-type]
     store = Store(tmp_path / "store")
     keeper = StateKeeper(agent, store)
     keeper.load()
     agent.init()
     keeper.commit()
+    return agent, rt, keeper, store
+
+
+def _commit(rt: Any, keeper: Any) -> None:
+    """What the runtime does after a batch that committed: the after-commit callbacks."""
+    keeper.commit()
+    callbacks, rt.after[:] = list(rt.after), []
+    for callback in callbacks:
+        callback()
+
+
+def _fail_commit(rt: Any, keeper: Any) -> None:
+    """What it does after a batch whose commit failed (store_full): roll back, drop the callbacks."""
+    keeper.load()
+    rt.after.clear()
+
+
+def _record(tmp_path: Path, name: str) -> dict[str, Any]:
+    return {"handler": STEPS + "record", "args": {"name": name, "log": str(tmp_path / "log")}}
+
+
+def test_after_a_failed_commit_the_step_is_asked_again_and_runs_once(tmp_path: Path) -> None:
+    """A commit that fails (store_full) rolls the workflow back and drops what it asked for
+    after the commit (the step's run): a retry asks again; one that comes while the step is
+    asked or runs changes nothing."""
+    agent, rt, keeper, store = _driven_workflow(tmp_path, [_record(tmp_path, "a")])
     assert list(rt.timers.values()) == ["step"]
-    agent.handle_info("step")  # its attempt is counted; the commit fails:
-    keeper.load()  # the runtime's rollback
-    rt.after.clear()  # and the step's run, asked for after the commit, is dropped
-    assert agent.attempts == {} and list(rt.timers.values())[-1] == "step"  # a retry is due
+    rt.fire(agent)  # its attempt is counted; the commit fails:
+    _fail_commit(rt, keeper)
+    assert agent.attempts == {} and list(rt.timers.values()) == ["step"]  # only the retry is due
     agent.handle_info("step")  # the retry
     agent.handle_info("step")  # another, while the step is asked: nothing
-    keeper.commit()
-    assert agent.attempts == {"0": 1} and len(rt.after) == 1
-    rt.after.pop()()  # committed: the step runs
+    _commit(rt, keeper)  # committed: the step runs
+    assert agent.attempts == {"0": 1} and len(rt.work) == 1
     agent.handle_info("step")  # and one while it runs: nothing
     assert len(rt.work) == 1 and agent.attempts == {"0": 1}
     fn, args, done = rt.work[0]
     done(fn(*args), None)
+    rt.timers.clear()
+    _commit(rt, keeper)
     assert agent.current_step == 1 and (tmp_path / "log").read_text() == "a\n"
+    store.close()
+
+
+def test_a_success_whose_commit_fails_runs_again_as_the_same_attempt_and_stops_only_once_saved(
+        tmp_path: Path) -> None:
+    """poison_after 1: the step's one attempt succeeded, but the commit of its result failed.
+    Not a crash: it runs again as that attempt, and the workflow stops only once it is
+    recorded as completed (a stop before a failed commit left it running, with no process)."""
+    agent, rt, keeper, store = _driven_workflow(tmp_path, [_record(tmp_path, "a")], poison_after=1)
+    rt.fire(agent)
+    _commit(rt, keeper)
+    fn, args, done = rt.work[0]
+    done(fn(*args), None)
+    _fail_commit(rt, keeper)
+    assert agent.current_step == 0 and list(rt.timers.values()) == ["step"], "no next step before the commit"
+    rt.fire(agent)  # the retry
+    _commit(rt, keeper)
+    assert agent.status == "running" and agent.attempts == {"0": 1} and len(rt.work) == 2
+    fn, args, done = rt.work[1]
+    done(fn(*args), None)
+    _commit(rt, keeper)
+    rt.fire(agent)  # the next step: there is none
+    _fail_commit(rt, keeper)  # the commit of "completed" fails
+    assert agent.status == "running" and agent._rt().stopping is None
+    rt.fire(agent)
+    _commit(rt, keeper)
+    assert agent.status == "completed" and store.read("wf")["state"]["status"] == "completed"
+    assert agent._rt().stopping is not None
+    store.close()
+
+
+def test_a_step_timeout_that_comes_after_its_step_ended_does_nothing(tmp_path: Path) -> None:
+    agent, rt, keeper, store = _driven_workflow(tmp_path, [_record(tmp_path, "a"), _record(tmp_path, "b")])
+    agent.current_step = 1
+    agent.handle_info(("timeout", 0))
+    assert agent.errors == {} and "exit" not in [m[0] for m in rt.timers.values() if isinstance(m, tuple)]
     store.close()
