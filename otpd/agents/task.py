@@ -133,6 +133,7 @@ class TaskAgent(Agent):
         self.resync = False
         self.loaded = self.processing_tasks  # a rollback (store_full) loads new collection objects
         self.started = True
+        self.exiting = False  # a timeout is ending this process: nothing new starts
         # Whatever is in processing was running when the last process died: that attempt counts.
         again = []
         for task_id, task in list(self.processing_tasks.items()):
@@ -275,6 +276,8 @@ class TaskAgent(Agent):
 
     def _pump(self) -> None:
         """Start queued tasks while a slot is free: the move is committed before the work starts."""
+        if self.exiting:
+            return
         if self.resync or self.processing_tasks is not self.loaded:
             self._resync()
         if self.status != "active":
@@ -320,7 +323,7 @@ class TaskAgent(Agent):
         self.alarm = (due, self.send_after(max(0.0, due - time.monotonic()), "deadlines"))
 
     def handle_info(self, message: Any) -> None:
-        if message == "exit":  # one turn after a timeout: after its commit, whether that worked or not
+        if message == "exit":  # a timeout whose commit failed: the turn after it, all the same
             os._exit(system.EXIT_TIMEOUT)
         if message == "deadlines":
             self.alarm = None
@@ -344,8 +347,12 @@ class TaskAgent(Agent):
         self.processing_tasks[task_id] = task
         self._give_back(but=task_id)  # as at a clean stop
         self.log(f"task {task_id!r} {task['timed_out']}; ending this process to free its worker")
-        # On the next turn of the loop, so after this is committed; and even if that commit
-        # failed (store_full), since a stuck worker must not be left holding its slot for good.
+        # Right after the commit, before any new input is read (a task started meanwhile would
+        # die in its first attempt); and should that commit fail (store_full, which drops the
+        # callbacks), on the next turn of the loop all the same: a stuck worker must not hold
+        # its slot for good.  Until then nothing new starts.
+        self.exiting = True
+        self.after_commit(lambda: os._exit(system.EXIT_TIMEOUT))
         self.send_after(0, "exit")
 
     def _finished(self, task_id: str, error: BaseException | None) -> None:

@@ -547,6 +547,10 @@ def test_a_timeout_whose_commit_fails_still_ends_the_process(tmp_path: Path) -> 
     keeper.load()  # the runtime's rollback: the commit failed
     rt.after.clear()
     assert "exit" in rt.timers.values(), "the process is still told to end, on the loop's next turn"
+    agent.handle_call({"op": "add", "payload": 2, "task_id": "innocent"})  # in that turn, before the exit
+    keeper.commit()
+    assert rt.after == [] and agent.op_get({"task_id": "innocent"})["state"] == "queued", \
+        "nothing new starts in a process about to end: its first attempt would die with it"
     store.close()
 
 
