@@ -23,7 +23,7 @@ import importlib.util
 import os
 import sys
 from collections.abc import Callable, Iterable
-from types import FunctionType, ModuleType
+from types import ModuleType
 
 _seen: dict[str, tuple[int, int, int]] = {}  # module -> its file's (mtime_ns, size, inode) when imported
 
@@ -76,10 +76,10 @@ def changed(refs: Iterable[str]) -> list[str]:
 def reimport(changed: list[str], check: Callable[[list[str]], None], others: Iterable[str] = ()) -> list[str]:
     """Import each of ``changed`` afresh, then each module of ``others`` (the config's other
     agent modules) or of ``changed`` that holds an old version of something imported anew,
-    round after round until none does (as many rounds as there are modules: a cycle keeps
-    what the last round gave it).  Then ``check(names)`` raises if the new code is not
-    usable.  Returns every module imported anew; on any failure every old module is put
-    back and ReimportFailed raised."""
+    round after round until none does, or a round would import the same modules as the last
+    (a cycle, or a holder out of reach: it keeps what it has).  Then ``check(names)`` raises
+    if the new code is not usable.  Returns every module imported anew; on any failure (an
+    exception, ``SystemExit`` included) every old module is put back and ReimportFailed raised."""
     pool = sorted(set(changed) | {n for n in others if n in sys.modules and _reloadable(n)})
     old = {name: sys.modules[name] for name in pool}
     old_seen = {name: _seen[name] for name in pool if name in _seen}
@@ -94,12 +94,14 @@ def reimport(changed: list[str], check: Callable[[list[str]], None], others: Ite
                     _seen[name] = stamp  # this is the version imported now
                 if name not in done:
                     done.append(name)
-            todo = [name for name in pool if _holds_old(sys.modules[name], done, old)]
-            if not todo:
+            gone = _replaced(done, old)
+            again = [name for name in pool if _holds_old(sys.modules[name], done, old, gone)]
+            if not again or again == todo:
                 break
+            todo = again
         done.sort()
         check(done)
-    except Exception as exc:
+    except BaseException as exc:  # whatever the new code raises, sys.exit() too: the daemon goes on
         _restore(old)
         _seen.update(old_seen)
         if isinstance(exc, ReimportFailed):
@@ -108,25 +110,24 @@ def reimport(changed: list[str], check: Callable[[list[str]], None], others: Ite
     return done
 
 
-def _holds_old(module: ModuleType, anew: list[str], old: dict[str, ModuleType]) -> bool:
-    """Does ``module`` hold the old version of a module in ``anew``, or a class or function
-    (or an instance of a class) defined there that the module's new version does not have?"""
+def _replaced(anew: list[str], old: dict[str, ModuleType]) -> set[int]:
+    """The ids of what the old versions of ``anew`` held and their new versions do not."""
+    gone: set[int] = set()
+    for name in anew:
+        kept = {id(value) for value in vars(sys.modules[name]).values()}
+        gone.update(id(value) for value in vars(old[name]).values() if id(value) not in kept)
+    return gone
+
+
+def _holds_old(module: ModuleType, anew: list[str], old: dict[str, ModuleType], gone: set[int]) -> bool:
+    """Does ``module`` hold an old version of a module in ``anew``, or a value (or an instance
+    of a class) that such a module's old version held and its new version does not?  By
+    identity, whatever names they go by; values inside containers are out of its sight."""
     for value in list(vars(module).values()):
         if isinstance(value, ModuleType):
-            if any(value is old[name] for name in anew):
+            if any(value is old[name] and sys.modules[name] is not value for name in anew):
                 return True
-            continue
-        target = value if isinstance(value, (type, FunctionType)) else type(value)
-        owner = getattr(target, "__module__", None)
-        if owner == module.__name__ or owner not in anew:
-            continue
-        found: object = sys.modules[owner]
-        for part in getattr(target, "__qualname__", "<locals>").split("."):
-            if part == "<locals>":
-                found = target  # defined inside a function: nothing to compare it with
-                break
-            found = getattr(found, part, None)
-        if found is not target:
+        elif id(value) in gone or id(type(value)) in gone:
             return True
     return False
 
@@ -149,7 +150,7 @@ def _fresh(name: str, old: ModuleType) -> None:
             exec(code, module.__dict__)  # noqa: S102 - the agent module the config names
         else:
             loader.exec_module(module)
-    except Exception as exc:
+    except BaseException as exc:  # sys.exit() at its top level too
         raise ReimportFailed(f"cannot import {name!r} again: {type(exc).__name__}: {exc}") from None
     prefix = name + "."
     for sub, submodule in list(sys.modules.items()):  # a package keeps its imported submodules

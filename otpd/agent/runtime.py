@@ -168,9 +168,19 @@ class Runtime:
         self.timer_info.pop(ref, None)  # the heap entry is skipped when it comes up
 
     def _fire_timers(self, agent: Agent) -> None:
+        """Deliver the timers due now.  Those set meanwhile, even with no delay, wait for the
+        next turn of the loop, after the commit of this one (what ``send_after(0, ...)`` is for):
+        so the due ones are taken first, not looked for while they fire (with a coarse clock a
+        new one would be due in the same pass)."""
         now = time.monotonic()
-        while self.timers and self.timers[0][0] <= now and self.stopping is None:
-            at, ref = heapq.heappop(self.timers)
+        due = []
+        while self.timers and self.timers[0][0] <= now:
+            due.append(heapq.heappop(self.timers))
+        for i, (at, ref) in enumerate(due):
+            if self.stopping is not None:  # the rest stay for after the stop's terminate
+                for entry in due[i:]:
+                    heapq.heappush(self.timers, entry)
+                return
             info = self.timer_info.get(ref)
             if info is None:
                 continue

@@ -56,6 +56,7 @@ FORWARDED_OPS = ("task.add", "task.stats", "task.list", "task.get", "task.retry"
                  "workflow.start", "workflow.status", "workflow.list", "workflow.cancel", "workflow.retry",
                  "workflow.skip", "health")
 EVENT_HISTORY = 1000  # events kept for `otpctl events` without --follow
+KEEPALIVE_WITHIN_S = 120.0  # a WATCHDOG=1 from inside one loop iteration: only this long into it
 LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 SYSLOG_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3}  # journald's <N> prefixes
 HANDLED_SIGNALS = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -606,10 +607,11 @@ class Daemon:
         its timer, the long stretches of one iteration call it as they go: a pool of thousands
         forked back to back (~1-3 ms a fork), their bookkeeping, a one_for_all restart of them
         all, their warm spares.  Without it such a stretch past WatchdogSec gets the daemon
-        killed while it is doing its job."""
+        killed while it is doing its job.  But not past KEEPALIVE_WITHIN_S into one iteration
+        (``self.now`` is when it began): a loop that makes work for itself for ever is stuck too."""
         now = time.monotonic()
-        if now < self.watchdog_due:
-            return
+        if now < self.watchdog_due or now - self.now > KEEPALIVE_WITHIN_S:
+            return  # not due; or one iteration has run so long that it is stuck, whatever it does
         assert self.notify.watchdog_interval
         self.notify.watchdog()
         self.watchdog_due = now + self.notify.watchdog_interval
@@ -680,7 +682,9 @@ class Daemon:
             self.ready_sent = True
             self.last_status = status
             self.notify.ready(status)
-            if self.notify.watchdog_interval:  # systemd arms the watchdog at READY=1 (start-post)
+            if self.notify.watchdog_interval and self.watchdog_due == math.inf:
+                # systemd arms the watchdog at the first READY=1 (start-post); a READY=1 after a
+                # reload resets nothing, so the pings go on from the last one
                 self.watchdog_due = time.monotonic() + self.notify.watchdog_interval
                 self._set_timer(("watchdog",), self.watchdog_due)
         elif status != self.last_status and self.ready_sent:

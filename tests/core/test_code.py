@@ -70,3 +70,37 @@ def test_a_failed_check_puts_every_old_module_back(modules: Path) -> None:
         code.reimport(code.changed(["rc_z_base:Base"]), refuse, ["rc_a_child", "rc_z_base"])
     assert sys.modules["rc_a_child"] is rc_a_child and sys.modules["rc_z_base"] is rc_z_base
     assert code.changed(["rc_z_base:Base"]) == ["rc_z_base"]  # still changed: tried again next reload
+
+
+def test_a_holder_runs_once_more_however_its_values_are_named(modules: Path) -> None:
+    """A lambda, or a class kept under another name, is told old or new by identity: the
+    module that holds it is imported again once, not once per module of the pool."""
+    write(modules / "rc_z_base.py", "double = lambda x: 2 * x  # noqa: E731\nclass Real:\n    pass\nAlias = Real\n")
+    write(modules / "rc_a_holder.py", "import rc_z_base\nfrom rc_z_base import Alias, double\n"
+                                      "RUNS = rc_z_base.__dict__.setdefault('runs', [])\nRUNS.append(1)\n")
+    for i in range(4):  # a pool of bystanders
+        write(modules / f"rc_m{i}.py", "X = 1\n")
+    import rc_a_holder  # type: ignore[import-not-found]  # noqa: F401
+
+    names = ["rc_a_holder", "rc_z_base"] + [f"rc_m{i}" for i in range(4)]
+    for i in range(4):
+        __import__(f"rc_m{i}")
+    for name in names:
+        code.note(name)
+    write(modules / "rc_z_base.py", "double = lambda x: 3 * x  # noqa: E731\nclass Real:\n    pass\nAlias = Real\n")
+    done = code.reimport(code.changed(["rc_z_base:Real"]), lambda names: None, names)
+    holder, base = sys.modules["rc_a_holder"], sys.modules["rc_z_base"]
+    assert done == ["rc_a_holder", "rc_z_base"]
+    assert holder.double is base.double and holder.double(1) == 3 and holder.Alias is base.Real
+    assert holder.RUNS == [1], "its body ran once, in the new base's namespace"
+
+
+def test_new_code_that_calls_sys_exit_is_refused_and_the_old_modules_stay(modules: Path) -> None:
+    write(modules / "rc_z_base.py", BASE.format(word="one"))
+    import rc_z_base  # type: ignore[import-not-found]
+
+    code.note("rc_z_base")
+    write(modules / "rc_z_base.py", "import sys\nsys.exit(3)\n")
+    with pytest.raises(code.ReimportFailed, match="SystemExit"):
+        code.reimport(code.changed(["rc_z_base:Base"]), lambda names: None)
+    assert sys.modules["rc_z_base"] is rc_z_base

@@ -6,6 +6,8 @@ import socket
 import time
 from pathlib import Path
 
+import pytest
+
 from otpd import codec
 from otpd.agent.runtime import Runtime
 from otpd.core.spec import AgentSpec
@@ -49,6 +51,36 @@ def test_a_commit_schedules_a_checkpoint_and_the_checkpoint_empties_the_log(tmp_
         assert not store.pending_log() and runtime.next_checkpoint == float("inf")
         assert store._lmdb_raw("kv") is not None
         store.close()
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_timer_set_while_timers_fire_waits_for_the_next_turn_even_if_the_clock_stands_still(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """send_after(0, ...) from handle_info means "after this turn's commit": with a coarse
+    clock (the same reading for the whole pass) it must still not fire in the same pass."""
+    from otpd.agent import runtime as rt_module
+    from otpd.agent.base import Agent
+
+    seen: list[str] = []
+
+    class Chain(Agent):
+        def handle_info(self, message: object) -> None:
+            seen.append(str(message))
+            if message == "first":
+                self.send_after(0, "second")
+
+    ours, theirs = socket.socketpair()
+    try:
+        runtime = Runtime(theirs, AgentSpec(id="c", agent="x:Chain"))
+        agent = Chain("c", {}, runtime)
+        monkeypatch.setattr(rt_module.time, "monotonic", lambda: 100.0)  # a clock that does not move
+        agent.send_after(0, "first")
+        runtime._fire_timers(agent)
+        assert seen == ["first"]
+        runtime._fire_timers(agent)
+        assert seen == ["first", "second"]
     finally:
         ours.close()
         theirs.close()

@@ -31,10 +31,13 @@ def _has_title(pid: int, title: str, timeout: float = 10.0) -> bool:
     the daemon hears nothing of (its "spare" event comes at the fork): so this polls /proc,
     with a deadline, as tests.conftest.wait_stopped does."""
     deadline = time.monotonic() + timeout
-    proc = psutil.Process(pid)
-    while title not in " ".join(proc.cmdline()):
-        if time.monotonic() > deadline:
-            return False
+    try:
+        proc = psutil.Process(pid)
+        while title not in " ".join(proc.cmdline()):
+            if time.monotonic() > deadline:
+                return False
+    except psutil.NoSuchProcess:
+        return False
     return True
 
 
