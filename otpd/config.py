@@ -257,7 +257,8 @@ def check_agent_class(ref: str) -> None:
         raise _Bad(f"{ref!r} is not \"module:Class\"")
     try:
         module = importlib.import_module(module_name)
-    except Exception as exc:  # any import-time failure of user code is a config error
+    except (Exception, SystemExit) as exc:  # any import-time failure of user code is a config error,
+        # sys.exit() at its top level too: in a reload it would otherwise end the daemon
         raise _Bad(f"cannot import {module_name!r}: {type(exc).__name__}: {exc}") from None
     from otpd.agent import code
 

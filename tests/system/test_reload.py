@@ -309,3 +309,18 @@ def test_a_module_that_subclasses_a_changed_one_is_imported_anew_after_it(daemon
         d.wait(child_id, "running", not_pid=before[child_id])
         assert d.request("call", {"id": child_id, "request": None}) == "base two"
     assert d.pids("bystander") == {"bystander": before["bystander"]}
+
+
+def test_a_reload_naming_a_module_that_calls_sys_exit_is_refused_and_the_daemon_goes_on(daemon, tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "quitter.py").write_text("import sys\nsys.exit(0)\n")
+    d = daemon(CODE_TREE.split('[[root.children]]\nid = "v2"')[0].replace("versioned_agent:Versioned",
+                                                                          "agents_for_tests:Controlled"),
+               import_from=code)
+    before = d.pids("v")
+    d.config_path.write_text(d.config_path.read_text() + '\n[[root.children]]\nid = "q"\nagent = "quitter:Q"\n')
+    with pytest.raises(OtpdError) as err:
+        d.request("reload")
+    assert err.value.code == "config_invalid" and "SystemExit" in err.value.message
+    assert d.pids("v") == before and d.status()["daemon"]["state"] == "running"
