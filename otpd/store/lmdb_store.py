@@ -389,6 +389,7 @@ class Store:
             with self.env.begin(write=True) as txn:
                 main = txn.get(agent_id.encode(), db=self.main)
                 if main is None and not logged:
+                    os.unlink(path)  # empty (made for the lock, maybe): nothing to keep
                     raise OtpdError("not_found", f"no record for {agent_id!r}", {"id": agent_id})
                 if main is not None:
                     txn.put(key.encode(), bytes(main), db=self.quarantined)

@@ -187,6 +187,9 @@ class AgentLog:
         """A new, empty log; under fsync its directory entry is synced too, or a power cut
         could take the file, and every entry in it, with it."""
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.geteuid() == 0:  # root (a tool, say) makes it for whoever owns the store: the agents
+            owner = os.stat(self.path.parent)
+            os.fchown(fd, owner.st_uid, owner.st_gid)
         if self.fsync:
             sync_dir(self.path.parent)
         return fd

@@ -292,3 +292,23 @@ def _main() -> bytes:
     from otpd.codec import pack
 
     return pack({"version": 1, "state": {"count": 3}, "saved_at": 0.0, "seq": 1})
+
+
+def test_a_quarantine_of_an_unknown_agent_leaves_no_log_behind(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    with pytest.raises(OtpdError) as err:
+        store.quarantine("ghost")
+    assert err.value.code == "not_found"
+    assert not agent_log.log_path(store.logs, "ghost").exists()
+    store.close()
+
+
+def test_a_log_made_by_root_belongs_to_the_owner_of_the_store(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a file for another user")
+    store = Store(tmp_path)
+    os.chown(store.logs, 4321, 4321)  # the store of a daemon that runs as another user
+    store.put_raw("c1", _main(), [])  # a tool run as root (an import) makes the agent's log
+    st = agent_log.log_path(store.logs, "c1").stat()
+    assert (st.st_uid, st.st_gid) == (4321, 4321), "the agent's process must be able to open it"
+    store.close()
