@@ -84,18 +84,20 @@ def reimport(changed: list[str], check: Callable[[list[str]], None], others: Ite
     old = {name: sys.modules[name] for name in pool}
     old_seen = {name: _seen[name] for name in pool if name in _seen}
     done: list[str] = []
+    versions: dict[str, list[ModuleType]] = {}  # every version a module had before its current one
     try:
         todo = sorted(changed)
         for _round in range(len(pool)):
             for name in todo:
                 stamp = _stamp(old[name])  # before it runs: an edit meanwhile is seen next time
+                versions.setdefault(name, []).append(sys.modules[name])  # the first time: old[name]
                 _fresh(name, old[name])
                 if stamp is not None:
                     _seen[name] = stamp  # this is the version imported now
                 if name not in done:
                     done.append(name)
-            gone = _replaced(done, old)
-            again = [name for name in pool if _holds_old(sys.modules[name], done, old, gone)]
+            gone = _replaced(versions)
+            again = [name for name in pool if _holds_old(sys.modules[name], versions, gone)]
             if not again or again == todo:
                 break
             todo = again
@@ -110,22 +112,24 @@ def reimport(changed: list[str], check: Callable[[list[str]], None], others: Ite
     return done
 
 
-def _replaced(anew: list[str], old: dict[str, ModuleType]) -> set[int]:
-    """The ids of what the old versions of ``anew`` held and their new versions do not."""
+def _replaced(versions: dict[str, list[ModuleType]]) -> set[int]:
+    """The ids of what the earlier versions of these modules held and their current versions
+    do not (an earlier version: the one before the reload, or one of a round before)."""
     gone: set[int] = set()
-    for name in anew:
+    for name, earlier in versions.items():
         kept = {id(value) for value in vars(sys.modules[name]).values()}
-        gone.update(id(value) for value in vars(old[name]).values() if id(value) not in kept)
+        for version in earlier:
+            gone.update(id(value) for value in vars(version).values() if id(value) not in kept)
     return gone
 
 
-def _holds_old(module: ModuleType, anew: list[str], old: dict[str, ModuleType], gone: set[int]) -> bool:
-    """Does ``module`` hold an old version of a module in ``anew``, or a value (or an instance
-    of a class) that such a module's old version held and its new version does not?  By
-    identity, whatever names they go by; values inside containers are out of its sight."""
+def _holds_old(module: ModuleType, versions: dict[str, list[ModuleType]], gone: set[int]) -> bool:
+    """Does ``module`` hold an earlier version of a module imported anew, or a value (or an
+    instance of a class) that such a version held and the current one does not?  By identity,
+    whatever names they go by (constants too); values inside containers are out of its sight."""
     for value in list(vars(module).values()):
         if isinstance(value, ModuleType):
-            if any(value is old[name] and sys.modules[name] is not value for name in anew):
+            if any(value is version for earlier in versions.values() for version in earlier):
                 return True
         elif id(value) in gone or id(type(value)) in gone:
             return True

@@ -152,7 +152,7 @@ class WorkflowProcess(Agent):
             # dropped what it asked for after it (the step's run, the move to the next step,
             # the stop after a final status): try again.
             self.asked = False
-            self.redo, self.succeeded = self.succeeded, False
+            self.redo, self.succeeded = self.redo or self.succeeded, False
             self.send_after(self.RETRY_S, "step")
         return state
 

@@ -131,7 +131,8 @@ class Client:
         ids = []
         for op, args in requests:
             ids.append(self.next_id)
-            if op == "call" and type(args.get("id")) is str and set(args) <= {"id", "request", "timeout"}:
+            if op == "call" and type(args.get("id")) is str and set(args) <= {"id", "request", "timeout"} \
+                    and args.get("timeout", 5.0) is not None:  # (a None the daemon refuses, in a map)
                 data += _encode(_compact(self.next_id, args["id"], args.get("request"), args.get("timeout")))
             else:
                 data += _encode({"id": self.next_id, "op": op, "args": args})

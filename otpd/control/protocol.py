@@ -10,7 +10,8 @@ or ``[id, false, {"code", "message", "details"}]``.  The same call, the same err
 timeouts; only the encoding differs.  Decoding a map makes a dict and looks up (interned)
 string keys, so the map form costs the daemon ~1.6 µs per request against ~0.5 µs, and
 a client ~0.9 µs per reply against ~0.2 µs: about a fifth of a pipelined call's CPU.
-A map request is always answered with a map.
+A map request is always answered with a map, and so is an array without a valid id
+(``{"id": null, "ok": false, ...}``, as any request without one).
 """
 
 from __future__ import annotations

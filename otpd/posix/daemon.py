@@ -610,8 +610,12 @@ class Daemon:
         killed while it is doing its job.  But not past KEEPALIVE_WITHIN_S into one iteration
         (``self.now`` is when it began): a loop that makes work for itself for ever is stuck too."""
         now = time.monotonic()
-        if now < self.watchdog_due or now - self.now > KEEPALIVE_WITHIN_S:
-            return  # not due; or one iteration has run so long that it is stuck, whatever it does
+        if now < self.watchdog_due:
+            return
+        if now - self.now > KEEPALIVE_WITHIN_S:  # one iteration so long that it is stuck, whatever
+            if ("watchdog",) not in self.timer_seq:  # it does; the next iteration pings, if it comes
+                self._set_timer(("watchdog",), now)
+            return
         assert self.notify.watchdog_interval
         self.notify.watchdog()
         self.watchdog_due = now + self.notify.watchdog_interval

@@ -389,7 +389,8 @@ class Store:
             with self.env.begin(write=True) as txn:
                 main = txn.get(agent_id.encode(), db=self.main)
                 if main is None and not logged:
-                    os.unlink(path)  # empty (made for the lock, maybe): nothing to keep
+                    if fd is not None:  # empty (made for the lock, maybe): nothing to keep
+                        os.unlink(path)
                     raise OtpdError("not_found", f"no record for {agent_id!r}", {"id": agent_id})
                 if main is not None:
                     txn.put(key.encode(), bytes(main), db=self.quarantined)
@@ -398,8 +399,7 @@ class Store:
                     txn.delete(k, db=self.items)
                 txn.delete(agent_id.encode(), db=self.main)
             if logged:  # its log goes aside with it, as it is (it may be what is corrupt)
-                quarantined = self.logs / "quarantine"
-                quarantined.mkdir(exist_ok=True, mode=0o700)
+                quarantined = agent_log.private_dir(self.logs / "quarantine")
                 os.rename(path, quarantined / (path.name[: -len(agent_log.SUFFIX)] + f"@{key.rsplit('@', 1)[1]}.log"))
         return key
 

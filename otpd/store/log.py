@@ -145,10 +145,28 @@ def sync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def own_like_parent(path: Path, fd: int | None = None) -> None:
+    """Made by root (a tool, say): give it to whoever owns the folder it is in, the store's
+    owner, whose agents must open it (under systemd, a DynamicUser)."""
+    if os.geteuid() == 0:
+        owner = os.stat(path.parent)
+        if fd is not None:
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        else:
+            os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder of the store (0700, its owner's), made if missing."""
+    if not path.is_dir():
+        path.mkdir(exist_ok=True, mode=0o700)
+        own_like_parent(path)
+    return path
+
+
 def set_aside(path: Path, why: str) -> Path:
     """Move a log out of the way, kept: ``logs/aside/<name>.<time>.<why>``."""
-    aside = path.parent / "aside"
-    aside.mkdir(exist_ok=True, mode=0o700)
+    aside = private_dir(path.parent / "aside")
     target = aside / f"{path.name}.{time.time():.6f}.{why}"
     os.rename(path, target)
     return target
@@ -187,9 +205,7 @@ class AgentLog:
         """A new, empty log; under fsync its directory entry is synced too, or a power cut
         could take the file, and every entry in it, with it."""
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        if os.geteuid() == 0:  # root (a tool, say) makes it for whoever owns the store: the agents
-            owner = os.stat(self.path.parent)
-            os.fchown(fd, owner.st_uid, owner.st_gid)
+        own_like_parent(self.path, fd)
         if self.fsync:
             sync_dir(self.path.parent)
         return fd

@@ -104,3 +104,22 @@ def test_new_code_that_calls_sys_exit_is_refused_and_the_old_modules_stay(module
     with pytest.raises(code.ReimportFailed, match="SystemExit"):
         code.reimport(code.changed(["rc_z_base:Base"]), lambda names: None)
     assert sys.modules["rc_z_base"] is rc_z_base
+
+
+def test_what_a_module_took_from_a_version_of_an_earlier_round_is_seen_as_old(modules: Path) -> None:
+    """Only rc_base changes.  rc_b goes in round 2 before rc_c, which it takes ``helper`` from,
+    so it goes again in round 3, after rc_a_d (first by name), which takes round 2's ``B``:
+    neither the version before the reload nor the current one, and still old."""
+    write(modules / "rc_base.py", "class Base:\n    V = 1\n")
+    write(modules / "rc_c.py", "from rc_base import Base\n\n\ndef helper():\n    return Base.V\n")
+    write(modules / "rc_b.py", "from rc_base import Base\nfrom rc_c import helper\n\n\n"
+                               "class B(Base):\n    def h(self):\n        return helper()\n")
+    write(modules / "rc_a_d.py", "from rc_b import B\n\n\nclass D(B):\n    pass\n")
+    import rc_a_d  # type: ignore[import-not-found]  # noqa: F401
+
+    for name in ("rc_base", "rc_b", "rc_c", "rc_a_d"):
+        code.note(name)
+    write(modules / "rc_base.py", "class Base:\n    V = 2\n")
+    code.reimport(code.changed(["rc_base:Base"]), lambda names: None, ["rc_b", "rc_c", "rc_a_d"])
+    d, b = sys.modules["rc_a_d"], sys.modules["rc_b"]
+    assert d.D.__mro__[1] is b.B and d.D().h() == 2
