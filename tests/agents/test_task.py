@@ -473,17 +473,26 @@ class FakeRuntime:
         self.timers.pop(ref, None)
 
 
-def test_after_a_rollback_lost_moves_are_forgotten_and_lost_completions_run_again(tmp_path: Path) -> None:
+def driven(cls: Any, agent_id: str, args: dict[str, Any], tmp_path: Path) -> tuple[Any, FakeRuntime, Any, Any]:
+    """An agent of ``cls`` run by hand on a real store, its state loaded and init run:
+    (agent, its FakeRuntime, its StateKeeper, the Store)."""
     from otpd.agent.state import StateKeeper
-    from otpd.agents.task import TaskAgent
     from otpd.store.lmdb_store import Store
 
     rt = FakeRuntime()
-    agent = TaskAgent("t", {"handler": "otpd.examples.jobs:echo", "concurrency": 2}, rt)  # type: ignore[arg-type]
+    agent = cls(agent_id, args, rt)
     store = Store(tmp_path / "store")
     keeper = StateKeeper(agent, store)
     keeper.load()
     agent.init()
+    return agent, rt, keeper, store
+
+
+def test_after_a_rollback_lost_moves_are_forgotten_and_lost_completions_run_again(tmp_path: Path) -> None:
+    from otpd.agents.task import TaskAgent
+
+    agent, rt, keeper, store = driven(TaskAgent, "t", {"handler": "otpd.examples.jobs:echo", "concurrency": 2},
+                                      tmp_path)
 
     def commit_ok() -> None:  # what the runtime does after a batch: commit, then the callbacks
         keeper.commit()
@@ -525,16 +534,10 @@ def test_after_a_rollback_lost_moves_are_forgotten_and_lost_completions_run_agai
 def test_a_timeout_whose_commit_fails_still_ends_the_process(tmp_path: Path) -> None:
     """The process must end even when the batch that records the timeout is rolled back
     (store_full): its callbacks are dropped then, and a stuck worker would be kept for good."""
-    from otpd.agent.state import StateKeeper
     from otpd.agents.task import TaskAgent
-    from otpd.store.lmdb_store import Store
 
-    rt = FakeRuntime()
-    agent = TaskAgent("t", {"handler": "otpd.examples.jobs:echo", "timeout_s": 5}, rt)  # type: ignore[arg-type]
-    store = Store(tmp_path / "store")
-    keeper = StateKeeper(agent, store)
-    keeper.load()
-    agent.init()
+    agent, rt, keeper, store = driven(TaskAgent, "t", {"handler": "otpd.examples.jobs:echo", "timeout_s": 5},
+                                      tmp_path)
     agent.handle_call({"op": "add", "payload": 1, "task_id": "stuck"})
     keeper.commit()
     for callback in rt.after:

@@ -35,13 +35,20 @@ def write(path: Path, text: str) -> None:
     os.utime(path, ns=(before + 10**9, before + 10**9))  # a later edit, whatever the clock's grain
 
 
-def test_both_changed_and_the_subclass_first_by_name_it_still_gets_the_new_base(modules: Path) -> None:
+def base_and_child(modules: Path) -> tuple[object, object]:
+    """rc_z_base's Base and rc_a_child's Child(Base), imported and noted as the daemon does."""
     write(modules / "rc_z_base.py", BASE.format(word="one"))
     write(modules / "rc_a_child.py", CHILD.format(base="rc_z_base", tag="one"))
     import rc_a_child  # type: ignore[import-not-found]
+    import rc_z_base  # type: ignore[import-not-found]
 
     code.note("rc_a_child")
     code.note("rc_z_base")
+    return rc_a_child, rc_z_base
+
+
+def test_both_changed_and_the_subclass_first_by_name_it_still_gets_the_new_base(modules: Path) -> None:
+    rc_a_child, _ = base_and_child(modules)
     write(modules / "rc_z_base.py", BASE.format(word="two"))
     write(modules / "rc_a_child.py", CHILD.format(base="rc_z_base", tag="two"))
     checked: list[list[str]] = []
@@ -54,13 +61,7 @@ def test_both_changed_and_the_subclass_first_by_name_it_still_gets_the_new_base(
 
 
 def test_a_failed_check_puts_every_old_module_back(modules: Path) -> None:
-    write(modules / "rc_z_base.py", BASE.format(word="one"))
-    write(modules / "rc_a_child.py", CHILD.format(base="rc_z_base", tag="one"))
-    import rc_a_child  # type: ignore[import-not-found]
-    import rc_z_base  # type: ignore[import-not-found]
-
-    code.note("rc_a_child")
-    code.note("rc_z_base")
+    rc_a_child, rc_z_base = base_and_child(modules)
     write(modules / "rc_z_base.py", BASE.format(word="two"))
 
     def refuse(names: list[str]) -> None:

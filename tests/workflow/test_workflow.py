@@ -217,16 +217,10 @@ def test_workflows_past_retention_are_forgotten_with_their_records(daemon: Any, 
 
 def _driven_workflow(tmp_path: Path, steps: list[dict[str, Any]], **args: Any) -> tuple[Any, Any, Any, Any]:
     """A WorkflowProcess run by hand on a real store: (agent, its FakeRuntime, keeper, store)."""
-    from otpd.agent.state import StateKeeper
     from otpd.agents.workflow import WorkflowProcess
-    from tests.agents.test_task import FakeRuntime
+    from tests.agents.test_task import driven
 
-    rt = FakeRuntime()
-    agent = WorkflowProcess("wf", {"definition": {"steps": steps}, **args}, rt)  # type: ignore[arg-type]
-    store = Store(tmp_path / "store")
-    keeper = StateKeeper(agent, store)
-    keeper.load()
-    agent.init()
+    agent, rt, keeper, store = driven(WorkflowProcess, "wf", {"definition": {"steps": steps}, **args}, tmp_path)
     keeper.commit()
     return agent, rt, keeper, store
 
