@@ -290,11 +290,14 @@ class ControlServer:
             conn.error(req_id, err)
             return
         except Exception:  # a bug in a handler: answer it, log it, keep supervising
-            self.log("error", f"internal error in op {frame.get('op')!r}:\n{traceback.format_exc()}")
-            conn.error(req_id, OtpdError("internal", "internal error in the daemon (logged)"))
+            self._internal(conn, req_id, f"op {frame.get('op')!r}")
             return
         if result is not DEFERRED:
             conn.reply(req_id, result)
+
+    def _internal(self, out: Connection | Compact, req_id: Any, what: str) -> None:
+        self.log("error", f"internal error in {what}:\n{traceback.format_exc()}")
+        out.error(req_id, OtpdError("internal", "internal error in the daemon (logged)"))
 
     def _dispatch_compact(self, conn: Connection, frame: list[Any]) -> None:
         """``[id, "call", agent id, request]`` or ``[..., timeout]``: answered as an array."""
@@ -313,8 +316,7 @@ class ControlServer:
             out.error(req_id, err)
             return
         except Exception:  # a bug in the handler: answer it, log it, keep supervising
-            self.log("error", f"internal error in a compact call:\n{traceback.format_exc()}")
-            out.error(req_id, OtpdError("internal", "internal error in the daemon (logged)"))
+            self._internal(out, req_id, "a compact call")
             return
         if result is not DEFERRED:
             out.reply(req_id, result)
