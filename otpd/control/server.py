@@ -49,10 +49,13 @@ class Compact:
         return self.conn.closed
 
     def reply(self, req_id: Any, result: Any) -> None:
-        if not self.conn.closed:  # [req_id, True, result], packed around its two values
-            self.conn._queue(b"\x93%b\xc3%b" % (_pack(req_id), _pack(result)))
+        conn = self.conn
+        conn.owed -= 1
+        if not conn.closed:  # [req_id, True, result], packed around its two values
+            conn._queue(b"\x93%b\xc3%b" % (_pack(req_id), _pack(result)))
 
     def error(self, req_id: Any, err: OtpdError) -> None:
+        self.conn.owed -= 1
         if not self.conn.closed:
             self.conn._queue(_pack([req_id, False, err.to_wire()]))
 
@@ -61,7 +64,12 @@ class Compact:
 
 
 class Connection:
-    __slots__ = ("sock", "server", "unpacker", "out", "closed", "writing", "subscribed", "peer", "compact")
+    """A client.  ``owed``: the replies still to send, one per request read.  A client that
+    half-closes (``nc -N``, ``socat``: its requests sent, EOF) is still answered: its socket
+    is no longer read, and closed once every reply it is owed went out (or it goes away)."""
+
+    __slots__ = ("sock", "server", "unpacker", "out", "closed", "writing", "subscribed", "peer", "compact",
+                 "owed", "draining")
 
     def __init__(self, sock: socket.socket, server: ControlServer, peer: tuple[int, int, int]) -> None:
         self.sock = sock
@@ -73,14 +81,18 @@ class Connection:
         self.subscribed = False
         self.peer = peer
         self.compact: Compact | None = None  # made at its first compact call; dropped at close (a cycle)
+        self.owed = 0
+        self.draining = False  # the client half-closed: no more reads, only the replies it is owed
 
     def reply(self, req_id: Any, result: Any) -> None:
         # {"id": req_id, "ok": True, "result": result}, packed around its two values: this runs
         # once for every call the daemon answers, and building the map costs more than packing it
+        self.owed -= 1
         if not self.closed:
             self._queue(b"\x83\xa2id%b\xa2ok\xc3\xa6result%b" % (_pack(req_id), _pack(result)))
 
     def error(self, req_id: Any, err: OtpdError) -> None:
+        self.owed -= 1
         self.send(protocol.fail(req_id, err.to_wire()))
 
     def send(self, frame: Any) -> None:
@@ -105,8 +117,20 @@ class Connection:
                 self.close()
                 return
             del self.out[:sent]
-        want_write = bool(self.out) and not self.closed
-        if want_write != self.writing and not self.closed:
+        if self.closed:
+            return
+        want_write = bool(self.out)
+        if self.draining:
+            if not want_write and self.owed <= 0:
+                self.close()  # everything it asked for is answered
+            elif want_write != self.writing:
+                self.writing = want_write
+                if want_write:
+                    self.server.selector.register(self.sock, selectors.EVENT_WRITE, self.on_ready)
+                else:
+                    self.server.selector.unregister(self.sock)
+            return
+        if want_write != self.writing:
             self.writing = want_write
             mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if want_write else 0)
             self.server.selector.modify(self.sock, mask, self.on_ready)
@@ -125,7 +149,13 @@ class Connection:
         except OSError:
             data = b""
         if not data:
-            self.close()
+            if self.owed <= 0 or self.subscribed:
+                self.close()
+            else:  # half-closed with replies to come: stop reading (EOF stays readable), answer
+                self.draining = True
+                self.server.selector.unregister(self.sock)
+                self.writing = False
+                self.server.dirty.add(self)  # what is queued already goes out at the next flush
             return
         try:
             self.unpacker.feed(data)
@@ -142,6 +172,7 @@ class Connection:
             except Exception:  # whatever the decoder raises (even TypeError: a list as a map key)
                 self.close()  # not msgpack: nothing to answer
                 return
+            self.owed += 1  # every request gets one reply, now or later
             dispatch(self, frame)
 
     def close(self) -> None:

@@ -151,6 +151,27 @@ def test_any_compact_frame_gets_an_answer_or_a_clean_error(shared_daemon: Any, f
         assert reply == [frame[0], True, frame[3]]
 
 
+def test_a_client_that_half_closes_still_gets_every_reply_then_eof(daemon: Any) -> None:
+    """``nc -N`` and ``socat`` send their requests, then EOF: the replies still to come (a call
+    to a slow agent, a wait) are sent, then the daemon closes, and nothing is left open."""
+    d = daemon(TREE + '\n[[root.children]]\nid = "slow"\nagent = "tests.control.agents:Sleeper"\n')
+    fds = psutil.Process(d.pid).num_fds()
+    data = (protocol.pack({"id": 1, "op": "call", "args": {"id": "slow", "request": 0.3}})
+            + protocol.pack([2, "call", "slow", 0.1])
+            + protocol.pack({"id": 3, "op": "status"})
+            + protocol.pack({"id": 4, "op": "wait", "args": {"id": "echo", "state": "running"}})
+            + protocol.pack([5, "call", "nope", 1]))
+    replies = raw_exchange(d.socket, data, timeout=10)  # sends, half-closes, reads until EOF
+    ids = sorted(r[0] if isinstance(r, list) else r["id"] for r in replies)
+    assert ids == [1, 2, 3, 4, 5], replies
+    assert {"id": 1, "ok": True, "result": 0.3} in replies and [2, True, 0.1] in replies
+    assert d.status()["daemon"]["connections"] == 1  # ours only: the half-closed one is gone
+    deadline = time.monotonic() + 10  # the status client's own close is seen a moment later:
+    while psutil.Process(d.pid).num_fds() != fds and time.monotonic() < deadline:
+        assert_healthy(d)  # round trips until it has been
+    assert psutil.Process(d.pid).num_fds() == fds
+
+
 def test_compact_calls_are_answered_as_map_calls_are_in_compact_frames(daemon: Any) -> None:
     d = daemon(TREE + '\n[[root.children]]\nid = "slow"\nagent = "tests.control.agents:Sleeper"\n'
                       'heartbeat_timeout_ms = 0\n')
