@@ -66,7 +66,8 @@ class Compact:
 class Connection:
     """A client.  ``owed``: the replies still to send, one per request read.  A client that
     half-closes (``nc -N``, ``socat``: its requests sent, EOF) is still answered: its socket
-    is no longer read, and closed once every reply it is owed went out (or it goes away)."""
+    is no longer read, and closed once every reply it is owed went out.  (One that goes away
+    meanwhile is noticed at its next reply: every call and wait has a timeout.)"""
 
     __slots__ = ("sock", "server", "unpacker", "out", "closed", "writing", "subscribed", "peer", "compact",
                  "owed", "draining")
