@@ -139,13 +139,19 @@ class Client:
             self.next_id += 1
         self._sendall(bytes(data))
         replies: dict[int, Any] = {}
+        wanted = set(ids)
         while len(replies) < len(ids):
             frame = self.receive()
             compact = type(frame) is list
+            req_id = frame[0] if compact else frame.get("id")
+            if req_id not in wanted:  # an event, or the late reply of an earlier request
+                if not compact and req_id is None and "ok" in frame:
+                    _result(frame)  # refused as a whole (permission_denied): raise it
+                continue
             try:
-                replies[frame[0] if compact else frame["id"]] = (_compact_result if compact else _result)(frame)
+                replies[req_id] = (_compact_result if compact else _result)(frame)
             except OtpdError as err:
-                replies[frame[0] if compact else frame["id"]] = err
+                replies[req_id] = err
         return [replies[i] for i in ids]
 
     def events(self, last: int = 0) -> Iterator[dict[str, Any]]:

@@ -49,6 +49,14 @@ def test_call_to_echo_agent_returns_the_request(daemon):
     assert d.request("call", {"id": "echo"}) is None
 
 
+def test_a_pipeline_skips_the_late_reply_of_an_earlier_request(daemon):
+    d = daemon(CONFIG)
+    with d.client() as c:
+        c.send("call", {"id": "echo", "request": "late"})  # its reply is never read by request()
+        c.send("status")
+        assert c.pipeline([("call", {"id": "echo", "request": i}) for i in range(3)]) == [0, 1, 2]
+
+
 def test_pipelined_calls_are_answered_in_order(daemon):
     d = daemon(CONFIG)
     with d.client() as c:
