@@ -129,6 +129,12 @@ class Agent:
         """From now on, every supervision event reaches ``handle_event``."""
         self.system("events", follow=True, last=0)
 
+    def end_after_commit(self, status: int) -> None:
+        """End the process with ``status`` once the changes made so far are committed, or the
+        commit failed (``store_full``): before any new input is read.  For a worker thread
+        that cannot be stopped (a timeout): let it crash, the supervisor restarts the agent."""
+        self._rt().ending = status
+
     def after_commit(self, callback: Any) -> None:
         """Run ``callback()`` once the changes made so far are committed (write before act)."""
         self._rt().after.append(callback)

@@ -146,6 +146,7 @@ class Runtime:
         self.agent: Agent | None = None
         self.backlog: list[dict[str, Any]] = []  # frames that came while a system call waited
         self.after: list[Callable[[], None]] = []  # run once the next commit is on disk
+        self.ending: int | None = None  # exit with this status once the batch's commit was tried
         self.selector = selectors.DefaultSelector()
         self.pool: ThreadPoolExecutor | None = None
         self.done: queue.SimpleQueue[tuple[Future[Any], Callable[[Any, BaseException | None], None]]] = \
@@ -394,6 +395,10 @@ class Runtime:
             except (TypeError, ValueError, OverflowError):  # a result msgpack cannot encode: find it
                 data = b"".join([_pack_reply(r) for r in replies])
             self.channel.sendall(data)
+        if self.ending is not None:  # committed or not (store_full drops the after-commit callbacks)
+            for stream in (sys.stdout, sys.stderr):  # os._exit does not flush
+                stream.flush()
+            os._exit(self.ending)
         if wrote:
             store = keeper.store
             assert store is not None

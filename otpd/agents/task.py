@@ -54,7 +54,6 @@ O(1) records whatever the queue's length, and a restart reads only the markers a
 from __future__ import annotations
 
 import importlib
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -323,8 +322,6 @@ class TaskAgent(Agent):
         self.alarm = (due, self.send_after(max(0.0, due - time.monotonic()), "deadlines"))
 
     def handle_info(self, message: Any) -> None:
-        if message == "exit":  # a timeout whose commit failed: the turn after it, all the same
-            os._exit(system.EXIT_TIMEOUT)
         if message == "deadlines":
             self.alarm = None
             now = time.monotonic()
@@ -347,13 +344,11 @@ class TaskAgent(Agent):
         self.processing_tasks[task_id] = task
         self._give_back(but=task_id)  # as at a clean stop
         self.log(f"task {task_id!r} {task['timed_out']}; ending this process to free its worker")
-        # Right after the commit, before any new input is read (a task started meanwhile would
-        # die in its first attempt); and should that commit fail (store_full, which drops the
-        # callbacks), on the next turn of the loop all the same: a stuck worker must not hold
-        # its slot for good.  Until then nothing new starts.
+        # Before any new input is read (a task started meanwhile would die in its first
+        # attempt), even if the commit fails: a stuck worker must not hold its slot for good.
+        # Until then nothing new starts (another timer of this turn could start a task).
         self.exiting = True
-        self.after_commit(lambda: os._exit(system.EXIT_TIMEOUT))
-        self.send_after(0, "exit")
+        self.end_after_commit(system.EXIT_TIMEOUT)
 
     def _finished(self, task_id: str, error: BaseException | None) -> None:
         """On the agent's loop: record the outcome (committed with the rest of this batch)."""

@@ -27,7 +27,6 @@ in ``errors`` (step index -> text) and named in the parked reason.
 from __future__ import annotations
 
 import importlib
-import os
 import time
 from typing import Any
 
@@ -108,9 +107,9 @@ class WorkflowProcess(Agent):
         return list(self.definition.get("steps") or [])
 
     def handle_info(self, message: Any) -> None:
-        # ("crash", error) and ("exit", status) come one turn of the loop after they were asked
-        # for, so after the commit that records why, and whether that commit worked or not
-        # (store_full): a step's thread that is stuck or done must never leave the process idle.
+        # ("crash", error) comes one turn of the loop after it was asked for, so after the
+        # commit that records why, and whether that commit worked or not (store_full): a
+        # step that is done must never leave the process idle.
         if isinstance(message, tuple):
             if message[0] == "timeout":
                 self._timed_out(message[1])
@@ -118,8 +117,6 @@ class WorkflowProcess(Agent):
                 error = message[1]
                 raise StepCrashed(f"step {self.current_step} of {self.workflow_id} raised "
                                   f"{type(error).__name__}: {error}") from error
-            elif message[0] == "exit":
-                os._exit(message[1])
             return
         if message != "step" or self.status != "running" or self.asked or self.in_step:
             return  # (a retry that comes while the step it was for is asked or runs)
@@ -179,7 +176,7 @@ class WorkflowProcess(Agent):
         text = f"timed out after {self._timeout(self.steps[index]):g} s in attempt {self.attempts.get(key, 0)}"
         self.errors = {**self.errors, key: text}
         self.log(f"step {index} of {self.workflow_id} {text}; ending this process to free its worker")
-        self.send_after(0, ("exit", system.EXIT_TIMEOUT))
+        self.end_after_commit(system.EXIT_TIMEOUT)
 
     def _step_done(self, result: Any, error: BaseException | None) -> None:
         self.in_step = False

@@ -454,6 +454,7 @@ class FakeRuntime:
         self.timers: dict[int, Any] = {}  # ref -> message, of the timers not fired or cancelled
         self.refs = itertools.count(1)
         self.stopping: str | None = None  # what Agent.stop() sets
+        self.ending: int | None = None  # what Agent.end_after_commit() sets
 
     def run_in_worker(self, fn: Any, args: tuple[Any, ...], done: Any, workers: int) -> None:
         self.work.append((fn, args, done))
@@ -549,8 +550,8 @@ def test_a_timeout_whose_commit_fails_still_ends_the_process(tmp_path: Path) -> 
     assert agent.processing_tasks.get("stuck")["timed_out"] == "timed out after 5 s in attempt 1"
     keeper.load()  # the runtime's rollback: the commit failed
     rt.after.clear()
-    assert "exit" in rt.timers.values(), "the process is still told to end, on the loop's next turn"
-    agent.handle_call({"op": "add", "payload": 2, "task_id": "innocent"})  # in that turn, before the exit
+    assert rt.ending == 75, "the process is still told to end (EXIT_TIMEOUT), committed or not"
+    agent.handle_call({"op": "add", "payload": 2, "task_id": "innocent"})  # what else that turn does
     keeper.commit()
     assert rt.after == [] and agent.op_get({"task_id": "innocent"})["state"] == "queued", \
         "nothing new starts in a process about to end: its first attempt would die with it"

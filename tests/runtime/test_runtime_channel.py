@@ -84,3 +84,35 @@ def test_a_timer_set_while_timers_fire_waits_for_the_next_turn_even_if_the_clock
     finally:
         ours.close()
         theirs.close()
+
+
+def test_end_after_commit_ends_the_process_even_when_the_commit_fails() -> None:
+    """In a forked child: a batch whose commit raises store_full still ends the process with
+    the status asked for, after its replies (errors now) went out, and runs no callback."""
+    import os
+
+    from otpd.errors import OtpdError
+
+    class FailingKeeper:
+        def commit(self) -> bool:
+            raise OtpdError("store_full", "full")
+
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            runtime = Runtime(theirs, AgentSpec(id="a", agent="otpd.agents.echo:EchoAgent"))
+            runtime.keeper = FailingKeeper()  # type: ignore[assignment]
+            runtime.ending = 75
+            runtime.after.append(lambda: os._exit(1))
+            runtime._commit_then_send([[3, True, "ok"]])
+        finally:
+            os._exit(2)
+    theirs.close()
+    try:
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 75
+        ref, ok, error = codec.unpack(ours.recv(4096))
+        assert (ref, ok, error["code"]) == (3, False, "store_full")
+    finally:
+        ours.close()
