@@ -95,6 +95,11 @@ class Agent:
         """The reverse of ``on_before_save``, after migrations."""
         return state
 
+    def on_rollback(self) -> None:
+        """A commit failed (``store_full``): the persistent fields are back at the last commit,
+        and what was to run after it (``after_commit``) is dropped; timers and other attributes
+        are as they were.  Redo here what must not be lost with them."""
+
     # -- services of the runtime ---------------------------------------------
 
     def send_after(self, delay_s: float, message: Any) -> int:

@@ -255,6 +255,12 @@ class StateKeeper:
         self.pending.clear()
         self.last_state, self.last_markers = self._snapshot()
 
+    def rollback(self) -> None:
+        """After a failed commit: back to what is on disk (nothing unsaved survives in memory),
+        then the agent's ``on_rollback``."""
+        self.load()
+        self.agent.on_rollback()
+
     def _migrate(self, version: int, state: dict[str, Any]) -> dict[str, Any]:
         return migrate(self.cls, self.agent_id, version, state)
 
@@ -281,7 +287,7 @@ class StateKeeper:
         try:
             self.store.commit(self.agent_id, record, self.pending, seq)
         except OtpdError:
-            self.load()  # back to what is on disk: nothing unsaved survives in memory
+            self.rollback()
             raise
         self.seq = seq
         self.pending.clear()

@@ -131,7 +131,6 @@ class TaskAgent(Agent):
         self.alarm: tuple[float, int] | None = None  # (due, timer ref) of the one deadline timer
         self.resync = False
         self.loaded = self.processing_tasks  # a rollback (store_full) loads new collection objects
-        self.started = True
         self.exiting = False  # a timeout is ending this process: nothing new starts
         # Whatever is in processing was running when the last process died: that attempt counts.
         again = []
@@ -165,12 +164,9 @@ class TaskAgent(Agent):
                 task["attempts"] = max(0, task["attempts"] - 1)
                 self.processing_tasks[task_id] = task
 
-    def on_after_load(self, state: dict[str, Any]) -> dict[str, Any]:
-        if getattr(self, "started", False):
-            # A failed commit (store_full) put the agent back at its last commit: what was
-            # scheduled is in the queue again, and a completion may have been undone.
-            self.resync = True
-        return state
+    def on_rollback(self) -> None:
+        # What was scheduled is in the queue again, and a completion may have been undone.
+        self.resync = True
 
     # -- calls --------------------------------------------------------------------
 

@@ -79,7 +79,6 @@ class WorkflowProcess(Agent):
         self.in_step = False  # a step runs on the worker
         self.succeeded = False  # a step's result is recorded, not yet committed
         self.redo = False  # a rollback lost that result: run the step again, as the same attempt
-        self.started = True
         if not self.workflow_id:  # the first start: the definition comes with the args
             self.workflow_id = self.args.get("workflow_id") or self.id
             self.definition = self.args["definition"]
@@ -143,15 +142,13 @@ class WorkflowProcess(Agent):
         self.asked = True
         self.after_commit(self._run_step)  # the attempt is on disk before the step runs
 
-    def on_after_load(self, state: dict[str, Any]) -> dict[str, Any]:
-        if getattr(self, "started", False) and not self.in_step:
-            # A failed commit (store_full) put the workflow back at its last commit, and
-            # dropped what it asked for after it (the step's run, the move to the next step,
-            # the stop after a final status): try again.
+    def on_rollback(self) -> None:
+        if not self.in_step:
+            # Dropped with the commit: what it asked for after it (the step's run, the move
+            # to the next step, the stop after a final status): try again.
             self.asked = False
             self.redo, self.succeeded = self.redo or self.succeeded, False
             self.send_after(self.RETRY_S, "step")
-        return state
 
     def _timeout(self, step: dict[str, Any]) -> float:
         return timeout_arg(step.get("timeout_s", self.args.get("step_timeout_s", 0)), "timeout_s", "bad_request")

@@ -511,7 +511,7 @@ def test_after_a_rollback_lost_moves_are_forgotten_and_lost_completions_run_agai
     assert [args for _, args, _ in rt.work] == [(0,), (1,)]  # two slots
 
     finish(0)  # k0 completes and k2 is moved to processing; then the commit fails:
-    keeper.load()  # the runtime's rollback (store_full): back to the last commit
+    keeper.rollback()  # the runtime's rollback (store_full): back to the last commit
     rt.after.clear()  # and the callbacks of the failed batch are dropped
     assert agent.processing_tasks.get("k0") is not None and len(agent.task_queue) == 1
 
@@ -548,7 +548,7 @@ def test_a_timeout_whose_commit_fails_still_ends_the_process(tmp_path: Path) -> 
     agent.deadlines["stuck"] = 0.0  # past due
     agent.handle_info("deadlines")
     assert agent.processing_tasks.get("stuck")["timed_out"] == "timed out after 5 s in attempt 1"
-    keeper.load()  # the runtime's rollback: the commit failed
+    keeper.rollback()  # the runtime's rollback: the commit failed
     rt.after.clear()
     assert rt.ending == 75, "the process is still told to end (EXIT_TIMEOUT), committed or not"
     agent.handle_call({"op": "add", "payload": 2, "task_id": "innocent"})  # what else that turn does

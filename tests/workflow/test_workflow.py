@@ -235,7 +235,7 @@ def _commit(rt: Any, keeper: Any) -> None:
 
 def _fail_commit(rt: Any, keeper: Any) -> None:
     """What it does after a batch whose commit failed (store_full): roll back, drop the callbacks."""
-    keeper.load()
+    keeper.rollback()
     rt.after.clear()
 
 
