@@ -118,11 +118,9 @@ class Client:
     def _await(self, req_id: int) -> Any:
         while True:
             frame = self.receive()
-            if type(frame) is list:  # a compact reply
-                if frame[0] == req_id:
-                    return _compact_result(frame)
-            elif frame.get("id") == req_id or frame.get("id") is None and "ok" in frame:
-                return _result(frame)
+            answers = _answers(frame)
+            if answers == req_id or answers is REFUSED:
+                return _outcome(frame)
 
     def pipeline(self, requests: list[tuple[str, dict[str, Any]]]) -> list[Any]:
         """Send every request at once, then collect the replies (results or OtpdErrors) in order.
@@ -142,16 +140,15 @@ class Client:
         wanted = set(ids)
         while len(replies) < len(ids):
             frame = self.receive()
-            compact = type(frame) is list
-            req_id = frame[0] if compact else frame.get("id")
-            if req_id not in wanted:  # an event, or the late reply of an earlier request
-                if not compact and req_id is None and "ok" in frame:
-                    _result(frame)  # refused as a whole (permission_denied): raise it
+            answers = _answers(frame)
+            if answers is REFUSED:
+                _outcome(frame)  # raises it
+            if answers not in wanted:  # an event, or the late reply of an earlier request
                 continue
             try:
-                replies[req_id] = (_compact_result if compact else _result)(frame)
+                replies[answers] = _outcome(frame)
             except OtpdError as err:
-                replies[req_id] = err
+                replies[answers] = err
         return [replies[i] for i in ids]
 
     def events(self, last: int = 0) -> Iterator[dict[str, Any]]:
@@ -169,6 +166,25 @@ def _encode(request: dict[str, Any] | list[Any]) -> bytes:
         return protocol.pack(request)
     except (TypeError, ValueError, OverflowError) as exc:
         raise OtpdError("bad_request", f"the request cannot be encoded as msgpack: {exc}") from None
+
+
+REFUSED = object()  # what a reply with no id answers: every request (the connection is refused)
+
+
+def _answers(frame: Any) -> Any:
+    """The id of the request ``frame`` answers; REFUSED for a reply with no id
+    (permission_denied, a request without a valid id); None for an event."""
+    if type(frame) is list:  # a compact reply
+        return frame[0]
+    if "ok" not in frame:
+        return None
+    req_id = frame.get("id")
+    return REFUSED if req_id is None else req_id
+
+
+def _outcome(frame: Any) -> Any:
+    """A reply's result, or its error raised."""
+    return _compact_result(frame) if type(frame) is list else _result(frame)
 
 
 def _compact(req_id: int, agent_id: str, request: Any, timeout: float | None) -> list[Any]:
