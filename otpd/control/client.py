@@ -109,7 +109,7 @@ class Client:
 
     def call(self, agent_id: str, request: Any, timeout: float | None = None) -> Any:
         """Call an agent and return its reply (or raise its OtpdError): ``request("call", ...)``
-        in a compact frame.  ``timeout``: the daemon's, default 5 s."""
+        in a compact frame.  ``timeout``: the daemon's, default ``protocol.CALL_TIMEOUT_S``."""
         req_id = self.next_id
         self.next_id += 1
         self._sendall(_encode(_compact(req_id, agent_id, request, timeout)))
@@ -130,7 +130,7 @@ class Client:
         for op, args in requests:
             ids.append(self.next_id)
             if op == "call" and type(args.get("id")) is str and set(args) <= {"id", "request", "timeout"} \
-                    and args.get("timeout", 5.0) is not None:  # (a None the daemon refuses, in a map)
+                    and args.get("timeout", protocol.CALL_TIMEOUT_S) is not None:  # (None: refused, in a map)
                 data += _encode(_compact(self.next_id, args["id"], args.get("request"), args.get("timeout")))
             else:
                 data += _encode({"id": self.next_id, "op": op, "args": args})

@@ -25,6 +25,7 @@ from otpd import codec
 MAX_FRAME = 1 << 20  # a request larger than this closes the connection
 OUT_CAP = 16 << 20  # a client that lets this much pile up unread is dropped
 MAX_ID = (1 << 63) - 1
+CALL_TIMEOUT_S = 5.0  # a call's timeout when the request names none
 
 
 pack = codec.pack

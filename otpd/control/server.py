@@ -44,10 +44,6 @@ class Compact:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
 
-    @property
-    def closed(self) -> bool:
-        return self.conn.closed
-
     def reply(self, req_id: Any, result: Any) -> None:
         conn = self.conn
         conn.owed -= 1
@@ -58,9 +54,6 @@ class Compact:
         self.conn.owed -= 1
         if not self.conn.closed:
             self.conn._queue(_pack([req_id, False, err.to_wire()]))
-
-    def send(self, frame: Any) -> None:
-        self.conn.send(frame)
 
 
 class Connection:
@@ -343,7 +336,8 @@ class ControlServer:
         try:
             if not 4 <= len(frame) <= 5 or frame[1] != "call" or self.compact_call is None:
                 raise OtpdError("bad_request", COMPACT_SHAPE)
-            result = self.compact_call(out, req_id, frame[2], frame[3], frame[4] if len(frame) == 5 else 5.0)
+            timeout = frame[4] if len(frame) == 5 else protocol.CALL_TIMEOUT_S
+            result = self.compact_call(out, req_id, frame[2], frame[3], timeout)
         except OtpdError as err:
             out.error(req_id, err)
             return

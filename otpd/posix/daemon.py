@@ -821,7 +821,8 @@ class Daemon:
         return {"stopping": True, "pid": self.pid}
 
     def op_call(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
-        return self._call(conn, req_id, args.get("id"), args.get("request"), args.get("timeout", 5.0))
+        timeout = args.get("timeout", protocol.CALL_TIMEOUT_S)
+        return self._call(conn, req_id, args.get("id"), args.get("request"), timeout)
 
     def _call(self, conn: Connection | Compact, req_id: Any, child_id: Any, request: Any, timeout: Any) -> Any:
         # The hot path of the control plane: kept to a few dict operations.
