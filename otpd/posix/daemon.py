@@ -616,8 +616,12 @@ class Daemon:
             if ("watchdog",) not in self.timer_seq:  # it does; the next iteration pings, if it comes
                 self._set_timer(("watchdog",), now)
             return
-        assert self.notify.watchdog_interval
         self.notify.watchdog()
+        self._ping_again(now)
+
+    def _ping_again(self, now: float) -> None:
+        """The next WATCHDOG=1 is owed half a period from ``now``: its timer."""
+        assert self.notify.watchdog_interval
         self.watchdog_due = now + self.notify.watchdog_interval
         self._set_timer(("watchdog",), self.watchdog_due)
 
@@ -689,8 +693,7 @@ class Daemon:
             if self.notify.watchdog_interval and self.watchdog_due == math.inf:
                 # systemd arms the watchdog at the first READY=1 (start-post); a READY=1 after a
                 # reload resets nothing, so the pings go on from the last one
-                self.watchdog_due = time.monotonic() + self.notify.watchdog_interval
-                self._set_timer(("watchdog",), self.watchdog_due)
+                self._ping_again(time.monotonic())
         elif status != self.last_status and self.ready_sent:
             self.last_status = status
             self.notify.status(status)
