@@ -104,18 +104,26 @@ def wait_pid_exit(pid: int, timeout: float) -> bool:
         os.close(fd)
 
 
-def wait_stopped(pid: int, timeout: float = 5.0) -> bool:
-    """True once ``pid`` is in the stopped state (SIGSTOP).
+def poll_process(pid: int, done: Callable[[psutil.Process], bool], timeout: float) -> bool:
+    """True once ``done(process)``; False if it is not within ``timeout``, or the process is gone.
 
-    No notification exists for another process's stop (waitid only serves the parent),
-    so this polls /proc with a deadline; SIGSTOP lands within microseconds.
+    For what no notification exists (another process's stop: waitid only serves the parent;
+    its title), this polls /proc with a deadline; such changes land within microseconds.
     """
     deadline = time.monotonic() + timeout
-    proc = psutil.Process(pid)
-    while proc.status() != psutil.STATUS_STOPPED:
-        if time.monotonic() > deadline:
-            return False
+    try:
+        proc = psutil.Process(pid)
+        while not done(proc):
+            if time.monotonic() > deadline:
+                return False
+    except psutil.NoSuchProcess:
+        return False
     return True
+
+
+def wait_stopped(pid: int, timeout: float = 5.0) -> bool:
+    """True once ``pid`` is in the stopped state (SIGSTOP)."""
+    return poll_process(pid, lambda proc: proc.status() == psutil.STATUS_STOPPED, timeout)
 
 
 def is_live(pid: int, create_time: float | None = None) -> bool:

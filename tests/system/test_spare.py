@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import time
-
 import psutil
 
-from tests.conftest import wait_pid_exit
+from tests.conftest import poll_process, wait_pid_exit
 
 CONFIG = """
 [[root.children]]
@@ -28,17 +26,8 @@ def _first_spare(d, child_id: str) -> int:
 
 def _has_title(pid: int, title: str, timeout: float = 10.0) -> bool:
     """True once the process's title says ``title``.  A spare sets it early in its boot, which
-    the daemon hears nothing of (its "spare" event comes at the fork): so this polls /proc,
-    with a deadline, as tests.conftest.wait_stopped does."""
-    deadline = time.monotonic() + timeout
-    try:
-        proc = psutil.Process(pid)
-        while title not in " ".join(proc.cmdline()):
-            if time.monotonic() > deadline:
-                return False
-    except psutil.NoSuchProcess:
-        return False
-    return True
+    the daemon hears nothing of (its "spare" event comes at the fork)."""
+    return poll_process(pid, lambda proc: title in " ".join(proc.cmdline()), timeout)
 
 
 def test_always_keeps_a_spare_that_becomes_the_agent_with_its_state(daemon):
