@@ -10,6 +10,7 @@ line that sets it with a small scan of the text.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import re
@@ -134,6 +135,7 @@ class _Checker:
         self.path = path
         self.lines = lines
         self.errors: list[str] = []
+        self.bad: set[str] = set()  # the paths with an error
         self.switches: list[tuple[str, str]] = []  # (where, flag) to check against [features]
 
     def error(self, where: str, message: str) -> None:
@@ -142,6 +144,7 @@ class _Checker:
             probe = probe.rpartition(".")[0]
         line = self.lines.get(probe)
         loc = f"{self.path.name}:{line}" if line else self.path.name
+        self.bad.add(where)
         self.errors.append(f"{loc}: {where}: {message}")
 
     def table(self, where: str, value: Any, known: dict[str, Callable[[str, Any], Any]]) -> dict[str, Any]:
@@ -276,6 +279,25 @@ def check_agent_class(ref: str) -> None:
         raise _Bad(f"{ref}: bad state declaration: {exc}") from None
 
 
+def agent_args_error(ref: str, args: dict[str, Any]) -> str | None:
+    """What the ``check_args`` of ``ref`` (imported already, by ``check_agent_class``) finds
+    wrong with ``args``; None if nothing.  It gets a copy: a check cannot change what the child gets."""
+    module_name, _, class_name = ref.partition(":")
+    from otpd.agent import code
+
+    if code.is_changed(module_name):
+        return None  # a reload checks with the new version's check_args, once it is imported
+    try:
+        getattr(importlib.import_module(module_name), class_name).check_args(copy.deepcopy(args))
+    except OtpdError as err:
+        return err.message
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    except (Exception, SystemExit) as exc:  # a bug in a user's check is still a clear error, never a traceback
+        return f"{ref}.check_args raised {type(exc).__name__}: {exc}"
+    return None
+
+
 def _agent_ref(_: str, value: Any) -> str:
     _str(_, value)
     check_agent_class(value)
@@ -309,14 +331,21 @@ ROOT_KEYS = {k: v for k, v in SUPERVISOR_KEYS.items()
              if k in ("strategy", "max_restarts", "max_seconds", "children", "start")}
 
 
-def _agent_spec(c: _Checker, where: str, raw: dict[str, Any], child_id: str) -> AgentSpec | None:
+def _agent_spec(c: _Checker, where: str, raw: dict[str, Any], child_id: str,
+                check_args: bool = False) -> AgentSpec | None:
     if "agent" not in raw:
-        c.error(where, "missing key 'agent'")
+        if f"{where}.agent" not in c.bad:  # not there at all, rather than a bad one
+            c.error(where, "missing key 'agent'")
         return None
     if ("agent_next" in raw) != ("switch" in raw):
         c.error(where, "a version switch needs both 'agent_next' and 'switch' (a feature flag)")
     elif "switch" in raw:
         c.switches.append((f"{where}.switch", raw["switch"]))
+    if check_args:  # not a template's: its args are completed by each add, which checks them then
+        for key in ("agent", "agent_next"):
+            problem = agent_args_error(raw[key], raw.get("args", {})) if key in raw else None
+            if problem is not None:
+                c.error(f"{where}.args", f"{problem} (checked by {raw[key]})")
     return AgentSpec(
         id=child_id,
         agent=raw["agent"],
@@ -365,7 +394,8 @@ def _child(c: _Checker, where: str, item: Any, seen: set[str]) -> ChildSpec | No
         if "agent" not in item and "supervisor" not in item:
             c.error(where, "needs 'agent = \"module:Class\"' or 'supervisor = \"static\"|\"dynamic\"'")
             return None
-        return _agent_spec(c, where, raw, child_id)
+        # args that are not a table are reported already
+        return _agent_spec(c, where, raw, child_id, check_args="args" not in item or "args" in raw)
     return _supervisor(c, where, item, raw, child_id, seen)
 
 

@@ -98,3 +98,20 @@ class TouchOnInit(Controlled):
 
     def init(self) -> None:
         Path(self.args["path"]).touch()
+
+
+class Picky(Controlled):
+    """Checks its args before anything is forked: ``size`` an integer; ``crash_check`` makes the
+    check itself fail (a bug in a user's check_args); ``touch`` proves a process started."""
+
+    @classmethod
+    def check_args(cls, args: dict[str, Any]) -> None:
+        if args.get("crash_check"):
+            raise KeyError("a bug in the check")
+        if not isinstance(args.get("size", 0), int):
+            raise OtpdError("config_invalid", f"size must be an integer, got {args['size']!r}")
+        args["size"] = "changed by the check"  # a copy: the agent never sees this
+
+    def init(self) -> None:
+        if "touch" in self.args:
+            Path(self.args["touch"]).touch()

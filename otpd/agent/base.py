@@ -48,6 +48,17 @@ class Agent:
     def persists(cls) -> bool:
         return bool(cls.persistent_fields or cls.collections)
 
+    @classmethod
+    def check_args(cls, args: dict[str, Any]) -> None:
+        """Check a child's ``args`` before anything is forked; raise ``OtpdError("config_invalid",
+        ...)`` (or ValueError / TypeError) saying what is wrong.  ``check-config``, ``run`` and
+        ``reload`` report it at the child's ``args`` key (exit 2, or the reload refused); a dynamic
+        supervisor's ``add`` refuses it with ``bad_request``.  Without it a bad value is found
+        only by ``init``: a start failure at every restart, until the intensity gives up.
+
+        It runs in the daemon: no side effects, nothing started, no heavy imports.  Check what
+        ``init`` will read, best by the same function.  The default accepts anything."""
+
     def __init__(self, agent_id: str, args: dict[str, Any], runtime: Runtime | None = None) -> None:
         self.id = agent_id
         self.args = args

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
+from collections.abc import Callable
 from typing import Any
 
 from otpd.errors import OtpdError
@@ -18,3 +22,87 @@ def error_text(error: BaseException) -> str:
     """What a task's or a step's failure is recorded as: its type and message, at most 2,000 characters."""
     text = f"{type(error).__name__}: {error}"
     return text if len(text) <= 2000 else text[:2000] + "..."
+
+
+def handler_parts(ref: Any) -> tuple[str, str]:
+    """(module, function) of a ``"module:function"`` handler; ``config_invalid`` if it is not one."""
+    if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
+        raise OtpdError("config_invalid", f'handler must be "module:function", got {ref!r}')
+    module_name, _, name = ref.partition(":")
+    return module_name, name
+
+
+def check_handler(ref: Any) -> None:
+    """For ``check_args``, in the daemon: the handler's form, and that its module exists.  The
+    module is found, not run: its code runs only in the agent's process (which imports it
+    afresh at every start), so ``load_handler`` there finds a missing function."""
+    module_name, name = handler_parts(ref)
+    try:
+        found = importlib.util.find_spec(module_name)
+    except Exception as exc:  # a parent package that fails to import
+        raise OtpdError("config_invalid", f"handler {ref!r}: cannot find {module_name!r} "
+                        f"({type(exc).__name__}: {exc})") from None
+    if found is None:
+        raise OtpdError("config_invalid", f"handler {ref!r}: no module {module_name!r}")
+    names = _bound_names(found.origin)
+    if names is not None and name not in names:
+        raise OtpdError("config_invalid", f"handler {ref!r}: {module_name!r} defines no {name!r}")
+
+
+def _bound_names(origin: str | None) -> set[str] | None:
+    """Every name a Python source file binds anywhere (a superset of its module's names),
+    read without running it; None where that cannot tell: no source, a star import, a
+    ``global`` statement, a module ``__getattr__``, ``globals()`` or ``setattr``."""
+    if not origin or not origin.endswith(".py"):
+        return None
+    try:
+        with open(origin, "rb") as f:
+            tree = ast.parse(f.read(), origin)
+    except (OSError, SyntaxError, ValueError):
+        return None  # the agent's own import will say what is wrong
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for alias in node.names:
+                if alias.name == "*":
+                    return None
+                names.add(alias.asname or alias.name.partition(".")[0])
+        elif isinstance(node, ast.Name):
+            if isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif node.id in ("globals", "setattr", "vars"):
+                return None
+        elif isinstance(node, ast.Global):
+            return None
+    return None if "__getattr__" in names else names
+
+
+def load_handler(ref: Any) -> Callable[..., Any]:
+    """Import ``module:function``; a clear ``config_invalid`` error otherwise."""
+    module_name, name = handler_parts(ref)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise OtpdError("config_invalid", f"handler {ref!r}: cannot import {module_name!r} "
+                        f"({type(exc).__name__}: {exc})") from None
+    fn = getattr(module, name, None)
+    if not callable(fn):
+        raise OtpdError("config_invalid", f"handler {ref!r}: {module_name!r} has no function {name!r}")
+    return fn  # type: ignore[no-any-return]
+
+
+def unknown_args(args: dict[str, Any], known: set[str], agent: str) -> None:
+    """``config_invalid`` naming the keys of ``args`` that ``agent`` does not take."""
+    unknown = sorted(map(str, set(args) - known))
+    if unknown:
+        raise OtpdError("config_invalid", f"{agent}: unknown args {', '.join(unknown)} "
+                        f"(known: {', '.join(sorted(known))})")
+
+
+def int_arg(args: dict[str, Any], name: str, default: int, minimum: int) -> int:
+    value = args.get(name, default)
+    if type(value) is not int or value < minimum:
+        raise OtpdError("config_invalid", f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value

@@ -23,15 +23,14 @@ no limit) bounds each step of every workflow; a step's own ``timeout_s`` overrid
 
 from __future__ import annotations
 
-import fnmatch
 import time
 import uuid
 from typing import Any
 
 from otpd.agent.base import Agent
 from otpd.agent.state import PersistentMap, PersistentQueue
-from otpd.agents import timeout_arg
-from otpd.agents.workflow import FINAL
+from otpd.agents import int_arg, timeout_arg, unknown_args
+from otpd.agents.workflow import FINAL, check_definition
 from otpd.config import ID_RE
 from otpd.errors import OtpdError
 
@@ -52,12 +51,29 @@ class CoordinatorAgent(Agent):
     cancelled_count: int
     started_count: int
 
+    @classmethod
+    def check_args(cls, args: dict[str, Any]) -> None:
+        cls._settings(args)
+
+    @staticmethod
+    def _settings(args: dict[str, Any]) -> tuple[str, list[str], int, int, float]:
+        """(supervisor, handlers, retention, poison_after, step_timeout_s) from the args,
+        or ``config_invalid``."""
+        unknown_args(args, {"supervisor", "handlers", "retention", "poison_after", "step_timeout_s"},
+                     "CoordinatorAgent")
+        supervisor = args.get("supervisor", "workflows")
+        if not isinstance(supervisor, str) or not ID_RE.match(supervisor):
+            raise OtpdError("config_invalid", f"supervisor must be the id of a dynamic supervisor, got {supervisor!r}")
+        patterns = args.get("handlers", ["otpd.examples.steps:*"])
+        if not isinstance(patterns, list) or not all(isinstance(p, str) and ":" in p for p in patterns):
+            raise OtpdError("config_invalid", 'handlers must be a list of "module:function" patterns '
+                            f'(fnmatch, e.g. "myapp.steps:*"), got {patterns!r}')
+        return (supervisor, list(patterns), int_arg(args, "retention", 1000, 0), int_arg(args, "poison_after", 3, 1),
+                timeout_arg(args.get("step_timeout_s", 0), "step_timeout_s", "config_invalid"))
+
     def init(self) -> None:
-        self.supervisor = str(self.args.get("supervisor", "workflows"))
-        self.patterns = list(self.args.get("handlers", ["otpd.examples.steps:*"]))
-        self.retention = int(self.args.get("retention", 1000))
-        self.poison_after = int(self.args.get("poison_after", 3))
-        self.step_timeout_s = timeout_arg(self.args.get("step_timeout_s", 0), "step_timeout_s", "config_invalid")
+        self.supervisor, self.patterns, self.retention, self.poison_after, self.step_timeout_s = \
+            self._settings(self.args)
         self.subscribe_events()
         self.send_after(0, "reconcile")
         for wf_id in list(self.forgetting.keys()):  # deletes a crash interrupted
@@ -135,22 +151,7 @@ class CoordinatorAgent(Agent):
         return wf_id
 
     def _check(self, definition: Any) -> dict[str, Any]:
-        if not isinstance(definition, dict) or not isinstance(definition.get("steps"), list) \
-                or not definition["steps"]:
-            raise OtpdError("bad_request", 'a workflow is {"steps": [{"handler": "module:function", '
-                                           '"args": {...}}, ...], "metadata": {...}}')
-        for i, step in enumerate(definition["steps"]):
-            handler = step.get("handler") if isinstance(step, dict) else None
-            if not isinstance(handler, str) or ":" not in handler:
-                raise OtpdError("bad_request", f"step {i}: 'handler' must be \"module:function\"")
-            if not any(fnmatch.fnmatchcase(handler, p) for p in self.patterns):
-                raise OtpdError("bad_request", f"step {i}: handler {handler!r} is not allowed by the "
-                                               f"coordinator's config (handlers = {self.patterns})")
-            if not isinstance(step.get("args", {}), dict):
-                raise OtpdError("bad_request", f"step {i}: 'args' must be a map")
-            if "timeout_s" in step:
-                timeout_arg(step["timeout_s"], f"step {i}: timeout_s", "bad_request")
-        return definition
+        return check_definition(definition, self.patterns)
 
     # -- processes and outcomes -----------------------------------------------
 

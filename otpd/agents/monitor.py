@@ -57,6 +57,7 @@ from typing import Any
 
 from otpd.agent.base import Agent
 from otpd.agent.state import PersistentQueue
+from otpd.agents import unknown_args
 from otpd.errors import OtpdError
 
 METRICS = {"memory_mb": "rss_mb", "cpu_percent": "cpu_percent", "restart_rate": "restart_rate"}
@@ -90,29 +91,36 @@ class MonitorAgent(Agent):
 
     # -- start ------------------------------------------------------------------
 
-    def init(self) -> None:
-        args = self.args
-        unknown = sorted(set(args) - {"interval_s", "max_history", "thresholds", "actions"})
-        if unknown:
-            raise OtpdError("config_invalid", f"MonitorAgent: unknown args {', '.join(unknown)}")
-        self.interval_s = float(_number("interval_s", args.get("interval_s", 5), 0.01))
-        self.max_history = _number("max_history", args.get("max_history", 1000), 1, integer=True)
+    @classmethod
+    def check_args(cls, args: dict[str, Any]) -> None:
+        cls._settings(args)
+
+    @staticmethod
+    def _settings(args: dict[str, Any]) -> tuple[float, int, dict[str, float], dict[str, tuple[float, int]]]:
+        """(interval_s, max_history, thresholds, actions) from the args, or ``config_invalid``."""
+        unknown_args(args, {"interval_s", "max_history", "thresholds", "actions"}, "MonitorAgent")
+        interval_s = float(_number("interval_s", args.get("interval_s", 5), 0.01))
+        max_history = _number("max_history", args.get("max_history", 1000), 1, integer=True)
         thresholds = args.get("thresholds", {})
         if not isinstance(thresholds, dict) or set(thresholds) - set(METRICS):
             raise OtpdError("config_invalid", f"MonitorAgent: thresholds takes {', '.join(METRICS)}")
-        self.thresholds = {k: _number(f"thresholds.{k}", v, 0) for k, v in thresholds.items()}
+        limits = {k: _number(f"thresholds.{k}", v, 0) for k, v in thresholds.items()}
         actions = args.get("actions", {})
         if not isinstance(actions, dict):
             raise OtpdError("config_invalid", "MonitorAgent: actions must be a table {agent_id: {...}}")
-        self.actions: dict[str, tuple[float, int]] = {}
+        rules: dict[str, tuple[float, int]] = {}
         for agent_id, action in actions.items():
             if not isinstance(action, dict) or "restart_over_memory_mb" not in action \
                     or set(action) - {"restart_over_memory_mb", "for_samples"}:
                 raise OtpdError("config_invalid", f"MonitorAgent: actions.{agent_id} is "
                                 "{restart_over_memory_mb = N, for_samples = K}")
-            self.actions[agent_id] = (
+            rules[agent_id] = (
                 _number(f"actions.{agent_id}.restart_over_memory_mb", action["restart_over_memory_mb"], 1),
                 _number(f"actions.{agent_id}.for_samples", action.get("for_samples", 3), 1, integer=True))
+        return interval_s, max_history, limits, rules
+
+    def init(self) -> None:
+        self.interval_s, self.max_history, self.thresholds, self.actions = self._settings(self.args)
         self.psutil = importlib.import_module("psutil")  # here, not at import: the daemon imports this module
         self.boot_time: float = self.psutil.boot_time()
         self.boottime_clock = getattr(time, "CLOCK_BOOTTIME", None)

@@ -53,42 +53,17 @@ O(1) records whatever the queue's length, and a restart reads only the markers a
 
 from __future__ import annotations
 
-import importlib
 import time
-from collections.abc import Callable
 from typing import Any
 
 from otpd.agent.base import Agent
 from otpd.agent.state import PersistentMap, PersistentQueue
-from otpd.agents import error_text, timeout_arg
+from otpd.agents import check_handler, error_text, handler_parts, int_arg, load_handler, timeout_arg, unknown_args
 from otpd.errors import OtpdError
 from otpd.posix import system
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 100_000
-
-
-def load_handler(ref: Any) -> Callable[[Any], Any]:
-    """Import ``module:function``; a clear ``config_invalid`` error otherwise."""
-    if not isinstance(ref, str) or ref.count(":") != 1 or not all(ref.split(":")):
-        raise OtpdError("config_invalid", f'handler must be "module:function", got {ref!r}')
-    module_name, _, name = ref.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:
-        raise OtpdError("config_invalid", f"handler {ref!r}: cannot import {module_name!r} "
-                        f"({type(exc).__name__}: {exc})") from None
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise OtpdError("config_invalid", f"handler {ref!r}: {module_name!r} has no function {name!r}")
-    return fn  # type: ignore[no-any-return]
-
-
-def _int_arg(args: dict[str, Any], name: str, default: int, minimum: int) -> int:
-    value = args.get(name, default)
-    if type(value) is not int or value < minimum:
-        raise OtpdError("config_invalid", f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 class TaskAgent(Agent):
@@ -114,17 +89,23 @@ class TaskAgent(Agent):
 
     # -- start ------------------------------------------------------------------
 
-    def init(self) -> None:
-        args = self.args
-        unknown = sorted(set(args) - {"handler", "concurrency", "max_attempts", "timeout_s"})
-        if unknown:
-            raise OtpdError("config_invalid", f"TaskAgent: unknown args {', '.join(unknown)}")
+    @classmethod
+    def check_args(cls, args: dict[str, Any]) -> None:
+        check_handler(cls._settings(args)[0])
+
+    @staticmethod
+    def _settings(args: dict[str, Any]) -> tuple[str, int, int, float]:
+        """(handler, concurrency, max_attempts, timeout_s) from the args, or ``config_invalid``."""
+        unknown_args(args, {"handler", "concurrency", "max_attempts", "timeout_s"}, "TaskAgent")
         if "handler" not in args:
             raise OtpdError("config_invalid", 'TaskAgent needs args.handler = "module:function"')
-        self.handler = load_handler(args["handler"])
-        self.concurrency = _int_arg(args, "concurrency", 4, 1)
-        self.max_attempts = _int_arg(args, "max_attempts", 3, 1)
-        self.timeout_s = timeout_arg(args.get("timeout_s", 0), "timeout_s", "config_invalid")
+        handler_parts(args["handler"])
+        return (args["handler"], int_arg(args, "concurrency", 4, 1), int_arg(args, "max_attempts", 3, 1),
+                timeout_arg(args.get("timeout_s", 0), "timeout_s", "config_invalid"))
+
+    def init(self) -> None:
+        handler, self.concurrency, self.max_attempts, self.timeout_s = self._settings(self.args)
+        self.handler = load_handler(handler)
         self.scheduled: set[str] = set()  # moved to processing, handed to a worker once committed
         self.submitted: set[str] = set()  # on a worker now
         self.deadlines: dict[str, float] = {}  # task on a worker -> when its attempt times out

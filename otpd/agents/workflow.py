@@ -26,12 +26,13 @@ in ``errors`` (step index -> text) and named in the parked reason.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import time
 from typing import Any
 
 from otpd.agent.base import Agent
-from otpd.agents import error_text, timeout_arg
+from otpd.agents import error_text, int_arg, timeout_arg, unknown_args
 from otpd.errors import OtpdError
 from otpd.posix import system
 
@@ -44,6 +45,29 @@ def load_handler(ref: str) -> Any:
     if not callable(fn):
         raise OtpdError("bad_request", f"{ref!r} is not a function")
     return fn
+
+
+def check_definition(definition: Any, patterns: list[str] | None) -> dict[str, Any]:
+    """``definition`` if it is a workflow whose step handlers all match ``patterns`` (fnmatch on
+    ``module:function``; None: any), else ``bad_request`` saying what is wrong."""
+    if not isinstance(definition, dict) or not isinstance(definition.get("steps"), list) \
+            or not definition["steps"]:
+        raise OtpdError("bad_request", 'a workflow is {"steps": [{"handler": "module:function", '
+                                       '"args": {...}}, ...], "metadata": {...}}')
+    for i, step in enumerate(definition["steps"]):
+        handler = step.get("handler") if isinstance(step, dict) else None
+        if not isinstance(handler, str) or ":" not in handler:
+            raise OtpdError("bad_request", f"step {i}: 'handler' must be \"module:function\"")
+        if patterns is not None and not any(fnmatch.fnmatchcase(handler, p) for p in patterns):
+            raise OtpdError("bad_request", f"step {i}: handler {handler!r} is not allowed by the "
+                                           f"coordinator's config (handlers = {patterns})")
+        if not isinstance(step.get("args", {}), dict):
+            raise OtpdError("bad_request", f"step {i}: 'args' must be a map")
+        if "timeout_s" in step:
+            timeout_arg(step["timeout_s"], f"step {i}: timeout_s", "bad_request")
+    if not isinstance(definition.get("metadata") or {}, dict):
+        raise OtpdError("bad_request", "'metadata' must be a map")
+    return definition
 
 
 class StepCrashed(Exception):
@@ -72,6 +96,21 @@ class WorkflowProcess(Agent):
     errors: dict[str, str]
 
     RETRY_S = 1.0  # after a commit that failed (store_full), the next try at the step
+
+    @classmethod
+    def check_args(cls, args: dict[str, Any]) -> None:
+        """At ``add`` (the coordinator's, or an operator's): what ``init`` and the steps read."""
+        unknown_args(args, {"workflow_id", "definition", "poison_after", "step_timeout_s", "resume"},
+                     "WorkflowProcess")
+        if "definition" not in args:
+            raise OtpdError("config_invalid", "WorkflowProcess needs args.definition (the coordinator adds it)")
+        check_definition(args["definition"], None)
+        if args.get("workflow_id") is not None and not isinstance(args["workflow_id"], str):
+            raise OtpdError("config_invalid", f"workflow_id must be a string, got {args['workflow_id']!r}")
+        int_arg(args, "poison_after", 3, 1)
+        timeout_arg(args.get("step_timeout_s", 0), "step_timeout_s", "config_invalid")
+        if args.get("resume") not in (None, "retry", "skip"):
+            raise OtpdError("config_invalid", f"resume is \"retry\" or \"skip\", got {args['resume']!r}")
 
     def init(self) -> None:
         self.deadline: int | None = None  # the timer of the running step's timeout

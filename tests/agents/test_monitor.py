@@ -217,17 +217,3 @@ def test_an_agent_over_its_memory_limit_for_k_samples_is_restarted(daemon: Any) 
     new = d.pid_of("hog")
     poll(lambda: health(d, "hog")["history"], lambda hist: sum(1 for s in hist if s["pid"] == new) >= 4)
     assert d.pid_of("hog") == new and len(health(d)["actions"]) == 1
-
-
-def test_bad_monitor_args_are_a_start_failure(daemon: Any) -> None:
-    d = daemon("""
-[[root.children]]
-id = "echo"
-agent = "otpd.agents.echo:EchoAgent"
-
-[[root.children]]
-id = "monitor"
-agent = "otpd.agents.monitor:MonitorAgent"
-args = { thresholds = { memory = 5 } }
-""", ready=False)
-    d.log.wait_for(r"monitor: .*config_invalid.*thresholds takes memory_mb, cpu_percent, restart_rate", timeout=20)

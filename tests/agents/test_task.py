@@ -401,14 +401,16 @@ def test_bad_requests_are_bad_request_and_the_agent_keeps_running(daemon: Any) -
     assert d.pid_of("tasks") == pid
 
 
-def test_a_bad_handler_is_a_start_failure_with_a_clear_message(daemon: Any) -> None:
-    d = daemon(tasks_config("no_such_module_xyz:run") + """
+def test_a_handler_that_fails_to_import_is_a_start_failure_with_a_clear_message(daemon: Any) -> None:
+    # check-config finds the module without running it (a missing module is exit 2 there);
+    # only the agent's process runs its code
+    d = daemon(tasks_config("tests.agents.broken_handler:run") + """
 [[root.children]]
 id = "echo"
 agent = "otpd.agents.echo:EchoAgent"
 """, ready=False)
-    d.log.wait_for(r"tasks: .*config_invalid.*handler 'no_such_module_xyz:run': cannot import 'no_such_module_xyz'",
-                   timeout=20)
+    d.log.wait_for(r"tasks: .*config_invalid.*handler 'tests.agents.broken_handler:run': cannot import "
+                   r"'tests.agents.broken_handler' \(RuntimeError: this module breaks on import\)", timeout=20)
 
 
 def test_limit_and_order_of_list(daemon: Any) -> None:

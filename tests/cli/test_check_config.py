@@ -113,6 +113,69 @@ def test_bad_value_exits_2_naming_the_key_and_its_line(tmp_path, old, new, key, 
     assert "Traceback" not in result.stderr
 
 
+AGENT_ARGS = """\
+[[root.children]]
+id = "first"
+agent = "otpd.agents.echo:EchoAgent"
+
+[[root.children]]
+id = "checked"
+agent = "{agent}"
+args = {args}
+"""
+
+
+@pytest.mark.parametrize(("agent", "args", "message"), [
+    ("otpd.agents.task:TaskAgent", '{ handler = "otpd.examples.jobs:sha256", concurrency = "four" }',
+     "concurrency must be an integer >= 1, got 'four'"),
+    ("otpd.agents.task:TaskAgent", '{ handler = "otpd.examples.jobs:sha256", concurency = 2 }',
+     "TaskAgent: unknown args concurency (known: concurrency, handler, max_attempts, timeout_s)"),
+    ("otpd.agents.task:TaskAgent", "{ concurrency = 2 }", 'TaskAgent needs args.handler = "module:function"'),
+    ("otpd.agents.task:TaskAgent", '{ handler = "otpd.examples.nosuch:sha256" }',
+     "handler 'otpd.examples.nosuch:sha256': no module 'otpd.examples.nosuch'"),
+    ("otpd.agents.task:TaskAgent", '{ handler = "otpd.examples.jobs:sha265" }',
+     "handler 'otpd.examples.jobs:sha265': 'otpd.examples.jobs' defines no 'sha265'"),
+    ("otpd.agents.task:TaskAgent", '{ handler = "otpd.examples.jobs:sha256", timeout_s = -1 }',
+     "timeout_s must be a number of seconds >= 0"),
+    ("otpd.agents.monitor:MonitorAgent", "{ thresholds = { memory = 5 } }",
+     "MonitorAgent: thresholds takes memory_mb, cpu_percent, restart_rate"),
+    ("otpd.agents.monitor:MonitorAgent", "{ interval_s = 0 }", "MonitorAgent: interval_s must be a number >= 0.01"),
+    ("otpd.agents.coordinator:CoordinatorAgent", "{ retention = \"all\" }",
+     "retention must be an integer >= 0, got 'all'"),
+    ("otpd.agents.coordinator:CoordinatorAgent", '{ handlers = "myapp.steps:*" }',
+     'handlers must be a list of "module:function" patterns'),
+    ("agents_for_tests:Picky", '{ size = "big" }', "size must be an integer, got 'big'"),
+    ("agents_for_tests:Picky", "{ crash_check = true }",
+     "agents_for_tests:Picky.check_args raised KeyError: 'a bug in the check'"),
+], ids=["task-type", "task-unknown", "task-no-handler", "task-no-module", "task-no-function", "task-timeout",
+        "monitor-thresholds", "monitor-interval", "coordinator-retention", "coordinator-handlers",
+        "user-check", "user-check-bug"])
+def test_bad_agent_args_exit_2_at_the_args_line(tmp_path, agent, args, message):
+    """An agent's own check of its args (``Agent.check_args``) runs with the config's: a typo in
+    args is exit 2 before anything is forked, not a start failure at every restart."""
+    text = AGENT_ARGS.format(agent=agent, args=args)
+    result = check(tmp_path, text)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"bad.toml:{line_of(text, 'args = ')}: root.children[1].args: {message}" in result.stderr, result.stderr
+    assert f"(checked by {agent})" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_good_agent_args_pass_and_the_agent_gets_them_unchanged(daemon, tmp_path):
+    d = daemon(AGENT_ARGS.format(agent="agents_for_tests:Picky", args="{ size = 3 }"))
+    assert d.request("call", {"id": "checked", "request": "args"}) == {"size": 3}
+    text = AGENT_ARGS.format(agent="otpd.agents.task:TaskAgent",
+                             args='{ handler = "otpd.examples.jobs:sha256", concurrency = 2, timeout_s = 1.5 }')
+    assert check(tmp_path, text).returncode == 0
+
+
+def test_an_unimportable_agent_is_one_error_not_two(tmp_path):
+    result = check(tmp_path, AGENT_ARGS.format(agent="agents_for_tests:NoSuchClass", args="{}"))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # no "missing key 'agent'" beside it
+
+
 def test_toml_syntax_error_exits_2_with_its_line(tmp_path):
     text = GOOD.replace('id = "reader"', 'id = "reader', 1)
     result = check(tmp_path, text)
