@@ -967,6 +967,11 @@ class Daemon:
         # version it started with through its restarts (running workflows finish on it).
         spec = flags.effective_agent(dataclasses.replace(template, id=child_id, args={**template.args, **extra}),
                                      self.flags)
+        from otpd.config import agent_args_error
+
+        problem = None if child_id in self.tree.nodes else agent_args_error(spec.agent, spec.args)
+        if problem is not None:  # refused here, not found by init at every restart until the intensity trips
+            raise OtpdError("bad_request", f"{child_id}: bad args for {spec.agent}: {problem}", {"id": child_id})
         self._apply(self.tree.add_child(sup_id, spec, time.monotonic()))
         return {"id": child_id, "supervisor": sup_id}
 
@@ -1024,9 +1029,10 @@ class Daemon:
         """Import afresh the agent modules of ``config`` whose files changed, and those that
         hold something of them; their names.  All or nothing: a module that does not import
         or check refuses the reload."""
-        from otpd.config import check_agent_class
+        from otpd.config import agent_args_error, check_agent_class
 
-        refs = [ref for spec in config.agent_specs() for ref in (spec.agent, spec.agent_next) if ref]
+        specs = config.agent_specs()
+        refs = [ref for spec in specs for ref in (spec.agent, spec.agent_next) if ref]
         stale = code.changed(refs)
         if not stale:
             return []
@@ -1038,6 +1044,13 @@ class Daemon:
                         check_agent_class(ref)
                     except Exception as exc:
                         raise code.ReimportFailed(str(exc)) from None
+            for spec in specs:  # the args, by the new code's check_args (a template's: at each add)
+                for agent in (spec.agent, spec.agent_next):
+                    if spec.id == "*" or not agent or agent.partition(":")[0] not in names:
+                        continue
+                    problem = agent_args_error(agent, spec.args)
+                    if problem is not None:
+                        raise code.ReimportFailed(f"{spec.id}.args: {problem} (checked by {agent})")
 
         try:
             names = code.reimport(stale, check, {ref.partition(":")[0] for ref in refs})

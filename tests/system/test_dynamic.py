@@ -130,6 +130,53 @@ def test_add_rejects_bad_requests(daemon, args, code):
     assert "x1" not in d.children()
 
 
+PICKY = """
+[[root.children]]
+id = "picky"
+supervisor = "dynamic"
+max_restarts = 1
+max_seconds = 60
+
+[root.children.template]
+agent = "agents_for_tests:Picky"
+args = { size = 1 }
+
+[[root.children]]
+id = "workflows"
+supervisor = "dynamic"
+
+[root.children.template]
+agent = "otpd.agents.workflow:WorkflowProcess"
+"""
+
+
+@pytest.mark.parametrize(("sup", "args", "message"), [
+    ("picky", {"size": "big"}, "size must be an integer, got 'big'"),
+    ("picky", {"crash_check": True}, "check_args raised KeyError"),
+    ("workflows", {}, "WorkflowProcess needs args.definition"),
+    ("workflows", {"definition": {"steps": [{"handler": "nocolon"}]}}, "step 0: 'handler' must be"),
+    ("workflows", {"definition": {"steps": [{"handler": "m:f"}]}, "resume": "later"}, 'resume is "retry" or "skip"'),
+], ids=["user-check", "user-check-bug", "no-definition", "bad-step", "bad-resume"])
+def test_add_with_args_its_agent_refuses_is_bad_request_and_forks_nothing(daemon, tmp_path, sup, args, message):
+    """The template's class checks each add's args (``check_args``): refused at once, where a
+    child that failed its init at every restart would trip its supervisor's intensity."""
+    d = daemon(PICKY)
+    marker = tmp_path / "started"
+    with pytest.raises(OtpdError) as err:
+        d.request("add", {"supervisor": sup, "id": "x1",
+                          "args": {**args, "touch": str(marker)} if sup == "picky" else args})
+    assert err.value.code == "bad_request"
+    assert message in err.value.message and err.value.message.startswith("x1: bad args for ")
+    assert "x1" not in d.children() and not marker.exists()
+    # the supervisor is as it was, and takes a good add
+    assert d.children()[sup]["state"] == "running"
+    if sup == "picky":
+        pid = d.request("add", {"supervisor": sup, "id": "x2", "args": {"size": 2, "touch": str(marker)}})
+        assert pid == {"id": "x2", "supervisor": sup}
+        assert d.wait("x2", "running")["pid"] and marker.exists()
+        assert d.request("call", {"id": "x2", "request": "args"}) == {"size": 2, "touch": str(marker)}
+
+
 def test_remove_of_a_static_child_is_refused(daemon):
     d = daemon(CONFIG)
     with pytest.raises(OtpdError) as err:

@@ -261,6 +261,51 @@ def test_new_agent_code_that_does_not_import_is_refused_and_nothing_changes(daem
         assert d.request("call", {"id": "v", "request": None}) == "one"
 
 
+CHECKED = '''
+from otpd.agent.base import Agent
+
+
+class Versioned(Agent):
+    @classmethod
+    def check_args(cls, args):
+        if set(args) - {KNOWN!r}:
+            raise ValueError(f"unknown args {sorted(set(args) - {KNOWN!r})}")
+
+    def handle_call(self, request):
+        return self.args
+'''
+
+
+def test_a_reload_checks_args_with_the_check_of_the_code_it_imports(daemon, tmp_path):
+    """New code and new args together: the new class's check_args judges them, not the old one's."""
+    code = tmp_path / "code"
+    code.mkdir()
+    write_version(code, CHECKED.replace("{KNOWN!r}", "set()"), 0)
+    d = daemon(CODE_TREE, import_from=code)
+    before = d.pids("v", "v2", "bystander")
+    with_args = CODE_TREE.replace('agent = "versioned_agent:Versioned"\n', 'agent = "versioned_agent:Versioned"\n'
+                                  'args = { colour = "red" }\n', 1)
+    d.write_config(with_args)
+    with pytest.raises(OtpdError) as err:  # the running code's check refuses the new arg
+        d.request("reload")
+    assert err.value.code == "config_invalid" and "unknown args ['colour']" in err.value.message
+    assert d.pids("v", "v2", "bystander") == before
+
+    write_version(code, CHECKED.replace("{KNOWN!r}", "{'colour'}"), 10**9)  # code that takes it
+    result = d.request("reload")
+    assert result["reimported"] == ["versioned_agent"]
+    d.wait("v", "running", not_pid=before["v"])
+    assert d.request("call", {"id": "v", "request": None}) == {"colour": "red"}
+    after = d.pids("v", "v2", "bystander")
+
+    write_version(code, CHECKED.replace("{KNOWN!r}", "{'size'}"), 2 * 10**9)  # code that does not
+    with pytest.raises(OtpdError) as err:
+        d.request("reload")
+    assert err.value.code == "config_invalid" and "v.args: unknown args ['colour']" in err.value.message
+    assert d.pids("v", "v2", "bystander") == after
+    assert d.request("call", {"id": "v", "request": None}) == {"colour": "red"}
+
+
 def test_a_reload_may_name_a_new_class_of_a_changed_module_or_a_module_edited_before_it_was_named(
         daemon, tmp_path):
     code = tmp_path / "code"
