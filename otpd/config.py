@@ -279,16 +279,21 @@ def check_agent_class(ref: str) -> None:
         raise _Bad(f"{ref}: bad state declaration: {exc}") from None
 
 
+def agent_class(ref: str) -> Any:
+    """The class ``module:Class`` names, its module imported already (``check_agent_class``)."""
+    module_name, _, class_name = ref.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
 def agent_args_error(ref: str, args: dict[str, Any]) -> str | None:
     """What the ``check_args`` of ``ref`` (imported already, by ``check_agent_class``) finds
     wrong with ``args``; None if nothing.  It gets a copy: a check cannot change what the child gets."""
-    module_name, _, class_name = ref.partition(":")
     from otpd.agent import code
 
-    if code.is_changed(module_name):
+    if code.is_changed(ref.partition(":")[0]):
         return None  # a reload checks with the new version's check_args, once it is imported
     try:
-        getattr(importlib.import_module(module_name), class_name).check_args(copy.deepcopy(args))
+        agent_class(ref).check_args(copy.deepcopy(args))
     except OtpdError as err:
         return err.message
     except (ValueError, TypeError) as exc:

@@ -76,6 +76,7 @@ max_seconds = 1
 agent = "otpd.agents.workflow:WorkflowProcess"
 restart = "transient"
 heartbeat_timeout_ms = 1500
+args = {{ handlers = ["scripts.chaos_steps:*"] }}
 
 [[root.children]]
 id = "coordinator"

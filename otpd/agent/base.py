@@ -43,6 +43,10 @@ class Agent:
     persistent_fields: tuple[str, ...] = ()
     collections: dict[str, type] = {}
     migrations: dict[int, Any] = {}
+    # Args only the config may set: an ``add`` to a dynamic supervisor whose args name one is
+    # refused (bad_request), so a template's value (or the class's default) holds for every child
+    # added.  For what a request must never choose, like which code the agent runs.
+    config_args: tuple[str, ...] = ()
 
     @classmethod
     def persists(cls) -> bool:

@@ -106,3 +106,11 @@ def int_arg(args: dict[str, Any], name: str, default: int, minimum: int) -> int:
     if type(value) is not int or value < minimum:
         raise OtpdError("config_invalid", f"{name} must be an integer >= {minimum}, got {value!r}")
     return value
+
+
+def handler_patterns(value: Any, code: str = "config_invalid") -> list[str]:
+    """An allowlist of step handlers: fnmatch patterns on ``module:function``."""
+    if not isinstance(value, list) or not all(isinstance(p, str) and ":" in p for p in value):
+        raise OtpdError(code, 'handlers must be a list of "module:function" patterns '
+                        f'(fnmatch, e.g. "myapp.steps:*"), got {value!r}')
+    return list(value)

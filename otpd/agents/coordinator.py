@@ -15,7 +15,11 @@ The design's "God" coordinator is decomposed: each workflow is its own process
   whole daemon, nothing is lost or run twice.
 
 Step handlers must match ``args.handlers`` (fnmatch patterns on ``module:function``, default
-``["otpd.examples.steps:*"]``): nothing named on the wire is imported unless the config allows it.
+``["otpd.examples.steps:*"]``): a ``start`` naming another is refused.  What a workflow's process
+enforces is its template's ``args.handlers`` (config only: an ``add`` cannot set it), so an
+``add`` to the supervisor that bypasses this agent cannot run other code either; keep these
+patterns within the template's (a workflow they let through that the template does not is
+parked, "not started").
 Finished workflows are kept (``args.retention``, default 1000); older ones are forgotten
 (their records deleted); the counters are lifetime counts.  ``args.step_timeout_s`` (default 0:
 no limit) bounds each step of every workflow; a step's own ``timeout_s`` overrides it.
@@ -29,8 +33,8 @@ from typing import Any
 
 from otpd.agent.base import Agent
 from otpd.agent.state import PersistentMap, PersistentQueue
-from otpd.agents import int_arg, timeout_arg, unknown_args
-from otpd.agents.workflow import FINAL, check_definition
+from otpd.agents import handler_patterns, int_arg, timeout_arg, unknown_args
+from otpd.agents.workflow import DEFAULT_HANDLERS, FINAL, check_definition
 from otpd.config import ID_RE
 from otpd.errors import OtpdError
 
@@ -64,11 +68,8 @@ class CoordinatorAgent(Agent):
         supervisor = args.get("supervisor", "workflows")
         if not isinstance(supervisor, str) or not ID_RE.match(supervisor):
             raise OtpdError("config_invalid", f"supervisor must be the id of a dynamic supervisor, got {supervisor!r}")
-        patterns = args.get("handlers", ["otpd.examples.steps:*"])
-        if not isinstance(patterns, list) or not all(isinstance(p, str) and ":" in p for p in patterns):
-            raise OtpdError("config_invalid", 'handlers must be a list of "module:function" patterns '
-                            f'(fnmatch, e.g. "myapp.steps:*"), got {patterns!r}')
-        return (supervisor, list(patterns), int_arg(args, "retention", 1000, 0), int_arg(args, "poison_after", 3, 1),
+        patterns = handler_patterns(args.get("handlers", list(DEFAULT_HANDLERS)))
+        return (supervisor, patterns, int_arg(args, "retention", 1000, 0), int_arg(args, "poison_after", 3, 1),
                 timeout_arg(args.get("step_timeout_s", 0), "step_timeout_s", "config_invalid"))
 
     def init(self) -> None:
@@ -109,7 +110,8 @@ class CoordinatorAgent(Agent):
         return {"workflow_id": wf_id, "status": entry["status"], "steps": len(steps),
                 "current_step": state.get("current_step", 0), "task_results": state.get("task_results", []),
                 "started_at": state.get("started_at"), "finished_at": state.get("finished_at"),
-                "metadata": state.get("metadata", {}), "parked_reason": state.get("parked_reason"),
+                "metadata": state.get("metadata", {}),
+                "parked_reason": state.get("parked_reason", entry.get("parked_reason")),
                 "attempts": state.get("attempts", {}), "errors": state.get("errors", {})}
 
     def op_list(self, request: dict[str, Any]) -> Any:
@@ -166,7 +168,11 @@ class CoordinatorAgent(Agent):
         try:
             self.system("add", supervisor=self.supervisor, id=wf_id, args=args)
         except OtpdError as err:
-            if err.code != "already_exists":  # running already: nothing to do
+            if err.code == "bad_request":  # refused by the supervisor's template: it never runs
+                self.workflows[wf_id] = {**entry, "parked_reason": f"not started: {err.message}"}
+                self.log(f"workflow {wf_id} parked, not started: {err.message}")
+                self._finalise(wf_id, "parked")
+            elif err.code != "already_exists":  # running already: nothing to do
                 raise
 
     def _remove(self, wf_id: str) -> None:

@@ -17,6 +17,12 @@ runs, so:
 Steps run on a worker thread, so the process keeps its heartbeat during a long step.  A step
 that raises crashes the process (the supervisor restarts it and it tries the step again).
 
+Which handlers may run is the config's: ``args.handlers`` (fnmatch patterns on
+``module:function``, default ``["otpd.examples.steps:*"]``), set in the dynamic supervisor's
+template and never by an ``add`` (``config_args``).  ``add`` refuses a definition naming another
+(``check_args``), and the process checks each step before it runs it: one not allowed parks the
+workflow, nothing run.
+
 A step may take ``timeout_s`` (default: the coordinator's ``step_timeout_s``, given to the
 process as ``args.step_timeout_s``; 0: no limit).  A thread cannot be stopped, so a step
 still running past it ends the process (``EXIT_TIMEOUT``), as a crash: the attempt counts
@@ -32,11 +38,12 @@ import time
 from typing import Any
 
 from otpd.agent.base import Agent
-from otpd.agents import error_text, int_arg, timeout_arg, unknown_args
+from otpd.agents import error_text, handler_patterns, int_arg, timeout_arg, unknown_args
 from otpd.errors import OtpdError
 from otpd.posix import system
 
 FINAL = ("completed", "parked", "cancelled")
+DEFAULT_HANDLERS = ("otpd.examples.steps:*",)
 
 
 def load_handler(ref: str) -> Any:
@@ -47,9 +54,9 @@ def load_handler(ref: str) -> Any:
     return fn
 
 
-def check_definition(definition: Any, patterns: list[str] | None) -> dict[str, Any]:
+def check_definition(definition: Any, patterns: list[str], whose: str = "the coordinator's") -> dict[str, Any]:
     """``definition`` if it is a workflow whose step handlers all match ``patterns`` (fnmatch on
-    ``module:function``; None: any), else ``bad_request`` saying what is wrong."""
+    ``module:function``), else ``bad_request`` saying what is wrong."""
     if not isinstance(definition, dict) or not isinstance(definition.get("steps"), list) \
             or not definition["steps"]:
         raise OtpdError("bad_request", 'a workflow is {"steps": [{"handler": "module:function", '
@@ -58,9 +65,9 @@ def check_definition(definition: Any, patterns: list[str] | None) -> dict[str, A
         handler = step.get("handler") if isinstance(step, dict) else None
         if not isinstance(handler, str) or ":" not in handler:
             raise OtpdError("bad_request", f"step {i}: 'handler' must be \"module:function\"")
-        if patterns is not None and not any(fnmatch.fnmatchcase(handler, p) for p in patterns):
-            raise OtpdError("bad_request", f"step {i}: handler {handler!r} is not allowed by the "
-                                           f"coordinator's config (handlers = {patterns})")
+        if not allowed(handler, patterns):
+            raise OtpdError("bad_request", f"step {i}: handler {handler!r} is not allowed by {whose} "
+                                           f"config (handlers = {patterns})")
         if not isinstance(step.get("args", {}), dict):
             raise OtpdError("bad_request", f"step {i}: 'args' must be a map")
         if "timeout_s" in step:
@@ -68,6 +75,10 @@ def check_definition(definition: Any, patterns: list[str] | None) -> dict[str, A
     if not isinstance(definition.get("metadata") or {}, dict):
         raise OtpdError("bad_request", "'metadata' must be a map")
     return definition
+
+
+def allowed(handler: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(handler, p) for p in patterns)
 
 
 class StepCrashed(Exception):
@@ -96,15 +107,16 @@ class WorkflowProcess(Agent):
     errors: dict[str, str]
 
     RETRY_S = 1.0  # after a commit that failed (store_full), the next try at the step
+    config_args = ("handlers",)  # which code a workflow may run is the config's, never a request's
 
     @classmethod
     def check_args(cls, args: dict[str, Any]) -> None:
         """At ``add`` (the coordinator's, or an operator's): what ``init`` and the steps read."""
-        unknown_args(args, {"workflow_id", "definition", "poison_after", "step_timeout_s", "resume"},
+        unknown_args(args, {"workflow_id", "definition", "poison_after", "step_timeout_s", "resume", "handlers"},
                      "WorkflowProcess")
         if "definition" not in args:
             raise OtpdError("config_invalid", "WorkflowProcess needs args.definition (the coordinator adds it)")
-        check_definition(args["definition"], None)
+        check_definition(args["definition"], cls._handlers(args), "the workflows template's")
         if args.get("workflow_id") is not None and not isinstance(args["workflow_id"], str):
             raise OtpdError("config_invalid", f"workflow_id must be a string, got {args['workflow_id']!r}")
         int_arg(args, "poison_after", 3, 1)
@@ -168,6 +180,14 @@ class WorkflowProcess(Agent):
             return
         key = str(self.current_step)
         tries = self.attempts.get(key, 0)
+        handler = self.steps[self.current_step].get("handler")
+        patterns = self._handlers(self.args)
+        if not isinstance(handler, str) or not allowed(handler, patterns):  # only what the config allows runs
+            self.status, self.finished_at = "parked", time.time()
+            self.parked_reason = (f"step {self.current_step}: handler {handler!r} is not allowed by the workflows "
+                                  f"template's config (handlers = {patterns})")
+            self.after_commit(self.stop)
+            return
         if tries >= int(self.args.get("poison_after", 3)):
             step = self.steps[self.current_step]
             self.status, self.finished_at = "parked", time.time()
@@ -188,6 +208,10 @@ class WorkflowProcess(Agent):
             self.asked = False
             self.redo, self.succeeded = self.redo or self.succeeded, False
             self.send_after(self.RETRY_S, "step")
+
+    @staticmethod
+    def _handlers(args: dict[str, Any]) -> list[str]:
+        return handler_patterns(args.get("handlers", list(DEFAULT_HANDLERS)), "bad_request")
 
     def _timeout(self, step: dict[str, Any]) -> float:
         return timeout_arg(step.get("timeout_s", self.args.get("step_timeout_s", 0)), "timeout_s", "bad_request")

@@ -967,11 +967,17 @@ class Daemon:
         # version it started with through its restarts (running workflows finish on it).
         spec = flags.effective_agent(dataclasses.replace(template, id=child_id, args={**template.args, **extra}),
                                      self.flags)
-        from otpd.config import agent_args_error
+        from otpd.config import agent_args_error, agent_class
 
-        problem = None if child_id in self.tree.nodes else agent_args_error(spec.agent, spec.args)
-        if problem is not None:  # refused here, not found by init at every restart until the intensity trips
-            raise OtpdError("bad_request", f"{child_id}: bad args for {spec.agent}: {problem}", {"id": child_id})
+        if child_id not in self.tree.nodes:  # (a taken id is already_exists, below)
+            locked = sorted(set(extra) & set(agent_class(spec.agent).config_args))
+            if locked:  # what only the config may choose (which code a workflow runs)
+                raise OtpdError("bad_request", f"{child_id}: args {', '.join(locked)} of {spec.agent} are set by "
+                                "the config only, not by an add", {"id": child_id})
+            problem = agent_args_error(spec.agent, spec.args)
+            if problem is not None:  # refused here, not found by init at every restart until the intensity trips
+                raise OtpdError("bad_request", f"{child_id}: bad args for {spec.agent}: {problem}",
+                                {"id": child_id})
         self._apply(self.tree.add_child(sup_id, spec, time.monotonic()))
         return {"id": child_id, "supervisor": sup_id}
 

@@ -155,8 +155,13 @@ agent = "otpd.agents.workflow:WorkflowProcess"
     ("picky", {"crash_check": True}, "check_args raised KeyError"),
     ("workflows", {}, "WorkflowProcess needs args.definition"),
     ("workflows", {"definition": {"steps": [{"handler": "nocolon"}]}}, "step 0: 'handler' must be"),
-    ("workflows", {"definition": {"steps": [{"handler": "m:f"}]}, "resume": "later"}, 'resume is "retry" or "skip"'),
-], ids=["user-check", "user-check-bug", "no-definition", "bad-step", "bad-resume"])
+    ("workflows", {"definition": {"steps": [{"handler": "otpd.examples.steps:add"}]}, "resume": "later"},
+     'resume is "retry" or "skip"'),
+    ("workflows", {"definition": {"steps": [{"handler": "os:system"}]}}, "handler 'os:system' is not allowed"),
+    ("workflows", {"definition": {"steps": [{"handler": "os:system"}]}, "handlers": ["*:*"]},
+     "args handlers of otpd.agents.workflow:WorkflowProcess are set by the config only"),
+], ids=["user-check", "user-check-bug", "no-definition", "bad-step", "bad-resume", "handler-not-allowed",
+        "handlers-from-the-wire"])
 def test_add_with_args_its_agent_refuses_is_bad_request_and_forks_nothing(daemon, tmp_path, sup, args, message):
     """The template's class checks each add's args (``check_args``): refused at once, where a
     child that failed its init at every restart would trip its supervisor's intensity."""
@@ -166,7 +171,7 @@ def test_add_with_args_its_agent_refuses_is_bad_request_and_forks_nothing(daemon
         d.request("add", {"supervisor": sup, "id": "x1",
                           "args": {**args, "touch": str(marker)} if sup == "picky" else args})
     assert err.value.code == "bad_request"
-    assert message in err.value.message and err.value.message.startswith("x1: bad args for ")
+    assert message in err.value.message and err.value.message.startswith("x1: "), err.value.message
     assert "x1" not in d.children() and not marker.exists()
     # the supervisor is as it was, and takes a good add
     assert d.children()[sup]["state"] == "running"

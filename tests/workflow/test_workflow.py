@@ -26,6 +26,7 @@ max_seconds = 5
 [root.children.template]
 agent = "otpd.agents.workflow:WorkflowProcess"
 restart = "transient"
+args = { handlers = ["tests.workflow.steps:*", "otpd.examples.jobs:*"] }
 
 [[root.children]]
 id = "coordinator"
@@ -196,7 +197,8 @@ def test_steps_outside_the_allowlist_are_refused(daemon: Any) -> None:
 
 
 def test_workflows_past_retention_are_forgotten_with_their_records(daemon: Any, tmp_path: Path) -> None:
-    d = daemon(TREE.replace('"otpd.examples.jobs:*"]', '"otpd.examples.jobs:*"], retention = 1'))
+    head, sep, tail = TREE.rpartition('"otpd.examples.jobs:*"]')  # the coordinator's args
+    d = daemon(head + sep + ", retention = 1" + tail)
     log = tmp_path / "steps.log"
     one_step = {"steps": [{"handler": STEPS + "record", "args": {"name": "x", "log": str(log)}}]}
     store = Store(load(d.config_path).store_settings().path, readonly=True)
@@ -220,7 +222,8 @@ def _driven_workflow(tmp_path: Path, steps: list[dict[str, Any]], **args: Any) -
     from otpd.agents.workflow import WorkflowProcess
     from tests.agents.test_task import driven
 
-    agent, rt, keeper, store = driven(WorkflowProcess, "wf", {"definition": {"steps": steps}, **args}, tmp_path)
+    agent, rt, keeper, store = driven(WorkflowProcess, "wf", {"definition": {"steps": steps},
+                                                             "handlers": ["tests.workflow.steps:*"], **args}, tmp_path)
     keeper.commit()
     return agent, rt, keeper, store
 
@@ -299,4 +302,36 @@ def test_a_step_timeout_that_comes_after_its_step_ended_does_nothing(tmp_path: P
     agent.current_step = 1
     agent.handle_info(("timeout", 0))
     assert agent.errors == {} and rt.ending is None
+    store.close()
+
+
+def test_a_workflow_runs_only_handlers_the_template_allows_whatever_its_request_says(
+        daemon: Any, tmp_path: Path) -> None:
+    """The coordinator's patterns refuse early; the template's (config only: an add cannot set
+    them) are what each workflow's process enforces.  Here the coordinator lets a handler
+    through that the template does not: the workflow is parked, not started, and nothing ran."""
+    template = 'restart = "transient"\nargs = { handlers = ["tests.workflow.steps:*", "otpd.examples.jobs:*"] }'
+    tree = TREE.replace(template, 'restart = "transient"\nargs = { handlers = ["otpd.examples.jobs:*"] }')
+    assert tree != TREE
+    d = daemon(tree)
+    coordinator = d.pid_of("coordinator")
+    log = tmp_path / "steps.log"
+    wf = d.request("workflow.start", {"definition": {"steps": [
+        {"handler": STEPS + "record", "args": {"name": "a", "log": str(log)}}]}})["workflow_id"]
+    parked = until_status(d, wf, "parked")
+    assert parked["parked_reason"].startswith(f"not started: {wf}: bad args for otpd.agents.workflow:WorkflowProcess: "
+                                              f"step 0: handler '{STEPS}record' is not allowed by the workflows "
+                                              "template's config"), parked
+    assert not log.exists() and wf not in d.children()
+    assert d.pid_of("coordinator") == coordinator and d.request("workflow.list", {})["failed_count"] == 1
+
+
+def test_a_step_the_template_does_not_allow_parks_the_workflow_without_running(tmp_path: Path) -> None:
+    """The process checks each step before it runs it (its spec may predate the config's patterns)."""
+    agent, rt, keeper, store = _driven_workflow(tmp_path, [_record(tmp_path, "a")], handlers=["otpd.examples.jobs:*"])
+    rt.fire(agent)
+    assert agent.status == "parked" and "is not allowed by the workflows template's config" in agent.parked_reason
+    assert agent.attempts == {} and rt.work == []
+    _commit(rt, keeper)  # the stop comes once the parked status is on disk
+    assert not (tmp_path / "log").exists()
     store.close()
