@@ -11,15 +11,19 @@ The seed design's TaskAgent (``task_queue``, ``processing_tasks``,
 Args: ``handler`` (``module:function``, imported in the agent's process when it
 starts; ``fn(payload) -> result``, run on the runtime's worker threads),
 ``concurrency`` (tasks run at once, default 4), ``max_attempts`` (default 3),
-``timeout_s`` (how long one attempt may run, default 0: no limit; an ``add`` may set its own).
+``timeout_s`` (how long one attempt may run, default 0: no limit; an ``add`` may set its own),
+``keep_completed`` (how many completed ids are remembered, default 100,000; see below),
+``retry_delay_s`` (default 0: a failed attempt goes back to the queue at once) and
+``retry_delay_max_s`` (default 300): after its k-th failed attempt a task waits
+``min(retry_delay_s * 2**(k-1), retry_delay_max_s)`` seconds before it is queued again.
 
 Calls (``otpctl task ...`` forwards to them)::
 
     {"op": "add", "payload": X, "task_id": "optional", "timeout_s": S} -> {"task_id": id}
     {"op": "stats"}                 -> {"queued", "processing", "completed_count", "error_count",
                                         "interrupted_count", "dead", "status", "concurrency", "max_attempts"}
-    {"op": "list", "dead": false, "limit": 100} -> {"tasks": [...]}  (processing, then queued; or dead letters)
-    {"op": "get", "task_id": id}    -> {"task_id", "state": queued|processing|completed|dead, ...}
+    {"op": "list", "dead": false, "limit": 100} -> {"tasks": [...]}  (processing, queued, delayed; or dead letters)
+    {"op": "get", "task_id": id}    -> {"task_id", "state": queued|processing|delayed|completed|dead, ...}
     {"op": "retry", "task_id": id}  -> {"task_id", "state": "queued"}   (a dead letter, attempts reset)
     {"op": "pause"} / {"op": "resume"} -> {"status": ...}
 
@@ -36,10 +40,15 @@ Guarantees:
   crash-loop it).
 * A clean stop (``otpctl stop|restart``, daemon shutdown) interrupts the running tasks without
   using up their attempt: they run again at the next start with the same attempt number.
-* A failure (the handler raised) below ``max_attempts`` goes back to the queue's tail; at
+* A failure (the handler raised) below ``max_attempts`` goes back to the queue's tail, at once
+  or, with ``retry_delay_s``, once its backoff is over: meanwhile it is ``delayed`` (its own
+  record, with ``not_before`` in wall-clock time, so the wait survives a restart); at
   ``max_attempts`` the task goes to the dead letters with its last error.
 * A completion removes the task from processing and is counted once (the id's state becomes
-  ``completed``; results are not kept).
+  ``completed``; results are not kept).  The last ``keep_completed`` completed ids are
+  remembered (one record each, in completion order); an older one is forgotten as a newer one
+  completes, so the store stays bounded: its ``get`` is ``not_found`` and an ``add`` of it is a
+  new task.  The idempotency of a retried ``add`` holds within that window.
 * Paused: adds are accepted and queued, nothing new starts (running tasks finish).
 * A timeout: a thread cannot be stopped, so an attempt past its ``timeout_s`` ends the
   agent's process (let it crash: the supervisor restarts it, with its intensity).  The attempt
@@ -63,6 +72,7 @@ from otpd.errors import OtpdError
 from otpd.posix import system
 
 DEFAULT_LIMIT = 100
+DEFAULT_KEEP_COMPLETED = 100_000
 MAX_LIMIT = 100_000
 
 
@@ -74,13 +84,18 @@ class TaskAgent(Agent):
         "task_queue": PersistentQueue,     # tasks waiting, FIFO: {id, payload, attempts, added_at, last_error?}
         "processing_tasks": PersistentMap,  # task_id -> task (attempts counts the running one)
         "dead_letters": PersistentMap,      # task_id -> task with last_error, attempts, dead_at
-        "task_ids": PersistentMap,          # task_id -> "pending" (queued or processing) | "completed" | "dead"
+        "task_ids": PersistentMap,          # task_id -> "pending" (queued or processing) | "dead"
+                                            # | ["completed", n] (n: its place in completed_ids)
+        "completed_ids": PersistentQueue,   # the ids completed, oldest first: the last keep_completed
+        "delayed": PersistentMap,           # task_id -> task waiting out its retry delay (not_before)
     }
 
     task_queue: PersistentQueue
     processing_tasks: PersistentMap
     dead_letters: PersistentMap
     task_ids: PersistentMap
+    completed_ids: PersistentQueue
+    delayed: PersistentMap
     completed_count: int
     error_count: int
     interrupted_count: int
@@ -94,18 +109,26 @@ class TaskAgent(Agent):
         check_handler(cls._settings(args)[0])
 
     @staticmethod
-    def _settings(args: dict[str, Any]) -> tuple[str, int, int, float]:
-        """(handler, concurrency, max_attempts, timeout_s) from the args, or ``config_invalid``."""
-        unknown_args(args, {"handler", "concurrency", "max_attempts", "timeout_s"}, "TaskAgent")
+    def _settings(args: dict[str, Any]) -> tuple[str, int, int, float, int, float, float]:
+        """(handler, concurrency, max_attempts, timeout_s, keep_completed, retry_delay_s,
+        retry_delay_max_s) from the args, or ``config_invalid``."""
+        unknown_args(args, {"handler", "concurrency", "max_attempts", "timeout_s", "keep_completed", "retry_delay_s",
+                            "retry_delay_max_s"}, "TaskAgent")
         if "handler" not in args:
             raise OtpdError("config_invalid", 'TaskAgent needs args.handler = "module:function"')
         handler_parts(args["handler"])
         return (args["handler"], int_arg(args, "concurrency", 4, 1), int_arg(args, "max_attempts", 3, 1),
-                timeout_arg(args.get("timeout_s", 0), "timeout_s", "config_invalid"))
+                timeout_arg(args.get("timeout_s", 0), "timeout_s", "config_invalid"),
+                int_arg(args, "keep_completed", DEFAULT_KEEP_COMPLETED, 0),
+                timeout_arg(args.get("retry_delay_s", 0), "retry_delay_s", "config_invalid"),
+                timeout_arg(args.get("retry_delay_max_s", 300), "retry_delay_max_s", "config_invalid"))
 
     def init(self) -> None:
-        handler, self.concurrency, self.max_attempts, self.timeout_s = self._settings(self.args)
+        (handler, self.concurrency, self.max_attempts, self.timeout_s, self.keep_completed, self.retry_delay_s,
+         self.retry_delay_max_s) = self._settings(self.args)
         self.handler = load_handler(handler)
+        self.due: dict[str, float] = {}  # delayed task -> its not_before (wall clock), as in ``delayed``
+        self.retry_alarm: tuple[float, int] | None = None  # (due, timer ref) of the one retry timer
         self.scheduled: set[str] = set()  # moved to processing, handed to a worker once committed
         self.submitted: set[str] = set()  # on a worker now
         self.deadlines: dict[str, float] = {}  # task on a worker -> when its attempt times out
@@ -131,6 +154,7 @@ class TaskAgent(Agent):
                 again.append(task)
         if again:
             self._schedule(again)
+        self._load_delays()
         self._pump()
 
     def terminate(self, reason: str) -> None:
@@ -186,6 +210,9 @@ class TaskAgent(Agent):
             "status": self.status,
             "concurrency": self.concurrency,
             "max_attempts": self.max_attempts,
+            "delayed": len(self.due),
+            "completed_kept": len(self.completed_ids),
+            "keep_completed": self.keep_completed,
         }
 
     def op_list(self, request: dict[str, Any]) -> Any:
@@ -208,6 +235,10 @@ class TaskAgent(Agent):
             tasks.append(self._view(task, "processing"))
         for offset in range(min(len(self.task_queue), limit - len(tasks))):
             tasks.append(self._view(self.task_queue.peek(offset), "queued"))
+        for task_id in sorted(self.due, key=self.due.__getitem__)[:max(0, limit - len(tasks))]:
+            task = self.delayed.get(task_id)
+            if task is not None:
+                tasks.append(self._view(task, "delayed"))
         return {"tasks": tasks}
 
     def op_get(self, request: dict[str, Any]) -> Any:
@@ -220,6 +251,8 @@ class TaskAgent(Agent):
             task = self.processing_tasks.get(task_id)
         elif state == "dead":
             task = self.dead_letters.get(task_id)
+        elif state == "delayed":
+            task = self.delayed.get(task_id)
         out = self._view(task, state) if task is not None else {"state": state}
         out["task_id"] = task_id
         return out
@@ -299,7 +332,9 @@ class TaskAgent(Agent):
         self.alarm = (due, self.send_after(max(0.0, due - time.monotonic()), "deadlines"))
 
     def handle_info(self, message: Any) -> None:
-        if message == "deadlines":
+        if message == "retries":
+            self._release_delays()
+        elif message == "deadlines":
             self.alarm = None
             now = time.monotonic()
             late = [task_id for task_id, due in self.deadlines.items() if due <= now]
@@ -337,17 +372,70 @@ class TaskAgent(Agent):
             return
         del self.processing_tasks[task_id]
         if error is None:
-            self.task_ids[task_id] = "completed"
-            self.completed_count += 1
+            self._completed(task_id)
         else:
             self.error_count += 1
             task["last_error"] = error_text(error)
             task.pop("started_at", None)
             if task["attempts"] >= self.max_attempts:
                 self._bury(task)
+            elif self.retry_delay_s:
+                self._delay(task)
             else:
                 self.task_queue.append(task)
         self._pump()
+
+    # -- retry delays ------------------------------------------------------------------
+
+    def _delay(self, task: dict[str, Any]) -> None:
+        """Hold a failed task for its backoff (doubling per failed attempt, capped)."""
+        wait = min(self.retry_delay_s * 2.0 ** max(0, task["attempts"] - 1), self.retry_delay_max_s)
+        task["not_before"] = time.time() + wait
+        self.delayed[task["id"]] = task
+        self.due[task["id"]] = task["not_before"]
+        self._arm_retries()
+
+    def _load_delays(self) -> None:
+        """What ``delayed`` holds (at start, or after a rollback reloaded it), and its timer."""
+        self.due = {task_id: float(task.get("not_before", 0)) for task_id, task in self.delayed.items()}
+        self._arm_retries()
+
+    def _arm_retries(self) -> None:
+        """One timer, for the earliest end of a backoff."""
+        if not self.due:
+            return
+        due = min(self.due.values())
+        if self.retry_alarm is not None:
+            if self.retry_alarm[0] <= due:
+                return
+            self.cancel_timer(self.retry_alarm[1])
+        self.retry_alarm = (due, self.send_after(max(0.0, due - time.time()), "retries"))
+
+    def _release_delays(self) -> None:
+        """The tasks whose backoff is over go back to the queue's tail, earliest first."""
+        self.retry_alarm = None
+        if self.resync or self.processing_tasks is not self.loaded:
+            self._resync()  # a rollback: ``delayed`` was reloaded, and ``due`` with it
+        now = time.time()
+        for task_id in sorted((t for t, at in self.due.items() if at <= now), key=self.due.__getitem__):
+            del self.due[task_id]
+            task = self.delayed.pop(task_id, None)
+            if task is not None:
+                task.pop("not_before", None)
+                self.task_queue.append(task)
+        self._arm_retries()
+        self._pump()
+
+    def _completed(self, task_id: str) -> None:
+        """Count it, remember its id, and forget the oldest ids past ``keep_completed``: O(1)."""
+        place = self.completed_ids.tail
+        self.completed_ids.append(task_id)
+        self.task_ids[task_id] = ["completed", place]
+        self.completed_count += 1
+        while len(self.completed_ids) > self.keep_completed:
+            old_place, old = self.completed_ids.head, self.completed_ids.popleft()
+            if self.task_ids.get(old) == ["completed", old_place]:  # not added (and completed) again since
+                del self.task_ids[old]
 
     def _bury(self, task: dict[str, Any]) -> None:
         task["dead_at"] = time.time()
@@ -368,6 +456,7 @@ class TaskAgent(Agent):
                 again.append(task)
         if again:
             self._schedule(again)
+        self._load_delays()
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -375,7 +464,11 @@ class TaskAgent(Agent):
         """queued | processing | completed | dead, or None for an unknown id."""
         state = self.task_ids.get(task_id)
         if state == "pending":
-            return "processing" if task_id in self.processing_tasks else "queued"
+            if task_id in self.processing_tasks:
+                return "processing"
+            return "delayed" if task_id in self.due else "queued"
+        if isinstance(state, list):  # ["completed", place]; a bare "completed" before keep_completed
+            return "completed"
         return state  # type: ignore[no-any-return]
 
     def _new_id(self) -> str:
@@ -396,7 +489,7 @@ class TaskAgent(Agent):
     def _view(task: dict[str, Any], state: str) -> dict[str, Any]:
         out = {"task_id": task["id"], "state": state, "attempts": task.get("attempts", 0),
                "payload": task.get("payload")}
-        for key in ("added_at", "started_at", "dead_at", "timeout_s", "last_error"):
+        for key in ("added_at", "started_at", "dead_at", "timeout_s", "last_error", "not_before"):
             if task.get(key) is not None:
                 out[key] = task[key]
         return out

@@ -383,7 +383,7 @@ def task_add(c: Ctx, agent_id: str, payload_json: str, task_id: str | None, task
 @click.argument("agent_id", metavar="ID")
 @pass_ctx
 def task_stats(c: Ctx, agent_id: str) -> None:
-    """Counts of queued, running, completed, failed and dead tasks."""
+    """Counts of queued, running, delayed, completed, failed and dead tasks."""
     result = c.request("task.stats", {"id": agent_id})
     c.show(result, "\n".join(f"{k}: {v}" for k, v in result.items()))
 
@@ -394,7 +394,7 @@ def task_stats(c: Ctx, agent_id: str) -> None:
 @click.option("--limit", type=int, default=100, show_default=True)
 @pass_ctx
 def task_list(c: Ctx, agent_id: str, dead: bool, limit: int) -> None:
-    """Queued and running tasks, or the dead letters with their last error."""
+    """Running, queued and delayed (waiting out a retry delay) tasks, or the dead letters."""
     result = c.request("task.list", {"id": agent_id, "dead": dead, "limit": limit})
     c.show(result, "\n".join(json.dumps(t) for t in result["tasks"]) or "(none)")
 

@@ -397,7 +397,8 @@ def test_bad_requests_are_bad_request_and_the_agent_keeps_running(daemon: Any) -
         assert err.value.code == code
     s = stats(d)
     assert s == {"queued": 0, "processing": 0, "completed_count": 0, "error_count": 0, "interrupted_count": 0,
-                 "dead": 0, "status": "active", "concurrency": 4, "max_attempts": 3}
+                 "dead": 0, "status": "active", "concurrency": 4, "max_attempts": 3, "delayed": 0, "completed_kept": 0,
+                 "keep_completed": 100_000}
     assert d.pid_of("tasks") == pid
 
 
@@ -454,6 +455,7 @@ class FakeRuntime:
         self.work: list[tuple[Any, tuple[Any, ...], Callable[[Any, BaseException | None], None]]] = []
 
         self.timers: dict[int, Any] = {}  # ref -> message, of the timers not fired or cancelled
+        self.delays: dict[int, float] = {}  # ref -> the delay it was set with
         self.refs = itertools.count(1)
         self.stopping: str | None = None  # what Agent.stop() sets
         self.ending: int | None = None  # what Agent.end_after_commit() sets
@@ -464,6 +466,7 @@ class FakeRuntime:
     def add_timer(self, delay_s: float, message: Any, interval: float | None) -> int:
         ref = next(self.refs)
         self.timers[ref] = message
+        self.delays[ref] = delay_s
         return ref
 
     def fire(self, agent: Any) -> None:
@@ -604,3 +607,137 @@ def test_otpctl_task_add_takes_a_timeout(daemon: Any) -> None:
     assert (task["task_id"], task["timeout_s"]) == ("t1", 2.5)
     out = run_cli("otpctl", "--socket", str(d.socket), "task", "add", "tasks", "1", "--task-timeout", "-3")
     assert out.returncode == 1 and "bad_request" in out.stderr and "timeout_s" in out.stderr, out
+
+
+def test_only_the_last_keep_completed_ids_are_remembered_and_the_store_stays_bounded(tmp_path: Path) -> None:
+    """Completed ids are the idempotency keys of adds; past keep_completed the oldest are
+    forgotten, one record each, as newer ones complete (a restart keeps the window)."""
+    from otpd.agent.state import StateKeeper
+    from otpd.agents.task import TaskAgent
+    from otpd.store import tools
+
+    args = {"handler": "otpd.examples.jobs:echo", "concurrency": 1, "keep_completed": 3}
+    agent, rt, keeper, store = driven(TaskAgent, "t", args, tmp_path)
+
+    def run_all() -> None:  # commit, hand out, finish, until nothing is left
+        while True:
+            keeper.commit()
+            callbacks, rt.after[:] = list(rt.after), []
+            for callback in callbacks:
+                callback()
+            if not rt.work:
+                return
+            fn, job_args, done = rt.work.pop(0)
+            done(fn(*job_args), None)
+
+    for i in range(5):
+        agent.handle_call({"op": "add", "payload": i, "task_id": f"k{i}"})
+    run_all()
+    assert agent.op_stats({})["completed_count"] == 5 and agent.op_stats({})["completed_kept"] == 3
+    for i in (0, 1):
+        with pytest.raises(OtpdError) as err:
+            agent.op_get({"task_id": f"k{i}"})
+        assert err.value.code == "not_found"
+    for i in (2, 3, 4):
+        assert agent.op_get({"task_id": f"k{i}"})["state"] == "completed"
+        with pytest.raises(OtpdError) as err:
+            agent.handle_call({"op": "add", "payload": 0, "task_id": f"k{i}"})
+        assert err.value.code == "already_exists"
+    keys = tools.show(store, "t")["items"]
+    assert sorted(k for k, _ in keys["task_ids"]) == ["k2", "k3", "k4"] and len(keys["completed_ids"]) == 3
+
+    # a forgotten id added again is a new task, and takes its new place in the window
+    agent.handle_call({"op": "add", "payload": 9, "task_id": "k0"})
+    run_all()
+    for i in range(5, 7):
+        agent.handle_call({"op": "add", "payload": i, "task_id": f"k{i}"})
+    run_all()
+    assert [agent._state(f"k{i}") for i in (0, 5, 6)] == ["completed"] * 3
+    assert [agent._state(f"k{i}") for i in (2, 3, 4)] == [None] * 3 and agent.op_stats({})["completed_count"] == 8
+
+    # the window survives a restart: the same records, read again
+    store.close()
+    again = TaskAgent("t", args, FakeRuntime())
+    store = type(store)(tmp_path / "store")
+    StateKeeper(again, store).load()
+    again.init()
+    assert again.op_stats({})["completed_kept"] == 3 and again._state("k0") == "completed"
+    assert again._state("k4") is None
+    store.close()
+
+
+def test_a_failed_attempt_waits_out_a_doubling_capped_backoff_that_survives_a_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from otpd.agent.state import StateKeeper
+    from otpd.agents import task as task_module
+    from otpd.agents.task import TaskAgent
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(task_module.time, "time", lambda: clock[0])
+    args = {"handler": "tests.agents.handlers:fail_unless_file", "max_attempts": 5, "retry_delay_s": 10,
+            "retry_delay_max_s": 25}
+    agent, rt, keeper, store = driven(TaskAgent, "t", args, tmp_path)
+
+    def settle() -> None:  # commit, then what waited for it (the worker's start)
+        keeper.commit()
+        callbacks, rt.after[:] = list(rt.after), []
+        for callback in callbacks:
+            callback()
+
+    def fail_once() -> None:
+        fn, job_args, done = rt.work.pop(0)
+        with pytest.raises(Exception) as err:
+            fn(*job_args)
+        done(None, err.value)
+        settle()
+
+    gate = tmp_path / "gate"
+    agent.handle_call({"op": "add", "payload": {"file": str(gate)}, "task_id": "x"})
+    settle()
+    waits = []
+    for _attempt in (1, 2, 3):
+        fail_once()
+        assert agent.op_get({"task_id": "x"})["state"] == "delayed" and not rt.work
+        assert agent.op_stats({})["delayed"] == 1 and agent.op_stats({})["queued"] == 0
+        (ref,) = rt.timers
+        waits.append(rt.delays[ref])
+        assert agent.op_get({"task_id": "x"})["not_before"] == clock[0] + waits[-1]
+        rt.fire(agent)  # early: nothing moves, the timer is set again
+        assert agent.op_get({"task_id": "x"})["state"] == "delayed" and len(rt.timers) == 1
+        clock[0] += waits[-1]
+        rt.fire(agent)  # due: back in the queue, and started
+        settle()
+        assert agent.op_get({"task_id": "x"})["state"] == "processing" and len(rt.work) == 1
+    assert waits == [10, 20, 25]  # doubling, capped
+
+    fail_once()  # a fourth failure: delayed 25 s, then the agent restarts
+    assert [t["task_id"] for t in agent.op_list({})["tasks"]] == ["x"]
+    store.close()
+    again = TaskAgent("t", args, FakeRuntime())
+    store = type(store)(tmp_path / "store")
+    StateKeeper(again, store).load()
+    again.init()
+    assert again.op_get({"task_id": "x"})["state"] == "delayed"
+    (ref,) = again._rt().timers
+    assert again._rt().delays[ref] == 25
+    clock[0] += 25
+    gate.touch()
+    again._rt().fire(again)
+    assert again.op_get({"task_id": "x"})["state"] == "processing"
+    store.close()
+
+
+def test_a_delayed_retry_runs_on_the_agents_own_timer_and_survives_a_kill(daemon: Any, tmp_path: Path) -> None:
+    """With a real runtime: the failed task waits out its delay as ``delayed`` (across a
+    SIGKILL of the agent), then runs again and completes."""
+    d = daemon(tasks_config("tests.agents.handlers:fail_unless_file", max_attempts=10).replace(
+        "max_attempts = 10 }", "max_attempts = 10, retry_delay_s = 0.5, retry_delay_max_s = 0.5 }"))
+    gate = tmp_path / "gate"
+    task_id = add(d, {"file": str(gate)})
+    poll(lambda: d.request("task.get", {"id": "tasks", "task_id": task_id}), lambda t: t["state"] == "delayed")
+    kill_agent(d)
+    got = d.request("task.get", {"id": "tasks", "task_id": task_id})
+    assert got["state"] in ("delayed", "processing", "queued") and got["attempts"] >= 1
+    gate.touch()
+    until_stats(d, completed_count=1, delayed=0, queued=0, processing=0)
+    assert d.request("task.get", {"id": "tasks", "task_id": task_id})["state"] == "completed"

@@ -129,7 +129,8 @@ args = {args}
     ("otpd.agents.task:TaskAgent", '{ handler = "otpd.examples.jobs:sha256", concurrency = "four" }',
      "concurrency must be an integer >= 1, got 'four'"),
     ("otpd.agents.task:TaskAgent", '{ handler = "otpd.examples.jobs:sha256", concurency = 2 }',
-     "TaskAgent: unknown args concurency (known: concurrency, handler, max_attempts, timeout_s)"),
+     "TaskAgent: unknown args concurency (known: concurrency, handler, keep_completed, max_attempts, "
+     "retry_delay_max_s, retry_delay_s, timeout_s)"),
     ("otpd.agents.task:TaskAgent", "{ concurrency = 2 }", 'TaskAgent needs args.handler = "module:function"'),
     ("otpd.agents.task:TaskAgent", '{ handler = "otpd.examples.nosuch:sha256" }',
      "handler 'otpd.examples.nosuch:sha256': no module 'otpd.examples.nosuch'"),
