@@ -188,3 +188,39 @@ def test_remove_of_a_static_child_is_refused(daemon):
         d.request("remove", {"id": "reader"})
     assert err.value.code == "bad_request"
     assert d.children()["reader"]["state"] == "running"
+
+
+ESCALATING = """
+[root]
+max_restarts = 100
+max_seconds = 5
+
+[[root.children]]
+id = "workers"
+supervisor = "dynamic"
+max_restarts = 1
+max_seconds = 60
+
+[root.children.template]
+agent = "agents_for_tests:Controlled"
+args = { colour = "blue" }
+"""
+
+
+def test_a_dynamic_supervisor_restarted_by_its_parent_comes_back_with_its_added_children(daemon):
+    """Pinned on purpose (README, "Semantics worth knowing"): unlike OTP's simple_one_for_one,
+    which restarts empty, the added children start again, each with its own args."""
+    d = daemon(ESCALATING)
+    before = {w: add(d, w, size=n) for n, w in enumerate(("w1", "w2"))}
+    with d.events() as events:
+        for crash in range(2):  # the second crash is over the intensity: workers escalates
+            pid = d.pid_of("w1")
+            d.request("cast", {"id": "w1", "message": {"do": "exit", "code": 3}})
+            if crash == 0:
+                d.wait("w1", "running", not_pid=pid)
+        events.until(("escalated", "workers"))
+        events.until(("ready", "workers"))
+    for w, n in (("w1", 0), ("w2", 1)):
+        child = d.wait(w, "running")
+        assert child["pid"] != before[w]
+        assert d.request("call", {"id": w, "request": "args"}) == {"colour": "blue", "size": n}
