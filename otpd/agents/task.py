@@ -322,14 +322,20 @@ class TaskAgent(Agent):
     def _arm(self) -> None:
         """One timer, for the earliest deadline of the attempts running now (at most
         ``concurrency`` of them, so a busy queue does not pile up timers)."""
-        if not self.deadlines:
-            return
-        due = min(self.deadlines.values())
-        if self.alarm is not None:
-            if self.alarm[0] <= due:
-                return
-            self.cancel_timer(self.alarm[1])
-        self.alarm = (due, self.send_after(max(0.0, due - time.monotonic()), "deadlines"))
+        self.alarm = self._earliest(self.alarm, self.deadlines, time.monotonic(), "deadlines")
+
+    def _earliest(self, alarm: tuple[float, int] | None, dues: dict[str, float], now: float,
+                  message: str) -> tuple[float, int] | None:
+        """The one timer (due, ref) for the earliest of ``dues`` (times on the clock that gave
+        ``now``): ``alarm`` if it comes first already, else a new one in its place."""
+        if not dues:
+            return alarm
+        due = min(dues.values())
+        if alarm is not None:
+            if alarm[0] <= due:
+                return alarm
+            self.cancel_timer(alarm[1])
+        return due, self.send_after(max(0.0, due - now), message)
 
     def handle_info(self, message: Any) -> None:
         if message == "retries":
@@ -401,15 +407,8 @@ class TaskAgent(Agent):
         self._arm_retries()
 
     def _arm_retries(self) -> None:
-        """One timer, for the earliest end of a backoff."""
-        if not self.due:
-            return
-        due = min(self.due.values())
-        if self.retry_alarm is not None:
-            if self.retry_alarm[0] <= due:
-                return
-            self.cancel_timer(self.retry_alarm[1])
-        self.retry_alarm = (due, self.send_after(max(0.0, due - time.time()), "retries"))
+        """One timer, for the earliest end of a backoff (wall clock: ``not_before`` outlives the process)."""
+        self.retry_alarm = self._earliest(self.retry_alarm, self.due, time.time(), "retries")
 
     def _release_delays(self) -> None:
         """The tasks whose backoff is over go back to the queue's tail, earliest first."""
