@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.machinery
 import importlib.util
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -33,13 +35,14 @@ def handler_parts(ref: Any) -> tuple[str, str]:
 
 
 def check_handler(ref: Any) -> None:
-    """For ``check_args``, in the daemon: the handler's form, and that its module exists.  The
-    module is found, not run: its code runs only in the agent's process (which imports it
-    afresh at every start), so ``load_handler`` there finds a missing function."""
+    """For ``check_args``, in the daemon: the handler's form, that its module exists, and that
+    its source binds the name.  Nothing of it is run, its parent packages' ``__init__`` neither:
+    its code runs only in the agent's process (which imports it afresh at every start), where
+    ``load_handler`` finds what this cannot tell."""
     module_name, name = handler_parts(ref)
     try:
-        found = importlib.util.find_spec(module_name)
-    except Exception as exc:  # a parent package that fails to import
+        found = find_module(module_name)
+    except Exception as exc:  # a bad path entry, a broken finder
         raise OtpdError("config_invalid", f"handler {ref!r}: cannot find {module_name!r} "
                         f"({type(exc).__name__}: {exc})") from None
     if found is None:
@@ -49,10 +52,37 @@ def check_handler(ref: Any) -> None:
         raise OtpdError("config_invalid", f"handler {ref!r}: {module_name!r} defines no {name!r}")
 
 
+def find_module(dotted: str) -> importlib.machinery.ModuleSpec | None:
+    """The spec of module ``dotted``, found on ``sys.path`` part by part without importing
+    anything (``importlib.util.find_spec`` would run every parent package); a module or
+    package imported already is looked up as it is."""
+    if dotted in sys.modules:  # imported already (os.path, which is no submodule of a package, too)
+        return getattr(sys.modules[dotted], "__spec__", None) or importlib.util.find_spec(dotted)
+    parts = dotted.split(".")
+    spec = None
+    path: list[str] | None = None
+    for i in range(len(parts)):
+        name = ".".join(parts[: i + 1])
+        module = sys.modules.get(name)
+        if module is not None:
+            spec = getattr(module, "__spec__", None)
+        elif i == 0 and name in sys.builtin_module_names:
+            return importlib.util.find_spec(name)  # built into the interpreter: nothing to run
+        else:
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None:
+            return None
+        path = list(spec.submodule_search_locations or []) if i < len(parts) - 1 else None
+        if i < len(parts) - 1 and not path:
+            return None  # a module, not a package: it has no submodules
+    return spec
+
+
 def _bound_names(origin: str | None) -> set[str] | None:
     """Every name a Python source file binds anywhere (a superset of its module's names),
     read without running it; None where that cannot tell: no source, a star import, a
-    ``global`` statement, a module ``__getattr__``, ``globals()`` or ``setattr``."""
+    ``global`` statement, a module ``__getattr__``, code that binds names at run time
+    (``exec``, ``globals()``, ``locals()``, ``setattr``, ``__dict__``, ``sys.modules``)."""
     if not origin or not origin.endswith(".py"):
         return None
     try:
@@ -72,9 +102,10 @@ def _bound_names(origin: str | None) -> set[str] | None:
         elif isinstance(node, ast.Name):
             if isinstance(node.ctx, ast.Store):
                 names.add(node.id)
-            elif node.id in ("globals", "setattr", "vars"):
+            elif node.id in ("globals", "locals", "setattr", "vars", "exec", "eval", "__import__"):
                 return None
-        elif isinstance(node, ast.Global):
+        elif isinstance(node, ast.Global) or (isinstance(node, ast.Attribute)
+                                              and node.attr in ("__dict__", "modules")):
             return None
     return None if "__getattr__" in names else names
 

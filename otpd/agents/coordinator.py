@@ -168,7 +168,7 @@ class CoordinatorAgent(Agent):
         try:
             self.system("add", supervisor=self.supervisor, id=wf_id, args=args)
         except OtpdError as err:
-            if err.code == "bad_request":  # refused by the supervisor's template: it never runs
+            if err.details.get("refused_args"):  # refused by the template's class: it never runs
                 self.workflows[wf_id] = {**entry, "parked_reason": f"not started: {err.message}"}
                 self.log(f"workflow {wf_id} parked, not started: {err.message}")
                 self._finalise(wf_id, "parked")

@@ -77,7 +77,12 @@ MAX_LIMIT = 100_000
 
 
 class TaskAgent(Agent):
-    state_version = 1
+    # 2: completed ids are ["completed", place] (and forgotten past keep_completed), and
+    # failed tasks may wait in ``delayed``: code at version 1 would misread both, so it is
+    # refused such a record (store_corrupt, nothing deleted) rather than run on it.
+    state_version = 2
+    migrations = {1: lambda state: state}  # nothing to change: the new collections start empty
+    config_args = ("handler",)  # which code runs is the config's: an add to a dynamic supervisor cannot choose it
     fields = {"completed_count": 0, "error_count": 0, "interrupted_count": 0, "status": "active", "next_id": 1}
     persistent_fields = ("completed_count", "error_count", "interrupted_count", "status", "next_id")
     collections = {
@@ -172,6 +177,10 @@ class TaskAgent(Agent):
     def on_rollback(self) -> None:
         # What was scheduled is in the queue again, and a completion may have been undone.
         self.resync = True
+        # Tasks released from their delay may be delayed again: their timer, set again now
+        # (no other event may come to run the resync).
+        self.retry_alarm = None
+        self._load_delays()
 
     # -- calls --------------------------------------------------------------------
 
@@ -395,7 +404,8 @@ class TaskAgent(Agent):
 
     def _delay(self, task: dict[str, Any]) -> None:
         """Hold a failed task for its backoff (doubling per failed attempt, capped)."""
-        wait = min(self.retry_delay_s * 2.0 ** max(0, task["attempts"] - 1), self.retry_delay_max_s)
+        doublings = min(max(0, task["attempts"] - 1), 60)  # (2.0 ** 1025 overflows; the cap is long reached)
+        wait = min(self.retry_delay_s * 2.0 ** doublings, self.retry_delay_max_s)
         task["not_before"] = time.time() + wait
         self.delayed[task["id"]] = task
         self.due[task["id"]] = task["not_before"]

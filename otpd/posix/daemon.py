@@ -973,11 +973,11 @@ class Daemon:
             locked = sorted(set(extra) & set(agent_class(spec.agent).config_args))
             if locked:  # what only the config may choose (which code a workflow runs)
                 raise OtpdError("bad_request", f"{child_id}: args {', '.join(locked)} of {spec.agent} are set by "
-                                "the config only, not by an add", {"id": child_id})
+                                "the config only, not by an add", {"id": child_id, "refused_args": locked})
             problem = agent_args_error(spec.agent, spec.args)
             if problem is not None:  # refused here, not found by init at every restart until the intensity trips
                 raise OtpdError("bad_request", f"{child_id}: bad args for {spec.agent}: {problem}",
-                                {"id": child_id})
+                                {"id": child_id, "refused_args": True})
         self._apply(self.tree.add_child(sup_id, spec, time.monotonic()))
         return {"id": child_id, "supervisor": sup_id}
 

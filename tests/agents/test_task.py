@@ -741,3 +741,49 @@ def test_a_delayed_retry_runs_on_the_agents_own_timer_and_survives_a_kill(daemon
     gate.touch()
     until_stats(d, completed_count=1, delayed=0, queued=0, processing=0)
     assert d.request("task.get", {"id": "tasks", "task_id": task_id})["state"] == "completed"
+
+
+def test_released_delays_a_rollback_undoes_are_delayed_again_under_a_timer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The batch that moved due tasks back to the queue fails to commit (store_full): they are
+    in ``delayed`` again on disk, and must get their timer again, with no other event to come."""
+    from otpd.agents import task as task_module
+    from otpd.agents.task import TaskAgent
+
+    clock = [1_000_000.0]
+    monkeypatch.setattr(task_module.time, "time", lambda: clock[0])
+    args = {"handler": "tests.agents.handlers:fail_unless_file", "max_attempts": 5, "retry_delay_s": 10}
+    agent, rt, keeper, store = driven(TaskAgent, "t", args, tmp_path)
+
+    def settle() -> None:
+        keeper.commit()
+        callbacks, rt.after[:] = list(rt.after), []
+        for callback in callbacks:
+            callback()
+
+    agent.handle_call({"op": "add", "payload": {"file": str(tmp_path / "gate")}, "task_id": "x"})
+    settle()
+    fn, job_args, done = rt.work.pop(0)
+    done(None, RuntimeError("failed"))
+    settle()
+    assert agent.op_get({"task_id": "x"})["state"] == "delayed"
+    clock[0] += 10
+    rt.fire(agent)  # released: moved to processing, not yet committed; the commit fails:
+    assert agent.op_get({"task_id": "x"})["state"] == "processing"
+    keeper.rollback()
+    rt.after.clear()
+    assert agent.op_get({"task_id": "x"})["state"] == "delayed" and list(rt.timers.values()) == ["retries"]
+    rt.fire(agent)  # its timer: due already, so it runs
+    settle()
+    assert agent.op_get({"task_id": "x"})["state"] == "processing" and len(rt.work) == 1
+    store.close()
+
+
+def test_a_backoff_stops_doubling_long_before_it_could_overflow(tmp_path: Path) -> None:
+    from otpd.agents.task import TaskAgent
+
+    agent, rt, keeper, store = driven(TaskAgent, "t", {"handler": "otpd.examples.jobs:echo", "retry_delay_s": 1,
+                                                       "retry_delay_max_s": 7}, tmp_path)
+    agent._delay({"id": "x", "attempts": 5000, "payload": None})  # 2.0 ** 4999 would be OverflowError
+    assert rt.delays[next(iter(rt.timers))] == pytest.approx(7, abs=0.5)
+    store.close()

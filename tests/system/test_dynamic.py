@@ -147,6 +147,14 @@ supervisor = "dynamic"
 
 [root.children.template]
 agent = "otpd.agents.workflow:WorkflowProcess"
+
+[[root.children]]
+id = "queues"
+supervisor = "dynamic"
+
+[root.children.template]
+agent = "otpd.agents.task:TaskAgent"
+args = { handler = "otpd.examples.jobs:echo" }
 """
 
 
@@ -160,8 +168,10 @@ agent = "otpd.agents.workflow:WorkflowProcess"
     ("workflows", {"definition": {"steps": [{"handler": "os:system"}]}}, "handler 'os:system' is not allowed"),
     ("workflows", {"definition": {"steps": [{"handler": "os:system"}]}, "handlers": ["*:*"]},
      "args handlers of otpd.agents.workflow:WorkflowProcess are set by the config only"),
+    ("queues", {"handler": "os:system"}, "args handler of otpd.agents.task:TaskAgent are set by the config only"),
+    ("queues", {"concurrency": 0}, "concurrency must be an integer >= 1"),
 ], ids=["user-check", "user-check-bug", "no-definition", "bad-step", "bad-resume", "handler-not-allowed",
-        "handlers-from-the-wire"])
+        "handlers-from-the-wire", "task-handler-from-the-wire", "task-bad-arg"])
 def test_add_with_args_its_agent_refuses_is_bad_request_and_forks_nothing(daemon, tmp_path, sup, args, message):
     """The template's class checks each add's args (``check_args``): refused at once, where a
     child that failed its init at every restart would trip its supervisor's intensity."""
