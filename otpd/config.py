@@ -285,15 +285,17 @@ def agent_class(ref: str) -> Any:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def agent_args_error(ref: str, args: dict[str, Any]) -> str | None:
-    """What the ``check_args`` of ``ref`` (imported already, by ``check_agent_class``) finds
-    wrong with ``args``; None if nothing.  It gets a copy: a check cannot change what the child gets."""
+def agent_args_error(ref: str, args: dict[str, Any], template: bool = False) -> str | None:
+    """What the ``check_args`` (``check_template_args`` for a template's) of ``ref`` (imported
+    already, by ``check_agent_class``) finds wrong with ``args``; None if nothing.  It gets a
+    copy: a check cannot change what the child gets."""
     from otpd.agent import code
 
     if code.is_changed(ref.partition(":")[0]):
         return None  # a reload checks with the new version's check_args, once it is imported
     try:
-        agent_class(ref).check_args(copy.deepcopy(args))
+        cls = agent_class(ref)
+        (cls.check_template_args if template else cls.check_args)(copy.deepcopy(args))
     except OtpdError as err:
         return err.message
     except (ValueError, TypeError) as exc:
@@ -346,9 +348,10 @@ def _agent_spec(c: _Checker, where: str, raw: dict[str, Any], child_id: str,
         c.error(where, "a version switch needs both 'agent_next' and 'switch' (a feature flag)")
     elif "switch" in raw:
         c.switches.append((f"{where}.switch", raw["switch"]))
-    if check_args:  # not a template's: its args are completed by each add, which checks them then
+    if check_args:  # a template's args are completed by each add: checked as far as they go
         for key in ("agent", "agent_next"):
-            problem = agent_args_error(raw[key], raw.get("args", {})) if key in raw else None
+            problem = agent_args_error(raw[key], raw.get("args", {}), template=child_id == "*") \
+                if key in raw else None
             if problem is not None:
                 c.error(f"{where}.args", f"{problem} (checked by {raw[key]})")
     return AgentSpec(
@@ -420,7 +423,8 @@ def _supervisor(
             t_keys = {k: v for k, v in AGENT_KEYS.items() if k != "id"}
             t_raw = c.table(t_where, item["template"], t_keys)
             if isinstance(item["template"], dict):
-                template = _agent_spec(c, t_where, {"restart": "transient", **t_raw}, "*")
+                template = _agent_spec(c, t_where, {"restart": "transient", **t_raw}, "*",
+                                       check_args="args" not in item["template"] or "args" in t_raw)
     else:
         if "template" in item:
             c.error(f"{where}.template", "only a dynamic supervisor has a template")

@@ -63,6 +63,12 @@ class Agent:
         It runs in the daemon: no side effects, nothing started, no heavy imports.  Check what
         ``init`` will read, best by the same function.  The default accepts anything."""
 
+    @classmethod
+    def check_template_args(cls, args: dict[str, Any]) -> None:
+        """The same for a dynamic supervisor's template, at config load: its ``args`` are
+        completed by each ``add``, so check only what they hold (and that ``config_args``,
+        which no add can set, are right).  The default accepts anything."""
+
     def __init__(self, agent_id: str, args: dict[str, Any], runtime: Runtime | None = None) -> None:
         self.id = agent_id
         self.args = args

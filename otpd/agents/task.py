@@ -113,6 +113,10 @@ class TaskAgent(Agent):
     def check_args(cls, args: dict[str, Any]) -> None:
         check_handler(cls._settings(args)[0])
 
+    @classmethod
+    def check_template_args(cls, args: dict[str, Any]) -> None:
+        cls.check_args(args)  # the handler, a config_arg, is the template's: so all of it is there
+
     @staticmethod
     def _settings(args: dict[str, Any]) -> tuple[str, int, int, float, int, float, float]:
         """(handler, concurrency, max_attempts, timeout_s, keep_completed, retry_delay_s,

@@ -110,6 +110,14 @@ class WorkflowProcess(Agent):
     config_args = ("handlers",)  # which code a workflow may run is the config's, never a request's
 
     @classmethod
+    def check_template_args(cls, args: dict[str, Any]) -> None:
+        """In the config's template: ``handlers`` (the rest comes with each add)."""
+        unknown_args(args, {"handlers", "poison_after", "step_timeout_s"}, "WorkflowProcess (template)")
+        cls._handlers(args)
+        int_arg(args, "poison_after", 3, 1)
+        timeout_arg(args.get("step_timeout_s", 0), "step_timeout_s", "config_invalid")
+
+    @classmethod
     def check_args(cls, args: dict[str, Any]) -> None:
         """At ``add`` (the coordinator's, or an operator's): what ``init`` and the steps read."""
         unknown_args(args, {"workflow_id", "definition", "poison_after", "step_timeout_s", "resume", "handlers"},
@@ -211,7 +219,7 @@ class WorkflowProcess(Agent):
 
     @staticmethod
     def _handlers(args: dict[str, Any]) -> list[str]:
-        return handler_patterns(args.get("handlers", list(DEFAULT_HANDLERS)), "bad_request")
+        return handler_patterns(args.get("handlers", list(DEFAULT_HANDLERS)))
 
     def _timeout(self, step: dict[str, Any]) -> float:
         return timeout_arg(step.get("timeout_s", self.args.get("step_timeout_s", 0)), "timeout_s", "bad_request")

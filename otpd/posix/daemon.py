@@ -1050,11 +1050,11 @@ class Daemon:
                         check_agent_class(ref)
                     except Exception as exc:
                         raise code.ReimportFailed(str(exc)) from None
-            for spec in specs:  # the args, by the new code's check_args (a template's: at each add)
+            for spec in specs:  # the args, by the new code's checks
                 for agent in (spec.agent, spec.agent_next):
-                    if spec.id == "*" or not agent or agent.partition(":")[0] not in names:
+                    if not agent or agent.partition(":")[0] not in names:
                         continue
-                    problem = agent_args_error(agent, spec.args)
+                    problem = agent_args_error(agent, spec.args, template=spec.id == "*")
                     if problem is not None:
                         raise code.ReimportFailed(f"{spec.id}.args: {problem} (checked by {agent})")
 

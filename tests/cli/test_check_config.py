@@ -171,6 +171,37 @@ def test_good_agent_args_pass_and_the_agent_gets_them_unchanged(daemon, tmp_path
     assert check(tmp_path, text).returncode == 0
 
 
+TEMPLATE_ARGS = """\
+[[root.children]]
+id = "pool"
+supervisor = "dynamic"
+
+[root.children.template]
+agent = "{agent}"
+args = {args}
+"""
+
+
+@pytest.mark.parametrize(("agent", "args", "message"), [
+    ("otpd.agents.workflow:WorkflowProcess", '{ handlers = "otpd.examples.steps:*" }',
+     'handlers must be a list of "module:function" patterns'),
+    ("otpd.agents.workflow:WorkflowProcess", '{ definition = {} }',
+     "WorkflowProcess (template): unknown args definition"),
+    ("otpd.agents.task:TaskAgent", "{ concurrency = 2 }", 'TaskAgent needs args.handler = "module:function"'),
+], ids=["workflow-handlers", "workflow-per-add-arg", "task-no-handler"])
+def test_a_templates_args_are_checked_as_far_as_they_go(tmp_path, agent, args, message):
+    """A template's args are completed by each add, but what they hold (and the config_args, which
+    no add can set) is checked at config load: not found only when every add is refused."""
+    text = TEMPLATE_ARGS.format(agent=agent, args=args)
+    result = check(tmp_path, text)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"bad.toml:{line_of(text, 'args = ')}: root.children[0].template.args: {message}" in result.stderr, \
+        result.stderr
+    good = TEMPLATE_ARGS.format(agent=agent, args='{ handlers = ["otpd.examples.steps:*"] }'
+                                if "workflow" in agent else '{ handler = "otpd.examples.jobs:echo" }')
+    assert check(tmp_path, good).returncode == 0
+
+
 def test_an_unimportable_agent_is_one_error_not_two(tmp_path):
     result = check(tmp_path, AGENT_ARGS.format(agent="agents_for_tests:NoSuchClass", args="{}"))
     assert result.returncode == 2
