@@ -139,9 +139,14 @@ def int_arg(args: dict[str, Any], name: str, default: int, minimum: int) -> int:
     return value
 
 
-def handler_patterns(value: Any, code: str = "config_invalid") -> list[str]:
-    """An allowlist of step handlers: fnmatch patterns on ``module:function``."""
+DEFAULT_HANDLERS = ("otpd.examples.steps:*",)
+
+
+def handler_patterns(args: dict[str, Any]) -> list[str]:
+    """The allowlist of step handlers in ``args.handlers`` (fnmatch patterns on
+    ``module:function``; default ``DEFAULT_HANDLERS``), or ``config_invalid``."""
+    value = args.get("handlers", list(DEFAULT_HANDLERS))
     if not isinstance(value, list) or not all(isinstance(p, str) and ":" in p for p in value):
-        raise OtpdError(code, 'handlers must be a list of "module:function" patterns '
+        raise OtpdError("config_invalid", 'handlers must be a list of "module:function" patterns '
                         f'(fnmatch, e.g. "myapp.steps:*"), got {value!r}')
     return list(value)

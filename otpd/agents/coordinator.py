@@ -34,7 +34,7 @@ from typing import Any
 from otpd.agent.base import Agent
 from otpd.agent.state import PersistentMap, PersistentQueue
 from otpd.agents import handler_patterns, int_arg, timeout_arg, unknown_args
-from otpd.agents.workflow import DEFAULT_HANDLERS, FINAL, check_definition
+from otpd.agents.workflow import FINAL, check_definition
 from otpd.config import ID_RE
 from otpd.errors import OtpdError
 
@@ -68,8 +68,8 @@ class CoordinatorAgent(Agent):
         supervisor = args.get("supervisor", "workflows")
         if not isinstance(supervisor, str) or not ID_RE.match(supervisor):
             raise OtpdError("config_invalid", f"supervisor must be the id of a dynamic supervisor, got {supervisor!r}")
-        patterns = handler_patterns(args.get("handlers", list(DEFAULT_HANDLERS)))
-        return (supervisor, patterns, int_arg(args, "retention", 1000, 0), int_arg(args, "poison_after", 3, 1),
+        return (supervisor, handler_patterns(args), int_arg(args, "retention", 1000, 0),
+                int_arg(args, "poison_after", 3, 1),
                 timeout_arg(args.get("step_timeout_s", 0), "step_timeout_s", "config_invalid"))
 
     def init(self) -> None:

@@ -428,7 +428,7 @@ class TaskAgent(Agent):
         """The tasks whose backoff is over go back to the queue's tail, earliest first."""
         self.retry_alarm = None
         if self.resync or self.processing_tasks is not self.loaded:
-            self._resync()  # a rollback: ``delayed`` was reloaded, and ``due`` with it
+            self._resync()  # after a rollback (whose on_rollback reloaded ``due``)
         now = time.time()
         for task_id in sorted((t for t, at in self.due.items() if at <= now), key=self.due.__getitem__):
             del self.due[task_id]
@@ -469,7 +469,6 @@ class TaskAgent(Agent):
                 again.append(task)
         if again:
             self._schedule(again)
-        self._load_delays()
 
     # -- helpers ---------------------------------------------------------------------
 

@@ -43,7 +43,6 @@ from otpd.errors import OtpdError
 from otpd.posix import system
 
 FINAL = ("completed", "parked", "cancelled")
-DEFAULT_HANDLERS = ("otpd.examples.steps:*",)
 
 
 def load_handler(ref: str) -> Any:
@@ -113,9 +112,7 @@ class WorkflowProcess(Agent):
     def check_template_args(cls, args: dict[str, Any]) -> None:
         """In the config's template: ``handlers`` (the rest comes with each add)."""
         unknown_args(args, {"handlers", "poison_after", "step_timeout_s"}, "WorkflowProcess (template)")
-        cls._handlers(args)
-        int_arg(args, "poison_after", 3, 1)
-        timeout_arg(args.get("step_timeout_s", 0), "step_timeout_s", "config_invalid")
+        cls._check_settings(args)
 
     @classmethod
     def check_args(cls, args: dict[str, Any]) -> None:
@@ -124,11 +121,9 @@ class WorkflowProcess(Agent):
                      "WorkflowProcess")
         if "definition" not in args:
             raise OtpdError("config_invalid", "WorkflowProcess needs args.definition (the coordinator adds it)")
-        check_definition(args["definition"], cls._handlers(args), "the workflows template's")
+        check_definition(args["definition"], cls._check_settings(args), "the workflows template's")
         if args.get("workflow_id") is not None and not isinstance(args["workflow_id"], str):
             raise OtpdError("config_invalid", f"workflow_id must be a string, got {args['workflow_id']!r}")
-        int_arg(args, "poison_after", 3, 1)
-        timeout_arg(args.get("step_timeout_s", 0), "step_timeout_s", "config_invalid")
         if args.get("resume") not in (None, "retry", "skip"):
             raise OtpdError("config_invalid", f"resume is \"retry\" or \"skip\", got {args['resume']!r}")
 
@@ -188,8 +183,9 @@ class WorkflowProcess(Agent):
             return
         key = str(self.current_step)
         tries = self.attempts.get(key, 0)
-        handler = self.steps[self.current_step].get("handler")
-        patterns = self._handlers(self.args)
+        step = self.steps[self.current_step]
+        handler = step.get("handler")
+        patterns = handler_patterns(self.args)
         if not isinstance(handler, str) or not allowed(handler, patterns):  # only what the config allows runs
             self.status, self.finished_at = "parked", time.time()
             self.parked_reason = (f"step {self.current_step}: handler {handler!r} is not allowed by the workflows "
@@ -197,7 +193,6 @@ class WorkflowProcess(Agent):
             self.after_commit(self.stop)
             return
         if tries >= int(self.args.get("poison_after", 3)):
-            step = self.steps[self.current_step]
             self.status, self.finished_at = "parked", time.time()
             self.parked_reason = (f"step {self.current_step} ({step.get('name') or step.get('handler')}) "
                                   f"crashed {tries} times")
@@ -218,8 +213,12 @@ class WorkflowProcess(Agent):
             self.send_after(self.RETRY_S, "step")
 
     @staticmethod
-    def _handlers(args: dict[str, Any]) -> list[str]:
-        return handler_patterns(args.get("handlers", list(DEFAULT_HANDLERS)))
+    def _check_settings(args: dict[str, Any]) -> list[str]:
+        """The args a template may set (``handlers``, ``poison_after``, ``step_timeout_s``),
+        checked; the handler patterns."""
+        int_arg(args, "poison_after", 3, 1)
+        timeout_arg(args.get("step_timeout_s", 0), "step_timeout_s", "config_invalid")
+        return handler_patterns(args)
 
     def _timeout(self, step: dict[str, Any]) -> float:
         return timeout_arg(step.get("timeout_s", self.args.get("step_timeout_s", 0)), "timeout_s", "bad_request")
