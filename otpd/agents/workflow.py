@@ -33,24 +33,15 @@ in ``errors`` (step index -> text) and named in the parked reason.
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import time
 from typing import Any
 
 from otpd.agent.base import Agent
-from otpd.agents import error_text, handler_patterns, int_arg, timeout_arg, unknown_args
+from otpd.agents import error_text, handler_patterns, int_arg, load_handler, timeout_arg, unknown_args
 from otpd.errors import OtpdError
 from otpd.posix import system
 
 FINAL = ("completed", "parked", "cancelled")
-
-
-def load_handler(ref: str) -> Any:
-    module_name, _, name = ref.partition(":")
-    fn = getattr(importlib.import_module(module_name), name, None)
-    if not callable(fn):
-        raise OtpdError("bad_request", f"{ref!r} is not a function")
-    return fn
 
 
 def check_definition(definition: Any, patterns: list[str], whose: str = "the coordinator's") -> dict[str, Any]:
@@ -226,7 +217,13 @@ class WorkflowProcess(Agent):
     def _run_step(self) -> None:
         self.asked, self.in_step = False, True
         step = self.steps[self.current_step]
-        fn = load_handler(step["handler"])
+        try:
+            fn = load_handler(step["handler"])
+        except OtpdError as err:  # a failed attempt like a step that raised, with why in errors
+            self.in_step = False
+            self.errors = {**self.errors, str(self.current_step): f"did not start: {err.message}"}
+            self.send_after(0, ("crash", err))
+            return
         timeout = self._timeout(step)
         self.run_in_worker(fn, dict(step.get("args") or {}), list(self.task_results), done=self._step_done,
                            workers=1)

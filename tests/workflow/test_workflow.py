@@ -335,3 +335,20 @@ def test_a_step_the_template_does_not_allow_parks_the_workflow_without_running(t
     _commit(rt, keeper)  # the stop comes once the parked status is on disk
     assert not (tmp_path / "log").exists()
     store.close()
+
+
+def test_a_step_whose_handler_cannot_be_loaded_is_a_failed_attempt_with_why(tmp_path: Path) -> None:
+    """The allowlist's pattern matches, but the function is not there (a typo, code not yet
+    deployed): the attempt fails like a step that raised, with the reason in ``errors`` (so
+    in the parked reason at the end), and no worker ran."""
+    from otpd.agents.workflow import StepCrashed
+
+    agent, rt, keeper, store = _driven_workflow(tmp_path, [{"handler": STEPS + "no_such_step"}])
+    rt.fire(agent)
+    _commit(rt, keeper)  # the attempt is on disk: the step would run now
+    assert rt.work == [] and agent.attempts == {"0": 1}
+    assert agent.errors == {"0": f"did not start: handler '{STEPS}no_such_step': 'tests.workflow.steps' "
+                                 "has no function 'no_such_step'"}
+    with pytest.raises(StepCrashed, match="no_such_step"):
+        rt.fire(agent)  # the crash comes a turn later, after the commit that records why
+    store.close()
