@@ -85,8 +85,8 @@ def children_pss(pid: int) -> float:
     return total / 1024.0
 
 
-def measure_master(pid: int, n: int, args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"rss_mib": bl.rss_bytes(pid) / 2**20, "fds": bl.fd_count(pid)}
+def measure_master(pid: int, n: int, args: argparse.Namespace, fds: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"rss_mib": bl.rss_bytes(pid) / 2**20, "fds": bl.fd_count(pid) if fds is None else fds}
     out["fds_per_child"] = out["fds"] / n
     out["children_pss_mib"] = None if args.no_child_memory else children_pss(pid)
     bl.progress(f"idle CPU window of {args.idle_s:.0f} s")
@@ -118,6 +118,18 @@ def wait_ready_pids(listener: bl.ReadyListener, n: int, timeout: float, daemon: 
 # -- otpd ------------------------------------------------------------------------------------
 
 
+def otpd_settled_fds(pid: int, sock: Path) -> int:
+    """The daemon's open fds with no client connected: counted while one connection is open,
+    after a reply on it (the daemon handles every event of a loop turn before it writes a
+    reply, so the connections closed before this one are closed in the daemon too), minus
+    that connection.  Counted at once, a connection just closed could still be open there."""
+    from otpd.client import Client
+
+    with Client(sock, timeout=60) as ctl:
+        ctl.request("ps")
+        return bl.fd_count(pid) - 1
+
+
 def otpd_base_fds(args: argparse.Namespace, k: int = 10) -> int:
     """Open fds of an otpd with k children minus k x its fds per child: the daemon's own."""
     folder = bl.temp_dir("otpd-scale-base-")
@@ -131,7 +143,7 @@ def otpd_base_fds(args: argparse.Namespace, k: int = 10) -> int:
 
             with Client(sock, timeout=60) as ctl:
                 ctl.request("wait", {"id": f"c{kids - 1:04d}", "state": "running", "timeout": 60})
-            counts.append(bl.fd_count(daemon.pid))
+            counts.append(otpd_settled_fds(daemon.pid, sock))
         finally:
             daemon.stop(timeout=args.stop_timeout)
     per_child = (counts[1] - counts[0]) / k
@@ -218,7 +230,7 @@ def bench_otpd(args: argparse.Namespace, label: str = "otpd", extra: dict[str, A
         res["status_api_what"] = "`Client.request('status')`, one connection"
         res["status_cli"], res["cli_head"] = bl.timed_run(bl.otpctl_argv(sock, "status"), args.cli_reps)
         res["status_cli_what"] = "`otpctl status`"
-        res.update(measure_master(daemon.pid, n, args))
+        res.update(measure_master(daemon.pid, n, args, fds=otpd_settled_fds(daemon.pid, sock)))
         res["log_lines"] = len(daemon.log_path.read_text(errors="replace").splitlines())
     finally:
         res["stop_s"] = daemon.stop(timeout=args.stop_timeout)
@@ -372,7 +384,7 @@ def main() -> int:
         verdict = [[f"<= 2 s to all running ({otpd['system']})", otpd["all_up_s"],
                     "pass" if otpd["all_up_s"] <= 2 else "MISS"],
                    ["status <= 20 ms (API)", api50, "pass" if api50 <= 20 else "MISS"],
-                   [f"<= 2 fds per child ((fds - {base_fds} of its own) / n)", marginal,
+                   [f"<= 2 fds per child ((fds, no client connected, - {base_fds} of its own) / n)", marginal,
                     "pass" if marginal <= 2 else "MISS"],
                    [f"idle CPU 0 % (master, {otpd['system']}, default liveness checks)", otpd["idle"]["master_pct"],
                     "pass" if otpd["idle"]["master_pct"] < 0.05 else "MISS"]]
