@@ -48,7 +48,9 @@ Guarantees:
   ``completed``; results are not kept).  The last ``keep_completed`` completed ids are
   remembered (one record each, in completion order); an older one is forgotten as a newer one
   completes, so the store stays bounded: its ``get`` is ``not_found`` and an ``add`` of it is a
-  new task.  The idempotency of a retried ``add`` holds within that window.
+  new task.  The idempotency of a retried ``add`` holds within that window.  A lowered
+  ``keep_completed`` is reached a step at a time: 1,000 ids per turn of the loop, each its own
+  commit, never every extra id in one transaction.
 * Paused: adds are accepted and queued, nothing new starts (running tasks finish).
 * A timeout: a thread cannot be stopped, so an attempt past its ``timeout_s`` ends the
   agent's process (let it crash: the supervisor restarts it, with its intensity).  The attempt
@@ -73,6 +75,7 @@ from otpd.posix import system
 
 DEFAULT_LIMIT = 100
 DEFAULT_KEEP_COMPLETED = 100_000
+FORGET_CHUNK = 1000  # completed ids forgotten per turn of the loop when over keep_completed
 MAX_LIMIT = 100_000
 
 
@@ -145,6 +148,8 @@ class TaskAgent(Agent):
         self.resync = False
         self.loaded = self.processing_tasks  # a rollback (store_full) loads new collection objects
         self.exiting = False  # a timeout is ending this process: nothing new starts
+        if len(self.completed_ids) > self.keep_completed:  # lowered since they were kept
+            self.send_after(0, "forget")
         # Whatever is in processing was running when the last process died: that attempt counts.
         again = []
         for task_id, task in list(self.processing_tasks.items()):
@@ -353,6 +358,9 @@ class TaskAgent(Agent):
     def handle_info(self, message: Any) -> None:
         if message == "retries":
             self._release_delays()
+        elif message == "forget":
+            if self._forget_completed(FORGET_CHUNK):
+                self.send_after(0, "forget")  # the next chunk in the next turn, after this one's commit
         elif message == "deadlines":
             self.alarm = None
             now = time.monotonic()
@@ -445,10 +453,19 @@ class TaskAgent(Agent):
         self.completed_ids.append(task_id)
         self.task_ids[task_id] = ["completed", place]
         self.completed_count += 1
-        while len(self.completed_ids) > self.keep_completed:
+        self._forget_completed(2)
+
+    def _forget_completed(self, most: int) -> bool:
+        """Forget up to ``most`` of the oldest ids past ``keep_completed``; True if more are left.
+        Bounded, so that a ``keep_completed`` lowered by a reload (or a restart with new args) is
+        reached a step at a time (a timer's chunks, two per completion) instead of as one
+        commit of every extra id."""
+        while most > 0 and len(self.completed_ids) > self.keep_completed:
             old_place, old = self.completed_ids.head, self.completed_ids.popleft()
             if self.task_ids.get(old) == ["completed", old_place]:  # not added (and completed) again since
                 del self.task_ids[old]
+            most -= 1
+        return len(self.completed_ids) > self.keep_completed
 
     def _bury(self, task: dict[str, Any]) -> None:
         task["dead_at"] = time.time()

@@ -666,6 +666,49 @@ def test_only_the_last_keep_completed_ids_are_remembered_and_the_store_stays_bou
     store.close()
 
 
+
+def test_a_lowered_keep_completed_is_reached_in_bounded_steps_not_one_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Restarted with a lower keep_completed (a reload restarts the agent with its new args),
+    the extra ids are forgotten a chunk per turn of the loop, each chunk its own commit, and
+    then two per completion: never all of them in one transaction."""
+    from otpd.agent.state import StateKeeper
+    from otpd.agents import task as task_module
+    from otpd.agents.task import TaskAgent
+    from otpd.store import tools
+
+    args = {"handler": "otpd.examples.jobs:echo", "concurrency": 1, "keep_completed": 100}
+    agent, rt, keeper, store = driven(TaskAgent, "t", args, tmp_path)
+    for i in range(10):
+        agent.handle_call({"op": "add", "payload": i, "task_id": f"k{i}"})
+    while True:  # commit, hand out, finish, until nothing is left
+        keeper.commit()
+        callbacks, rt.after[:] = list(rt.after), []
+        for callback in callbacks:
+            callback()
+        if not rt.work:
+            break
+        fn, job_args, done = rt.work.pop(0)
+        done(fn(*job_args), None)
+    store.close()
+
+    monkeypatch.setattr(task_module, "FORGET_CHUNK", 3)
+    rt = FakeRuntime()
+    again = TaskAgent("t", {**args, "keep_completed": 2}, rt)
+    store = type(store)(tmp_path / "store")
+    keeper = StateKeeper(again, store)
+    keeper.load()
+    again.init()
+    assert list(rt.timers.values()) == ["forget"] and again.op_stats({})["completed_kept"] == 10
+    kept = []
+    while rt.timers:
+        rt.fire(again)
+        keeper.commit()
+        kept.append(len(tools.show(store, "t")["items"]["completed_ids"]))
+    assert kept == [7, 4, 2], "three commits of at most 3 forgotten ids each"
+    assert [again._state(f"k{i}") for i in range(10)] == [None] * 8 + ["completed"] * 2
+    store.close()
+
 def test_a_failed_attempt_waits_out_a_doubling_capped_backoff_that_survives_a_restart(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from otpd.agent.state import StateKeeper
