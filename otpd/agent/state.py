@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from otpd.agent.base import Agent
 
 _MISSING = object()
+# The longest item key (agent id, collection, encoded key): LMDB takes at most 511 bytes, and a
+# quarantine puts its records under the agent id plus "@<time>" (18 bytes more).
+MAX_ITEM_KEY = 511 - 32
 _COLLECTIONS, _SAVED_AT, _SEQ = encode("collections"), encode("saved_at"), encode("seq")
 
 
@@ -113,7 +116,11 @@ class PersistentMap(PersistentCollection):
         self.length = int(markers.get("len", 0))
 
     def _key(self, key: Any) -> bytes:
-        return self._prefix + encode(key)
+        k = self._prefix + encode(key)
+        if len(k) > MAX_ITEM_KEY:  # refused before anything is acknowledged, never by LMDB later
+            raise OtpdError("bad_request", f"key too long for {self.name!r}: {len(k) - len(self._prefix)} bytes "
+                            f"encoded, at most {MAX_ITEM_KEY - len(self._prefix)}", {"collection": self.name})
+        return k
 
     def __len__(self) -> int:
         return self.length

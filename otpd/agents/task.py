@@ -202,8 +202,8 @@ class TaskAgent(Agent):
         task_id = request.get("task_id")
         if task_id is None:
             task_id = self._new_id()
-        elif not isinstance(task_id, str) or not task_id or len(task_id) > 256:
-            raise OtpdError("bad_request", "task_id must be a non-empty string of at most 256 characters")
+        elif not isinstance(task_id, str) or not task_id or len(task_id.encode("utf-8", "surrogatepass")) > 256:
+            raise OtpdError("bad_request", "task_id must be a non-empty string of at most 256 bytes (UTF-8)")
         else:
             state = self._state(task_id)
             if state is not None:

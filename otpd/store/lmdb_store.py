@@ -328,6 +328,9 @@ class Store:
                 if not self._grow():
                     raise OtpdError("store_full", f"the store is full ({self.map_size() >> 20} MiB, the "
                                     "configured maximum); the change was not saved", {"id": agent_id}) from None
+            except lmdb.BadValsizeError as exc:  # a key LMDB cannot take (the collections refuse them first)
+                raise OtpdError("bad_request", f"the store cannot take a key of agent {agent_id!r}: {exc}",
+                                {"id": agent_id}) from None
 
     def _grow(self) -> bool:
         size = self.map_size()

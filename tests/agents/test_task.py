@@ -667,6 +667,20 @@ def test_only_the_last_keep_completed_ids_are_remembered_and_the_store_stays_bou
 
 
 
+
+def test_a_task_id_is_limited_in_bytes_not_characters(tmp_path: Path) -> None:
+    """256 two-byte characters are 512 bytes: more than LMDB takes in a key."""
+    from otpd.agents.task import TaskAgent
+
+    agent, rt, keeper, store = driven(TaskAgent, "t", {"handler": "otpd.examples.jobs:echo"}, tmp_path)
+    with pytest.raises(OtpdError) as err:
+        agent.handle_call({"op": "add", "payload": 1, "task_id": "é" * 129})
+    assert err.value.code == "bad_request" and "256 bytes" in err.value.message
+    assert agent.handle_call({"op": "add", "payload": 1, "task_id": "é" * 128})["task_id"] == "é" * 128
+    keeper.commit()
+    store.checkpoint()  # LMDB takes it
+    store.close()
+
 def test_a_lowered_keep_completed_is_reached_in_bounded_steps_not_one_commit(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Restarted with a lower keep_completed (a reload restarts the agent with its new args),

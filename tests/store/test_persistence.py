@@ -167,6 +167,23 @@ def test_store_full_is_an_error_reply_and_the_agent_keeps_what_it_acknowledged(d
     assert call(d, "kv", {"op": "len"})["len"] == acked
 
 
+
+def test_a_key_too_long_for_lmdb_is_refused_before_it_is_acknowledged(daemon: Any) -> None:
+    """LMDB takes keys of at most 511 bytes. A longer one used to be acknowledged (the log
+    took it), then fail the checkpoint and every restart's replay, until the root's
+    intensity stopped the daemon. Now the put is refused and nothing else changes."""
+    d = daemon(KV)
+    pid = d.pid_of("kv")
+    call(d, "kv", {"op": "put", "key": "short", "value": 1})
+    with pytest.raises(OtpdError) as err:
+        call(d, "kv", {"op": "put", "key": "x" * 600, "value": 1})
+    assert err.value.code == "bad_request" and "key too long" in err.value.message
+    call(d, "kv", {"op": "put", "key": "k" * 400, "value": 2})  # long, but within the limit
+    kill_and_wait(d, "kv")  # the replay of its log and the checkpoint after it go through
+    assert call(d, "kv", {"op": "len"})["len"] == 2 and d.pid_of("kv") != pid
+    assert call(d, "kv", {"op": "get", "key": "k" * 400})["value"] == 2
+    assert d.request("status")["daemon"]["state"] == "running"
+
 def test_fsync_durability_commits_and_reloads(daemon: Any) -> None:
     d = daemon('[store]\ndurability = "fsync"\n' + QUEUE)
     start = time.monotonic()
