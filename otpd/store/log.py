@@ -219,11 +219,7 @@ class AgentLog:
         data = os.pread(self.fd, size, 0)
         replay = parse(data, self.agent_id)
         if replay.torn:
-            set_aside(self.path, "torn")
-            old, self.fd = self.fd, self._create()
-            fcntl.flock(self.fd, fcntl.LOCK_EX)  # a new file: nobody else can hold it yet
-            os.close(old)
-            self._write(data[:replay.end])
+            self._drop_torn_tail(data[:replay.end])
         record, items = replay.after(applied_seq)
         self.size = replay.end
         if record is None:
@@ -231,6 +227,34 @@ class AgentLog:
         self.record, self.overlay = record, items
         self.entries = sum(1 for entry in replay.entries if entry[0] > applied_seq)
         return True
+
+    def _drop_torn_tail(self, whole: bytes) -> None:
+        """Replace the log by its whole entries, the torn file kept aside.  At every moment
+        the log's name holds either the torn file or its whole replacement: the entries are
+        written (and synced) to a new file first, the torn one gets a second name in
+        ``aside/``, and the new file is renamed over the log.  A crash at any step leaves a
+        log to replay again (at worst one more copy aside); nothing acknowledged is lost."""
+        new = self.path.with_name(self.path.name + ".new")  # not a ``.log``: no tool reads it
+        fd = os.open(new, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            own_like_parent(new, fd)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # held before it has the log's name: whoever opens it then waits
+            done = 0
+            while done < len(whole):
+                done += os.write(fd, whole[done:])
+            if self.fsync:
+                os.fdatasync(fd)
+            aside = private_dir(self.path.parent / "aside")
+            os.link(self.path, aside / f"{self.path.name}.{time.time():.6f}.torn")
+            os.rename(new, self.path)
+            if self.fsync:
+                sync_dir(aside)
+                sync_dir(self.path.parent)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(self.fd)  # the torn file, kept aside under its other name
+        self.fd = fd
 
     def append(self, data: bytes, record: bytes, items: dict[bytes, bytes | None]) -> None:
         """Write ``data`` (``frame(seq, record, items)``) and take its changes up."""
