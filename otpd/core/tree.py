@@ -338,6 +338,7 @@ class Tree:
         supervisor that changed kind, is removed and added.  Children of dynamic
         supervisors are not in the config and are left as they are.
         """
+        self.check_reload(root)
         summary: dict[str, list[str]] = {"added": [], "removed": [], "restarted": [], "updated": []}
         new: dict[str, tuple[ChildSpec, str | None]] = {}
         stack: list[tuple[ChildSpec, str | None]] = [(root, None)]
@@ -369,6 +370,8 @@ class Tree:
                     summary["updated"].append(child_id)
         self._target = root
         self._add_missing(root, new, summary, now)
+        if not any(n.removing for n in self.nodes.values()):
+            self._target = None  # no removal to wait for, so nothing to add after one: settled can be true
         for node in self.nodes.values():  # converge: a permanent child that is down comes up
             if node.parent is not None and not node.held and node.spec.restart == "permanent" \
                     and node.state in ("stopped", "failed") and not self._is_dynamic_child(node) \
@@ -379,6 +382,16 @@ class Tree:
                 self._advance(sup, now)
         self._emit("reloaded", self.nodes[self.root_id], **{k: v for k, v in summary.items() if v})
         return self._flush(), summary
+
+    def check_reload(self, root: SupervisorSpec) -> None:
+        """``config_invalid`` if the new config names a child whose id a dynamic supervisor's
+        added child has: a reload would otherwise take that child over in its place."""
+        taken = sorted(spec.id for spec in walk(root)
+                       if spec.id in self.nodes and self._is_dynamic_child(self.nodes[spec.id]))
+        if taken:
+            raise OtpdError("config_invalid", f"the new config is refused, nothing changed: "
+                            f"{', '.join(taken)} {'is' if len(taken) == 1 else 'are'} already the id of a child added "
+                            "to a dynamic supervisor (remove it first, or choose another id)", {"ids": taken})
 
     def _doomed(self, node: Node) -> bool:
         """True if the node or an ancestor is being removed."""

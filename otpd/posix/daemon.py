@@ -1006,6 +1006,7 @@ class Daemon:
             except ConfigError as err:
                 raise OtpdError("config_invalid", "the new config is refused, nothing changed:\n" + err.message,
                                 {"errors": err.errors}) from None
+            self.tree.check_reload(new.root)  # before anything is imported or changed
             stale = self._reimport(new)
             old = self.config
             not_applied = [f"daemon.{k}" for k in ("state_dir", "runtime_dir", "socket", "socket_group")

@@ -436,6 +436,27 @@ def test_reload_leaves_dynamic_children_alone() -> None:
     assert sim.pid("w1") == pid
 
 
+
+def test_a_reload_that_removes_nothing_is_settled_at_once() -> None:
+    """settled() gates the daemon's READY=1 after a reload: one that removed nothing (no
+    change at all, or only additions and restarts) must not leave it waiting for ever."""
+    sim = Sim(sup("root", agent("a"))).start()
+    sim.apply(sim.tree.reload(sup("root", agent("a")), sim.now)[0])
+    assert sim.tree.settled()
+    sim.apply(sim.tree.reload(sup("root", agent("a"), agent("b")), sim.now)[0])
+    assert sim.state("b") == "running" and sim.tree.settled()
+
+
+def test_a_reload_naming_a_dynamic_childs_id_is_refused_and_changes_nothing() -> None:
+    sim = Sim(sup("root", sup("dyn", kind="dynamic"))).start()
+    sim.apply(sim.tree.add_child("dyn", agent("w1", restart="transient"), sim.now))
+    pid, spec = sim.pid("w1"), sim.tree.nodes["w1"].spec
+    with pytest.raises(OtpdError) as err:
+        sim.tree.reload(sup("root", sup("dyn", kind="dynamic"), agent("w1"), agent("x")), sim.now)
+    assert err.value.code == "config_invalid" and err.value.details == {"ids": ["w1"]}
+    assert sim.pid("w1") == pid and sim.tree.nodes["w1"].spec == spec and sim.tree.nodes["w1"].parent == "dyn"
+    assert "x" not in sim.tree.nodes and sim.tree.settled()
+
 def test_reload_removing_a_supervisor_stops_its_subtree() -> None:
     sim = Sim(sup("root", agent("a"), sup("s", agent("b"), agent("c")))).start()
     sim.clear()

@@ -382,3 +382,19 @@ def test_a_refused_reload_still_ends_with_ready(notify_otpd):
     assert {i: c["pid"] for i, c in d.children().items()} == {i: c["pid"] for i, c in before.items()}
     d.proc.send_signal(signal.SIGTERM)
     assert d.wait_exit() == 0
+
+
+def test_a_reload_that_changes_nothing_ends_with_ready(notify_otpd):
+    """Every reload test used to remove a child; one that removes nothing left the tree
+    waiting for a removal that never came, so READY=1 never followed RELOADING=1."""
+    d = notify_otpd(TREE, watchdog_usec=2_000_000)
+    d.listener.wait_field("READY", "1", timeout=20)
+    before = d.children()
+    for _ in range(2):  # the second proves the first left nothing behind
+        mark = len(d.listener.snapshot())
+        d.proc.send_signal(signal.SIGHUP)
+        d.listener.wait_field("RELOADING", "1", timeout=10, start=mark)
+        d.listener.wait_field("READY", "1", timeout=10, start=mark)
+    assert {i: c["pid"] for i, c in d.children().items()} == {i: c["pid"] for i, c in before.items()}
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
