@@ -10,9 +10,11 @@ connection; a well-formed frame that is not a valid request gets
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import grp
 import os
+import select
 import selectors
 import socket
 import stat
@@ -149,6 +151,7 @@ class Connection:
                 self.draining = True
                 self.server.selector.unregister(self.sock)
                 self.writing = False
+                self.server.watch_hangup(self)  # unless it closed for good: then nobody is left to answer
                 self.server.dirty.add(self)  # what is queued already goes out at the next flush
             return
         try:
@@ -175,6 +178,8 @@ class Connection:
         self.closed = True
         self.compact = None
         self.out.clear()
+        if self.draining:
+            self.server.unwatch_hangup(self)
         self.server.forget(self)
         try:
             self.server.selector.unregister(self.sock)
@@ -198,6 +203,15 @@ class ControlServer:
         self.dirty: set[Connection] = set()  # connections with output queued this iteration
         self.listener: socket.socket | None = None
         self.uid = os.getuid()
+        # Half-closed connections still owed replies, watched for a hang-up only: a peer that
+        # shut down its side keeps reading, one that closed is gone (AF_UNIX says EPOLLHUP, which
+        # an epoll reports for an fd registered with no events at all).
+        self.hangups = select.epoll()
+        self.draining: dict[int, Connection] = {}
+        self.selector.register(self.hangups.fileno(), selectors.EVENT_READ, self._on_hangups)
+        # One fd kept in reserve: out of fds (EMFILE), the listener would stay readable and the
+        # loop spin; the reserve is let go to accept the connection waiting, refuse it, and close it.
+        self.reserve: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     def open(self) -> None:
         runtime_dir = self.path.parent
@@ -244,6 +258,25 @@ class ControlServer:
             probe.close()
         raise OtpdError("already_exists", f"another otpd is listening on {self.path}")
 
+    def watch_hangup(self, conn: Connection) -> None:
+        fd = conn.sock.fileno()
+        self.draining[fd] = conn
+        self.hangups.register(fd, 0)
+
+    def unwatch_hangup(self, conn: Connection) -> None:
+        fd = conn.sock.fileno()
+        if self.draining.pop(fd, None) is not None:
+            try:
+                self.hangups.unregister(fd)
+            except OSError:
+                pass
+
+    def _on_hangups(self, _mask: int) -> None:
+        for fd, _events in self.hangups.poll(0):
+            conn = self.draining.get(fd)
+            if conn is not None:
+                conn.close()  # its waits are dropped; a call's late reply finds it closed
+
     def flush_dirty(self) -> None:
         """One write per connection per loop iteration, however many replies it got."""
         while self.dirty:
@@ -253,6 +286,11 @@ class ControlServer:
         for conn in list(self.connections):
             conn.flush()
             conn.close()
+        self.selector.unregister(self.hangups.fileno())
+        self.hangups.close()
+        if self.reserve is not None:
+            os.close(self.reserve)
+            self.reserve = None
         if self.listener is not None:
             self.selector.unregister(self.listener)
             self.listener.close()
@@ -269,8 +307,11 @@ class ControlServer:
                 sock, _addr = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                return  # EMFILE and friends: the backlog keeps them until fds free up
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self.reserve is not None:
+                    self._refuse_one()
+                    continue
+                return  # ENOBUFS and friends: the backlog keeps them
             sock.setblocking(False)
             peer = system.peer_credentials(sock)
             conn = Connection(sock, self, peer)
@@ -280,6 +321,30 @@ class ControlServer:
                 conn.error(None, OtpdError("permission_denied", f"uid {peer[1]} may not use this socket"))
                 conn.flush()
                 conn.close()
+
+    def _refuse_one(self) -> None:
+        """Out of fds: take the reserve's place to accept one waiting connection, tell it
+        why, close it, and take the reserve back (so the listener is not left readable)."""
+        assert self.listener is not None and self.reserve is not None
+        os.close(self.reserve)
+        self.reserve = None
+        try:
+            sock, _addr = self.listener.accept()
+        except OSError:
+            sock = None
+        if sock is not None:
+            try:
+                sock.setblocking(False)
+                sock.send(_pack(protocol.fail(None, OtpdError(
+                    "internal", "the daemon is out of file descriptors (its RLIMIT_NOFILE); "
+                    "try again later").to_wire())))
+            except OSError:
+                pass
+            sock.close()
+        try:
+            self.reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass  # taken meanwhile: the next EMFILE leaves the backlog as it is
 
     def _allowed(self, peer: tuple[int, int, int]) -> bool:
         _pid, uid, gid = peer

@@ -172,6 +172,57 @@ def test_a_client_that_half_closes_still_gets_every_reply_then_eof(daemon: Any) 
     assert psutil.Process(d.pid).num_fds() == fds
 
 
+
+def test_clients_that_close_with_a_wait_pending_leave_nothing_open(daemon: Any) -> None:
+    """An interrupted ``otpctl wait`` (or call): its request read, then EOF. Unlike a
+    half-close, the peer is gone, so the daemon lets its connection go at once rather than
+    at the wait's timeout (here 600 s)."""
+    d = daemon(TREE)
+    proc = psutil.Process(d.pid)
+    assert_healthy(d)
+    fds = proc.num_fds()
+    for i in range(50):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(d.socket))
+        s.sendall(protocol.pack({"id": i, "op": "wait", "args": {"id": "echo", "state": "stopped", "timeout": 600}}))
+        s.close()
+    deadline = time.monotonic() + 10
+    while proc.num_fds() != fds and time.monotonic() < deadline:
+        assert_healthy(d)  # round trips until every hang-up has been seen
+    assert proc.num_fds() == fds and d.status()["daemon"]["connections"] == 1
+
+
+def test_out_of_fds_the_daemon_refuses_new_clients_with_an_error_and_goes_on(daemon: Any) -> None:
+    """At RLIMIT_NOFILE, accept() fails with EMFILE and the listener stays readable: the
+    loop would spin and answer nobody. The daemon refuses the waiting clients (an error
+    frame, then EOF) with a reserve fd, and serves again once fds are free."""
+    d = daemon(TREE)
+    proc = psutil.Process(d.pid)
+    assert_healthy(d)
+    soft, hard = proc.rlimit(psutil.RLIMIT_NOFILE)
+    held = []
+    try:
+        proc.rlimit(psutil.RLIMIT_NOFILE, (proc.num_fds() + 3, hard))
+        for _ in range(3):  # take every fd left
+            c = Client(d.socket, timeout=10)
+            c.request("ps")
+            held.append(c)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(str(d.socket))
+        unpacker = protocol.unpacker()
+        while data := s.recv(65536):  # until EOF: refused, not left in the backlog
+            unpacker.feed(data)
+        s.close()
+        (frame,) = list(unpacker)
+        assert frame["ok"] is False and "out of file descriptors" in frame["error"]["message"]
+        assert held[0].request("ps")["children"], "the clients it holds are still served"
+    finally:
+        for c in held:
+            c.close()
+        proc.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+    assert_healthy(d)
+
 def test_compact_calls_are_answered_as_map_calls_are_in_compact_frames(daemon: Any) -> None:
     d = daemon(TREE + '\n[[root.children]]\nid = "slow"\nagent = "tests.control.agents:Sleeper"\n'
                       'heartbeat_timeout_ms = 0\n')
