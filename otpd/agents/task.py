@@ -75,6 +75,7 @@ from otpd.posix import system
 
 DEFAULT_LIMIT = 100
 DEFAULT_KEEP_COMPLETED = 100_000
+RESYNC_S = 1.0  # after a failed commit, the tasks it left on no worker start again this much later
 FORGET_CHUNK = 1000  # completed ids forgotten per turn of the loop when over keep_completed
 MAX_LIMIT = 100_000
 
@@ -190,6 +191,9 @@ class TaskAgent(Agent):
         # (no other event may come to run the resync).
         self.retry_alarm = None
         self._load_delays()
+        # And tasks back in processing, on no worker, run again even if no call comes: a
+        # second later, not at once (the store may still be full: no loop of failing commits).
+        self.send_after(RESYNC_S, "pump")
 
     # -- calls --------------------------------------------------------------------
 
@@ -358,6 +362,8 @@ class TaskAgent(Agent):
     def handle_info(self, message: Any) -> None:
         if message == "retries":
             self._release_delays()
+        elif message == "pump":
+            self._pump()
         elif message == "forget":
             if self._forget_completed(FORGET_CHUNK):
                 self.send_after(0, "forget")  # the next chunk in the next turn, after this one's commit

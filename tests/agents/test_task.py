@@ -537,6 +537,36 @@ def test_after_a_rollback_lost_moves_are_forgotten_and_lost_completions_run_agai
     store.close()
 
 
+
+def test_after_a_failed_completion_commit_the_task_runs_again_with_no_call_to_wake_it(tmp_path: Path) -> None:
+    """The rollback puts the task back in processing on no worker; if no add, retry or
+    completion came after, it stayed there until the agent restarted."""
+    from otpd.agents.task import TaskAgent
+
+    agent, rt, keeper, store = driven(TaskAgent, "t", {"handler": "otpd.examples.jobs:echo"}, tmp_path)
+    agent.handle_call({"op": "add", "payload": 1, "task_id": "t1"})
+    keeper.commit()
+    callbacks, rt.after[:] = list(rt.after), []
+    for callback in callbacks:
+        callback()
+    fn, args, done = rt.work.pop(0)
+    done(fn(*args), None)  # it completes; the commit of that fails (store_full):
+    keeper.rollback()
+    rt.after.clear()
+    assert agent.op_stats({})["processing"] == 1 and rt.work == []
+    assert "pump" in rt.timers.values()
+    rt.fire(agent)  # a second later, with nothing else happening
+    keeper.commit()
+    callbacks, rt.after[:] = list(rt.after), []
+    for callback in callbacks:
+        callback()
+    assert len(rt.work) == 1, "it runs again"
+    fn, args, done = rt.work.pop(0)
+    done(fn(*args), None)
+    keeper.commit()
+    assert agent.op_stats({})["completed_count"] == 1 and agent.op_stats({})["processing"] == 0
+    store.close()
+
 def test_a_timeout_whose_commit_fails_still_ends_the_process(tmp_path: Path) -> None:
     """The process must end even when the batch that records the timeout is rolled back
     (store_full): its callbacks are dropped then, and a stuck worker would be kept for good."""
@@ -829,7 +859,8 @@ def test_released_delays_a_rollback_undoes_are_delayed_again_under_a_timer(
     assert agent.op_get({"task_id": "x"})["state"] == "processing"
     keeper.rollback()
     rt.after.clear()
-    assert agent.op_get({"task_id": "x"})["state"] == "delayed" and list(rt.timers.values()) == ["retries"]
+    assert agent.op_get({"task_id": "x"})["state"] == "delayed"
+    assert sorted(rt.timers.values()) == ["pump", "retries"]  # (the pump: for processing left on no worker)
     rt.fire(agent)  # its timer: due already, so it runs
     settle()
     assert agent.op_get({"task_id": "x"})["state"] == "processing" and len(rt.work) == 1
