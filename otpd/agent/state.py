@@ -169,7 +169,7 @@ class PersistentMap(PersistentCollection):
         for k in sorted(merged):
             v = merged[k]
             if v is not None:
-                yield decode(k[len(self._prefix):]), decode(v)
+                yield self._keeper._decode(k, k[len(self._prefix):]), self._keeper._decode(k, v)
 
     def keys(self) -> Iterator[Any]:
         return (k for k, _ in self.items())
@@ -208,7 +208,13 @@ class StateKeeper:
             raw = self.store.get_item(key)
         else:
             raw = None
-        return _MISSING if raw is None else decode(raw)
+        return _MISSING if raw is None else self._decode(key, raw)
+
+    def _decode(self, key: bytes, raw: bytes) -> Any:
+        try:
+            return decode(raw)
+        except Exception:  # whatever the decoder raises: the record is kept, the agent is told
+            raise corrupt(self.agent_id, f"item {bytes(key)!r} does not decode") from None
 
     def has(self, key: bytes) -> bool:
         """Is there an item at ``key`` (pending writes first)? Nothing is decoded."""

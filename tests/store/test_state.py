@@ -302,3 +302,28 @@ def test_a_read_after_a_commit_sees_the_commit(tmp_path: Path) -> None:
     keeper.pending.clear()  # only the store can answer now
     assert agent.table["k"] == "v" and len(agent.table) == 1
     keeper.commit()
+
+
+def test_an_item_that_does_not_decode_is_store_corrupt_and_kept(tmp_path: Path) -> None:
+    """One bad item used to crash the agent with the decoder's own exception (a start failure
+    coded ``internal`` when init read it); it is ``store_corrupt`` naming the agent, and kept."""
+    from otpd.store.lmdb_store import item_prefix
+
+    agent, keeper = boot(tmp_path)
+    agent.table["good"] = 1
+    agent.table["bad"] = 2
+    keeper.commit()
+    store = keeper.store
+    assert store is not None
+    store.checkpoint()
+    bad_key = item_prefix("c1", "table") + encode("bad")
+    with store.env.begin(write=True) as txn:
+        txn.put(bad_key, b"\xc1 not msgpack", db=store.items)
+    store.end_reads()
+    assert agent.table.get("good") == 1
+    for read in (lambda: agent.table.get("bad"), lambda: dict(agent.table.items())):
+        with pytest.raises(OtpdError) as err:
+            read()
+        assert err.value.code == "store_corrupt" and "'c1'" in err.value.message
+    assert store.get_item(bad_key) == b"\xc1 not msgpack"
+    store.close()
