@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
 
@@ -39,6 +39,7 @@ from otpd.errors import OtpdError
 from otpd.store import log as agent_log
 from otpd.store.log import AgentLog
 
+T = TypeVar("T")
 MAX_READERS = 8192  # one slot per process that reads: every agent is a process
 SEP = b"\x00"
 
@@ -311,23 +312,32 @@ class Store:
 
     def _apply(self, agent_id: str, record: bytes, items: dict[bytes, bytes | None]) -> None:
         """Write the main record and item changes (None deletes) in one transaction."""
+        def work(txn: lmdb.Transaction) -> None:
+            txn.put(agent_id.encode(), record, db=self.main)
+            for key, value in items.items():
+                if value is None:
+                    txn.delete(key, db=self.items)
+                else:
+                    txn.put(key, value, db=self.items)
+        self._write(work, agent_id)
+
+    def _write(self, work: Callable[[lmdb.Transaction], T], agent_id: str = "") -> T:
+        """``work(txn)`` in a write transaction, run again after the map grew (up to its
+        maximum: ``store_full`` then), or after another process grew it.  Every write of the
+        store goes through here: an agent's, and a tool's or the daemon's, whose freshly
+        opened store maps only what is used."""
         self.end_reads()
         while True:
             try:
                 with self.env.begin(write=True) as txn:
-                    txn.put(agent_id.encode(), record, db=self.main)
-                    for key, value in items.items():
-                        if value is None:
-                            txn.delete(key, db=self.items)
-                        else:
-                            txn.put(key, value, db=self.items)
-                return
+                    return work(txn)
             except lmdb.MapResizedError:
                 self.env.set_mapsize(0)
             except lmdb.MapFullError:
                 if not self._grow():
                     raise OtpdError("store_full", f"the store is full ({self.map_size() >> 20} MiB, the "
-                                    "configured maximum); the change was not saved", {"id": agent_id}) from None
+                                    "configured maximum); the change was not saved",
+                                    {"id": agent_id} if agent_id else None) from None
             except lmdb.BadValsizeError as exc:  # a key LMDB cannot take (the collections refuse them first)
                 raise OtpdError("bad_request", f"the store cannot take a key of agent {agent_id!r}: {exc}",
                                 {"id": agent_id}) from None
@@ -389,7 +399,8 @@ class Store:
         path = agent_log.log_path(self.logs, agent_id)
         with self._held(agent_id, settle=False) as fd:
             logged = fd is not None and os.fstat(fd).st_size > 0
-            with self.env.begin(write=True) as txn:
+
+            def work(txn: lmdb.Transaction) -> None:
                 main = txn.get(agent_id.encode(), db=self.main)
                 if main is None and not logged:
                     if fd is not None:  # empty (made for the lock, maybe): nothing to keep
@@ -401,6 +412,7 @@ class Store:
                     txn.put(key.encode() + SEP + k[len(prefix):], v, db=self.quarantined)
                     txn.delete(k, db=self.items)
                 txn.delete(agent_id.encode(), db=self.main)
+            self._write(work, agent_id)
             if logged:  # its log goes aside with it, as it is (it may be what is corrupt)
                 quarantined = agent_log.private_dir(self.logs / "quarantine")
                 os.rename(path, quarantined / (path.name[: -len(agent_log.SUFFIX)] + f"@{key.rsplit('@', 1)[1]}.log"))
@@ -417,10 +429,12 @@ class Store:
             assert fd is not None  # not our own agent (refused above)
             logged = os.fstat(fd).st_size > 0
             os.unlink(agent_log.log_path(self.logs, agent_id))  # under its lock: nobody appends
-            with self.env.begin(write=True) as txn:
+
+            def work(txn: lmdb.Transaction) -> bool:
                 for k, _v in self._prefixed(txn, prefix):
                     txn.delete(k, db=self.items)
-                return bool(txn.delete(agent_id.encode(), db=self.main)) or logged
+                return bool(txn.delete(agent_id.encode(), db=self.main))
+            return self._write(work, agent_id) or logged
 
     # -- the daemon's records and version switches ----------------------------------
 
@@ -430,8 +444,7 @@ class Store:
         return decode(bytes(data)) if data is not None else None
 
     def put_meta(self, key: str, value: Any) -> None:
-        with self.env.begin(write=True) as txn:
-            txn.put(key.encode(), encode(value), db=self.meta)
+        self._write(lambda txn: txn.put(key.encode(), encode(value), db=self.meta))
 
     def _records(self, txn: lmdb.Transaction, agent_id: str) -> tuple[bytes | None, list[tuple[bytes, bytes]]]:
         main = txn.get(agent_id.encode(), db=self.main)
@@ -439,17 +452,19 @@ class Store:
 
     def keep_version(self, agent_id: str, was: str) -> None:
         """A copy of the agent's records as ``was`` left them, under versions/."""
-        with self._held(agent_id), self.env.begin(write=True) as txn:
+        def work(txn: lmdb.Transaction) -> None:
             main, items = self._records(txn, agent_id)
             if main is not None:
                 txn.put(f"{agent_id}\x00{was}".encode(), encode({"main": main, "items": items}), db=self.versions)
+        with self._held(agent_id):
+            self._write(work, agent_id)
 
     def switch_version(self, agent_id: str, was: str, now: str) -> bool:
         """Keep the records ``was`` left under versions/, and put back what ``now`` left, if any.
 
         One transaction: nothing is lost if the process dies in the middle.  Returns True
         if ``now`` had records (a rollback restored them), False if it starts from ``was``'s."""
-        with self._held(agent_id), self.env.begin(write=True) as txn:
+        def work(txn: lmdb.Transaction) -> bool:
             main, items = self._records(txn, agent_id)
             if main is None:
                 return False
@@ -460,20 +475,23 @@ class Store:
             old = decode(bytes(saved))
             for k, _v in items:
                 txn.delete(k, db=self.items)
-            txn.put(agent_id.encode(), old["main"], db=self.main)
+            # what ``now`` left, with a seq past the one ``was`` reached: seq never goes back
+            txn.put(agent_id.encode(), _with_seq_past(old["main"], _seq_of(main)), db=self.main)
             for k, v in old["items"]:
                 txn.put(k, v, db=self.items)
             return True
+        with self._held(agent_id):
+            return self._write(work, agent_id)
 
     def put_main(self, agent_id: str, main: bytes) -> None:
         """Replace an agent's main record (a migration written by an operator)."""
-        with self._held(agent_id), self.env.begin(write=True) as txn:
-            txn.put(agent_id.encode(), main, db=self.main)
+        with self._held(agent_id):
+            self._write(lambda txn: txn.put(agent_id.encode(), main, db=self.main), agent_id)
 
     def put_raw(self, agent_id: str, main: bytes, items: list[tuple[bytes, bytes]], replace: bool = True) -> None:
         """Restore an agent's records (import): its old items are replaced."""
         prefix = agent_prefix(agent_id)
-        with self._held(agent_id), self.env.begin(write=True) as txn:
+        def work(txn: lmdb.Transaction) -> None:
             if not replace and txn.get(agent_id.encode(), db=self.main) is not None:
                 raise OtpdError("already_exists", f"{agent_id!r} has a record", {"id": agent_id})
             for k, _v in self._prefixed(txn, prefix):
@@ -481,6 +499,8 @@ class Store:
             txn.put(agent_id.encode(), main, db=self.main)
             for k, v in items:
                 txn.put(k, v, db=self.items)
+        with self._held(agent_id):
+            self._write(work, agent_id)
 
 
 def _seq_of(raw: bytes | None, strict_for: str | None = None) -> int:
@@ -499,6 +519,18 @@ def _seq_of(raw: bytes | None, strict_for: str | None = None) -> int:
     if strict_for is not None:
         raise corrupt(strict_for, "its main record in LMDB does not decode (its log is not applied over it)")
     return 0
+
+
+def _with_seq_past(main: bytes, seq: int) -> bytes:
+    """``main`` with its seq set past ``seq`` (a record that does not decode is kept as it is)."""
+    try:
+        record = decode(main)
+    except Exception:
+        return main
+    if isinstance(record, dict) and isinstance(record.get("seq"), int) and record["seq"] <= seq:
+        record["seq"] = seq + 1
+        return encode(record)
+    return main
 
 
 def corrupt(agent_id: str, why: str) -> OtpdError:

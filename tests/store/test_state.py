@@ -327,3 +327,36 @@ def test_an_item_that_does_not_decode_is_store_corrupt_and_kept(tmp_path: Path) 
         assert err.value.code == "store_corrupt" and "'c1'" in err.value.message
     assert store.get_item(bad_key) == b"\xc1 not msgpack"
     store.close()
+
+
+def test_a_version_switch_rolled_back_keeps_seq_growing(tmp_path: Path) -> None:
+    """A -> B -> A with no downgrade puts back A's records: their seq is set past B's, or the
+    daemon would see the agent's state go back (``seq_regressed``)."""
+    store = Store(tmp_path)
+
+    def main(seq: int) -> bytes:
+        return encode({"agent": "m:A", "version": 1, "state": {}, "collections": {}, "saved_at": 0.0, "seq": seq})
+
+    store.put_main("v", main(3))
+    assert store.switch_version("v", "m:A", "m:B") is False  # B starts from A's records
+    store.put_main("v", main(8))  # B commits on
+    assert store.switch_version("v", "m:B", "m:A") is True  # back to A's records...
+    assert store.read("v")["seq"] == 9  # ...past B's seq
+    store.close()
+
+
+def test_tools_and_the_daemon_grow_the_map_too(tmp_path: Path) -> None:
+    """A store opened afresh maps only what is used; the writes of tools (quarantine, import)
+    and of the daemon (flags, version switches) grow it as an agent's commits do."""
+    agent, keeper = boot(tmp_path, map_size_mb=1, map_size_max_mb=64)
+    for i in range(40):
+        agent.queue.append("x" * 100_000)  # 4 MB: grown past 1 MiB
+        keeper.commit()
+    assert keeper.store is not None
+    keeper.store.close()
+    store = Store(tmp_path, map_size_mb=1, map_size_max_mb=64)
+    size = store.map_size()
+    store.put_meta("big", "y" * (size // 2))  # more than the map has room for
+    assert store.map_size() > size and len(store.get_meta("big")) == size // 2
+    assert store.quarantine("c1").startswith("c1@")
+    store.close()
