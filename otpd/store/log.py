@@ -218,6 +218,12 @@ class AgentLog:
             return False
         data = os.pread(self.fd, size, 0)
         replay = parse(data, self.agent_id)
+        if replay.entries and replay.entries[0][0] > applied_seq + 1:
+            # Entries missing between LMDB's record and the log (a quarantine killed between
+            # moving the records and moving the log, say): applying the rest would give an
+            # agent the newer markers without the items they count.
+            raise _corrupt(self.agent_id, f"its log starts at seq {replay.entries[0][0]}, but LMDB's record "
+                                          f"is at seq {applied_seq}: the entries between are missing")
         if replay.torn:
             self._drop_torn_tail(data[:replay.end])
         record, items = replay.after(applied_seq)

@@ -170,6 +170,28 @@ def test_a_gap_in_the_seqs_is_store_corrupt(tmp_path: Path) -> None:
     assert err.value.code == "store_corrupt" and "seq 7" in err.value.message
 
 
+
+def test_a_log_that_does_not_follow_lmdbs_record_is_store_corrupt_and_kept(tmp_path: Path) -> None:
+    """LMDB's record gone (a quarantine killed between moving the records and the log, say)
+    while the log holds entries above a checkpoint: applying them would give the agent the
+    newer markers without the items they count."""
+    def work(agent: Any, keeper: Any) -> None:
+        counting(2)(agent, keeper)
+        keeper.store.checkpoint()  # LMDB at seq 3, the log emptied
+        agent.count += 1
+        agent.table["later"] = 1
+        keeper.commit()  # seq 4, in the log only
+    crash_after(tmp_path, work)
+    logged = log_file(tmp_path).read_bytes()
+    store = Store(tmp_path)
+    with store.env.begin(write=True) as txn:
+        txn.delete(b"c1", db=store.main)
+    store.close()
+    with pytest.raises(OtpdError) as err:
+        boot(tmp_path)
+    assert err.value.code == "store_corrupt" and "starts at seq 4" in err.value.message
+    assert log_file(tmp_path).read_bytes() == logged
+
 def test_tools_read_a_running_agents_log_and_refuse_to_write_under_it(tmp_path: Path) -> None:
     pid, hw = in_child(tmp_path, counting(4), hold=True)
     try:

@@ -349,7 +349,7 @@ def test_tools_and_the_daemon_grow_the_map_too(tmp_path: Path) -> None:
     """A store opened afresh maps only what is used; the writes of tools (quarantine, import)
     and of the daemon (flags, version switches) grow it as an agent's commits do."""
     agent, keeper = boot(tmp_path, map_size_mb=1, map_size_max_mb=64)
-    for i in range(40):
+    for _ in range(40):
         agent.queue.append("x" * 100_000)  # 4 MB: grown past 1 MiB
         keeper.commit()
     assert keeper.store is not None
