@@ -861,6 +861,10 @@ class Daemon:
         request = {k: v for k, v in args.items() if k != "timeout"}
         if family == "task":
             target = request.pop("id", None)
+            node = self.tree.nodes.get(target) if type(target) is str else None
+            if node is not None and isinstance(node.spec, AgentSpec) and not _is_task_agent(node.spec.agent):
+                raise OtpdError("bad_request", f"{target!r} is not a TaskAgent (it runs {node.spec.agent})",
+                                {"id": target})
         else:
             role = "CoordinatorAgent" if family == "workflow" else "MonitorAgent"
             target = next((s.id for s in self._agent_specs() if s.agent.endswith(":" + role)), None)
@@ -1144,6 +1148,17 @@ class Daemon:
         self.subscribers.discard(conn)
         for waiters in self.waiters.values():
             waiters[:] = [w for w in waiters if w.conn is not conn]
+
+
+def _is_task_agent(ref: str) -> bool:
+    from otpd.agents.task import TaskAgent
+    from otpd.config import agent_class
+
+    try:
+        cls = agent_class(ref)
+    except Exception:  # not importable now: let the call go, and the agent answer for itself
+        return True
+    return isinstance(cls, type) and issubclass(cls, TaskAgent)
 
 
 def _record_only(_signum: int, _frame: Any) -> None:

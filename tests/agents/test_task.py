@@ -627,6 +627,17 @@ def test_timeouts_that_are_not_a_number_of_seconds_are_refused(daemon: Any) -> N
     assert stats(d)["queued"] == 0
 
 
+
+def test_task_ops_go_only_to_task_agents(daemon: Any) -> None:
+    """``task.retry echo x`` reached the EchoAgent, which echoed it: otpctl said "x queued
+    again". The daemon refuses task ops to an agent that is not a TaskAgent."""
+    d = daemon(tasks_config() + '\n[[root.children]]\nid = "echo"\nagent = "otpd.agents.echo:EchoAgent"\n')
+    for op, args in (("task.add", {"payload": 1}), ("task.retry", {"task_id": "x"}), ("task.list", {})):
+        with pytest.raises(OtpdError) as err:
+            d.request(op, {"id": "echo", **args})
+        assert err.value.code == "bad_request" and "not a TaskAgent" in err.value.message
+    assert add(d, 1) and stats(d)["completed_count"] >= 0
+
 def test_otpctl_task_add_takes_a_timeout(daemon: Any) -> None:
     d = daemon(tasks_config())
     d.request("task.pause", {"id": "tasks"})
