@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import grp
 import importlib
 import re
 import tomllib
@@ -222,6 +223,17 @@ def _id(_: str, value: Any) -> str:
     _str(_, value)
     if not ID_RE.match(value):
         raise _Bad(f"{value!r} is not a valid id (letters, digits, _ . @ : -; at most 128)")
+    return str(value)
+
+
+def _group(_: str, value: Any) -> str:
+    # checked here, not first when the socket is made: there it would end `otpd run` with a
+    # KeyError that `otpd check-config` had not seen
+    _str(_, value)
+    try:
+        grp.getgrnam(value)
+    except KeyError:
+        raise _Bad(f"no group {value!r} on this system") from None
     return str(value)
 
 
@@ -453,7 +465,7 @@ def parse(text: str, path: Path) -> Config:
                              "features": lambda _, v: v})
     base = path.parent
     daemon = c.table("daemon", top.get("daemon", {}), {
-        "state_dir": _str, "runtime_dir": _str, "socket": _str, "socket_group": _str,
+        "state_dir": _str, "runtime_dir": _str, "socket": _str, "socket_group": _group,
         "log_level": _one_of(LOG_LEVELS),
     })
     store = c.table("store", top.get("store", {}), {

@@ -7,18 +7,21 @@ document (``events`` prints one per line).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import click
 
-from otpd.control.client import Client, Unreachable
+from otpd.control.client import MAX_TIMEOUT, REPLY_MARGIN, BadRequest, Client, Unreachable
 from otpd.errors import OtpdError
 
 EXIT_DAEMON_ERROR = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+REQUEST_TIMEOUT = 60.0  # seconds for an answer, where the command has no --timeout
 
 
 class Ctx:
@@ -26,10 +29,18 @@ class Ctx:
         self.socket_path = socket_path
         self.as_json = as_json
 
-    def request(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = 60.0) -> Any:
+    def request(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = REQUEST_TIMEOUT) -> Any:
+        with self.answered(), Client(self.socket_path, timeout=timeout) as client:
+            return client.request(op, args)
+
+    @contextlib.contextmanager
+    def answered(self) -> Iterator[None]:
+        """What went wrong talking to the daemon, as its exit code: 2 a request the client refused to
+        send (the daemon never saw it), 3 no daemon, 1 the daemon's error (its code printed)."""
         try:
-            with Client(self.socket_path, timeout=timeout) as client:
-                return client.request(op, args)
+            yield
+        except BadRequest as err:
+            raise click.UsageError(err.message) from None
         except Unreachable as exc:
             _die(str(exc), EXIT_UNREACHABLE)
         except OtpdError as err:
@@ -56,6 +67,20 @@ def _json_arg(text: str, name: str) -> Any:
         raise click.UsageError(f"{name} is not valid JSON: {exc}") from None
 
 
+class Seconds(click.types.FloatParamType):
+    """A timeout: 0 to the daemon's MAX_TIMEOUT seconds (a week).  Not click.FloatRange, which lets
+    NaN through; infinity, NaN, negative or huge values would break the socket's timeout."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        seconds = super().convert(value, param, ctx)
+        if not 0 <= seconds <= MAX_TIMEOUT:  # NaN fails too
+            self.fail(f"{value!r} is not a number of seconds from 0 to {MAX_TIMEOUT:g}", param, ctx)
+        return seconds
+
+
+SECONDS = Seconds()
 pass_ctx = click.make_pass_decorator(Ctx)
 
 
@@ -125,46 +150,44 @@ def kill(c: Ctx, child_id: str, sig: str) -> None:
 @click.argument("child_id", metavar="ID")
 @click.option("--state", default="running", show_default=True)
 @click.option("--not-pid", type=int, default=None, help="Wait for a process other than this PID.")
-@click.option("--timeout", type=float, default=30.0, show_default=True, help="Seconds.")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True, help="Seconds.")
 @pass_ctx
 def wait(c: Ctx, child_id: str, state: str, not_pid: int | None, timeout: float) -> None:
     """Block until a child reaches a state (optionally with a new PID)."""
     result = c.request("wait", {"id": child_id, "state": state, "not_pid": not_pid, "timeout": timeout},
-                       timeout=timeout + 10)
+                       timeout=timeout + REPLY_MARGIN)
     c.show(result, f"{child_id} {result['state']}" + (f" pid {result['pid']}" if result["pid"] else ""))
 
 
 @main.command()
 @click.option("--no-wait", is_flag=True, help="Return once the daemon accepted the request.")
-@click.option("--timeout", type=float, default=120.0, show_default=True)
+@click.option("--timeout", type=SECONDS, default=120.0, show_default=True,
+              help="Seconds to wait for the daemon to exit; 0: do not wait (as --no-wait).")
 @pass_ctx
 def shutdown(c: Ctx, no_wait: bool, timeout: float) -> None:
     """Stop every child in reverse order, then the daemon."""
-    try:
-        with Client(c.socket_path, timeout=timeout) as client:
-            result = client.request("shutdown")
-            if not no_wait:
-                try:
-                    while True:
-                        client.receive()
-                except Unreachable:
-                    pass  # the daemon closed the socket as it exited
-    except Unreachable as exc:
-        _die(str(exc), EXIT_UNREACHABLE)
-    except OtpdError as err:
-        _die(f"error {err.code}: {err.message}", EXIT_DAEMON_ERROR)
+    no_wait = no_wait or timeout == 0
+    with c.answered(), Client(c.socket_path, timeout=timeout or REQUEST_TIMEOUT) as client:
+        result = client.request("shutdown")
+        if not no_wait:
+            try:
+                while True:
+                    client.receive()
+            except Unreachable:
+                pass  # the daemon closed the socket as it exited
     c.show(result, f"otpd (pid {result['pid']}) " + ("stopping" if no_wait else "stopped"))
 
 
 @main.command()
 @click.argument("child_id", metavar="ID")
 @click.argument("request_json", metavar="REQUEST_JSON")
-@click.option("--timeout", type=float, default=5.0, show_default=True, help="Seconds.")
+@click.option("--timeout", type=SECONDS, default=5.0, show_default=True, help="Seconds.")
 @pass_ctx
 def call(c: Ctx, child_id: str, request_json: str, timeout: float) -> None:
     """Send a request to an agent and print its reply."""
     request = _json_arg(request_json, "REQUEST_JSON")
-    result = c.request("call", {"id": child_id, "request": request, "timeout": timeout}, timeout=timeout + 10)
+    result = c.request("call", {"id": child_id, "request": request, "timeout": timeout},
+                       timeout=timeout + REPLY_MARGIN)
     c.show(result, json.dumps(result))
 
 
@@ -217,14 +240,15 @@ def events(c: Ctx, follow: bool, last: int) -> None:
         result = c.request("events", {"follow": False, "last": last})
         c.show(result, "\n".join(_event_line(e) for e in result["events"]))
         return
-    try:
-        with Client(c.socket_path, timeout=None) as client:
-            for event in client.events(last=last):
-                click.echo(json.dumps(event) if c.as_json else _event_line(event), nl=True)
-    except Unreachable:
-        sys.exit(0)  # the daemon stopped: the stream is over
-    except KeyboardInterrupt:
-        sys.exit(0)
+    with c.answered():
+        try:
+            with Client(c.socket_path, timeout=None) as client:
+                for event in client.events(last=last):
+                    click.echo(json.dumps(event) if c.as_json else _event_line(event), nl=True)
+        except Unreachable:
+            sys.exit(0)  # the daemon stopped: the stream is over
+        except KeyboardInterrupt:
+            sys.exit(0)
 
 
 @main.command()
@@ -269,8 +293,11 @@ def state(c: Ctx, words: tuple[str, ...], config_path: str | None, dry_run: bool
         elif verb == "import":
             if len(rest) != 1:
                 raise click.UsageError("state import takes one FILE ('-' for stdin)")
-            with click.open_file(rest[0]) as fh:
-                records = tools.parse_export(fh)
+            try:
+                with click.open_file(rest[0]) as fh:
+                    records = tools.parse_export(fh)
+            except OSError as exc:
+                raise click.UsageError(f"cannot read {rest[0]}: {exc.strerror or exc}") from None
             _refuse_running(c, list(records))
             with _open_store(config_path, readonly=False) as store:
                 ids = tools.import_records(store, records)
@@ -361,6 +388,19 @@ def task() -> None:
     """A TaskAgent's queue: add, stats, list, retry, pause, resume."""
 
 
+def _show_task(c: Ctx, agent_id: str, result: Any, human: Callable[[dict[str, Any]], str], **needs: type) -> None:
+    """A TaskAgent's reply, in words if it is a map with the ``needs`` (key=type) the words take.
+    task.* goes to whatever agent ID names, so another agent's reply is printed as it came, exit 1;
+    with --json any reply is printed as it is."""
+    if c.as_json:
+        c.show(result)
+    elif isinstance(result, dict) and all(k in result and isinstance(result[k], t) for k, t in needs.items()):
+        c.show(result, human(result))
+    else:
+        c.show(result)
+        _die(f"the reply of {agent_id!r} is not a TaskAgent's (printed as it came)", EXIT_DAEMON_ERROR)
+
+
 @task.command("add")
 @click.argument("agent_id", metavar="ID")
 @click.argument("payload_json", metavar="PAYLOAD_JSON")
@@ -376,7 +416,7 @@ def task_add(c: Ctx, agent_id: str, payload_json: str, task_id: str | None, task
     if task_timeout is not None:
         args["timeout_s"] = task_timeout
     result = c.request("task.add", args)
-    c.show(result, f"queued {result['task_id']}")
+    _show_task(c, agent_id, result, lambda r: f"queued {r['task_id']}", task_id=object)
 
 
 @task.command("stats")
@@ -385,7 +425,7 @@ def task_add(c: Ctx, agent_id: str, payload_json: str, task_id: str | None, task
 def task_stats(c: Ctx, agent_id: str) -> None:
     """Counts of queued, running, delayed, completed, failed and dead tasks."""
     result = c.request("task.stats", {"id": agent_id})
-    c.show(result, "\n".join(f"{k}: {v}" for k, v in result.items()))
+    _show_task(c, agent_id, result, lambda r: "\n".join(f"{k}: {v}" for k, v in r.items()))
 
 
 @task.command("list")
@@ -396,7 +436,7 @@ def task_stats(c: Ctx, agent_id: str) -> None:
 def task_list(c: Ctx, agent_id: str, dead: bool, limit: int) -> None:
     """Running, queued and delayed (waiting out a retry delay) tasks, or the dead letters."""
     result = c.request("task.list", {"id": agent_id, "dead": dead, "limit": limit})
-    c.show(result, "\n".join(json.dumps(t) for t in result["tasks"]) or "(none)")
+    _show_task(c, agent_id, result, lambda r: "\n".join(json.dumps(t) for t in r["tasks"]) or "(none)", tasks=list)
 
 
 @task.command("retry")
@@ -415,7 +455,7 @@ def _task_switch(verb: str) -> None:
     @pass_ctx
     def command(c: Ctx, agent_id: str) -> None:
         result = c.request(f"task.{verb}", {"id": agent_id})
-        c.show(result, f"{agent_id}: {result.get('status', verb)}")
+        _show_task(c, agent_id, result, lambda r: f"{agent_id}: {r.get('status', verb)}")
 
 
 _task_switch("pause")

@@ -11,7 +11,8 @@
 maps, which cost the client and the daemon about half as much to encode and decode.
 
 Errors from the daemon raise ``OtpdError`` with the daemon's code; a socket
-that cannot be reached raises ``Unreachable``.
+that cannot be reached raises ``Unreachable``; a request the client refuses to send
+(or a timeout it cannot use) raises ``BadRequest``, an ``OtpdError`` the daemon never saw.
 """
 
 from __future__ import annotations
@@ -28,10 +29,21 @@ from otpd.control import protocol
 from otpd.errors import OtpdError
 
 SYSTEM_SOCKET = Path("/run/otpd/otpd.sock")
+MAX_TIMEOUT = protocol.MAX_TIMEOUT  # the daemon's limit on a wait's or a call's timeout
+REPLY_MARGIN = 10.0  # seconds a client waits for an answer past the daemon's own timeout (it answers that)
+MAX_SOCKET_TIMEOUT = MAX_TIMEOUT + REPLY_MARGIN
+_MAX_FRAME = protocol.MAX_FRAME
 
 
 class Unreachable(Exception):
     """The daemon's socket is missing, refuses connections, or went away."""
+
+
+class BadRequest(OtpdError):
+    """``bad_request`` found by the client itself, before anything was sent: the daemon never saw it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("bad_request", message)
 
 
 def default_socket() -> Path:
@@ -47,9 +59,15 @@ def default_socket() -> Path:
 
 class Client:
     def __init__(self, path: str | Path | None = None, timeout: float | None = 60.0) -> None:
+        """``timeout``: seconds each send and receive may wait (None: no limit).  0 is refused: it
+        would make the socket non-blocking, and every receive a timeout."""
+        if timeout is not None and not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_SOCKET_TIMEOUT):
+            # (NaN fails the comparison too; infinity and huge values fit no timeval)
+            raise BadRequest(f"timeout must be None (no limit) or seconds in (0, {MAX_SOCKET_TIMEOUT:g}], "
+                             f"not {timeout!r}")
         self.path = Path(path) if path is not None else default_socket()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if timeout is not None and timeout > 0:
+        if timeout is not None:
             # The kernel's timeouts, not Python's: with settimeout() every send and recv
             # is a poll() and then the call, twice the syscalls on the hot path.
             # The socket stays blocking; a timed-out call fails with EAGAIN.
@@ -57,7 +75,7 @@ class Client:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         else:
-            self.sock.settimeout(timeout)
+            self.sock.settimeout(None)  # blocking, whatever socket.setdefaulttimeout() says
         try:
             self.sock.connect(str(self.path))
         except OSError as exc:
@@ -163,9 +181,13 @@ class Client:
 
 def _encode(request: dict[str, Any] | list[Any]) -> bytes:
     try:
-        return protocol.pack(request)
+        frame = protocol.pack(request)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise OtpdError("bad_request", f"the request cannot be encoded as msgpack: {exc}") from None
+        raise BadRequest(f"the request cannot be encoded as msgpack: {exc}") from None
+    if len(frame) > _MAX_FRAME:  # the daemon would close the connection, answering nothing
+        raise BadRequest(f"the request is {len(frame)} bytes encoded, over the daemon's limit of "
+                         f"{_MAX_FRAME} bytes per frame")
+    return frame
 
 
 REFUSED = object()  # what a reply with no id answers: every request (the connection is refused)

@@ -26,6 +26,7 @@ MAX_FRAME = 1 << 20  # a request larger than this closes the connection
 OUT_CAP = 16 << 20  # a client that lets this much pile up unread is dropped
 MAX_ID = (1 << 63) - 1
 CALL_TIMEOUT_S = 5.0  # a call's timeout when the request names none
+MAX_TIMEOUT = 86400.0 * 7  # seconds, a wait's or a call's: longer is a mistake (NaN or infinity would break timers)
 
 
 pack = codec.pack

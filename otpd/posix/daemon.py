@@ -51,7 +51,7 @@ from otpd.store.lmdb_store import Store
 
 EXIT_INTERNAL = 70
 CALL_TICK = 0.05  # seconds: the resolution of call timeouts
-MAX_TIMEOUT = 86400.0 * 7  # seconds: longer is a mistake (and NaN or infinity would break the timers)
+MAX_TIMEOUT = protocol.MAX_TIMEOUT
 FORWARDED_OPS = ("task.add", "task.stats", "task.list", "task.get", "task.retry", "task.pause", "task.resume",
                  "workflow.start", "workflow.status", "workflow.list", "workflow.cancel", "workflow.retry",
                  "workflow.skip", "health")

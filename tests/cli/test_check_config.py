@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grp
+import os
 import re
 import subprocess
 import sys
@@ -97,8 +99,10 @@ def test_shipped_default_config_is_valid():
      "'sometimes' is not one of on_restart, always, never"),
     ('strategy = "rest_for_one"', 'strategy = "rest_for_one"\nstart = "eager"', "root.children[1].start",
      "'eager' is not one of serial, parallel"),
+    ('log_level = "info"', 'log_level = "info"\nsocket_group = "no-such-group-for-otpd"', "daemon.socket_group",
+     "no group 'no-such-group-for-otpd' on this system"),
 ], ids=["unknown-key", "wrong-type", "bad-restart", "duplicate-id", "unimportable-module", "not-an-agent",
-        "bad-shutdown", "bad-strategy", "bad-log-level", "out-of-range", "bad-spare", "bad-start"])
+        "bad-shutdown", "bad-strategy", "bad-log-level", "out-of-range", "bad-spare", "bad-start", "unknown-group"])
 def test_bad_value_exits_2_naming_the_key_and_its_line(tmp_path, old, new, key, message):
     assert old in GOOD
     text = GOOD.replace(old, new, 1)
@@ -281,6 +285,18 @@ def test_cli_modules_run_with_python_dash_m(module):
 def run_daemon(path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(console("otpd") + ["run", "--config", str(path)], capture_output=True, text=True,
                           env=child_env(), timeout=30, check=False)
+
+
+def test_socket_group_is_a_group_of_this_system(daemon, tmp_path):
+    group = grp.getgrgid(os.getgid()).gr_name
+    assert check(tmp_path, GOOD.replace('log_level = "info"', f'socket_group = "{group}"')).returncode == 0
+    path = daemon.config('socket_group = "no-such-group-for-otpd"\n' + GOOD[GOOD.index("[root]"):])
+    text = path.read_text(encoding="utf-8")
+    result = run_daemon(path)  # it used to pass the check and die in the socket's grp.getgrnam
+    assert result.returncode == 2, result.stderr
+    assert f"{path.name}:{line_of(text, 'socket_group = ')}: daemon.socket_group: no group" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not daemon.socket_of(path).exists()
 
 
 def test_run_on_a_missing_config_file_exits_2(tmp_path):

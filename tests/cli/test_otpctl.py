@@ -230,3 +230,11 @@ def test_events_follow_prints_history_then_live_events_one_json_line_each(daemon
         if follower.poll() is None:
             follower.kill()
             follower.wait()
+
+
+def test_shutdown_with_timeout_0_does_not_wait_for_the_daemon_to_exit(daemon):
+    d = daemon(CONFIG)
+    result = otpctl(d, "shutdown", "--timeout", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"otpd (pid {d.pid}) stopping\n"
+    assert d.wait_exit(10.0) == 0
