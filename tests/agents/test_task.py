@@ -494,6 +494,20 @@ def driven(cls: Any, agent_id: str, args: dict[str, Any], tmp_path: Path) -> tup
     return agent, rt, keeper, store
 
 
+
+def run_to_the_end(rt: FakeRuntime, keeper: Any) -> None:
+    """What the runtime does until nothing is left: commit, run the after-commit callbacks (a
+    worker's start), finish the work handed out, again."""
+    while True:
+        keeper.commit()
+        callbacks, rt.after[:] = list(rt.after), []
+        for callback in callbacks:
+            callback()
+        if not rt.work:
+            return
+        fn, job_args, done = rt.work.pop(0)
+        done(fn(*job_args), None)
+
 def test_after_a_rollback_lost_moves_are_forgotten_and_lost_completions_run_again(tmp_path: Path) -> None:
     from otpd.agents.task import TaskAgent
 
@@ -660,16 +674,8 @@ def test_only_the_last_keep_completed_ids_are_remembered_and_the_store_stays_bou
     args = {"handler": "otpd.examples.jobs:echo", "concurrency": 1, "keep_completed": 3}
     agent, rt, keeper, store = driven(TaskAgent, "t", args, tmp_path)
 
-    def run_all() -> None:  # commit, hand out, finish, until nothing is left
-        while True:
-            keeper.commit()
-            callbacks, rt.after[:] = list(rt.after), []
-            for callback in callbacks:
-                callback()
-            if not rt.work:
-                return
-            fn, job_args, done = rt.work.pop(0)
-            done(fn(*job_args), None)
+    def run_all() -> None:
+        run_to_the_end(rt, keeper)
 
     for i in range(5):
         agent.handle_call({"op": "add", "payload": i, "task_id": f"k{i}"})
@@ -736,15 +742,7 @@ def test_a_lowered_keep_completed_is_reached_in_bounded_steps_not_one_commit(
     agent, rt, keeper, store = driven(TaskAgent, "t", args, tmp_path)
     for i in range(10):
         agent.handle_call({"op": "add", "payload": i, "task_id": f"k{i}"})
-    while True:  # commit, hand out, finish, until nothing is left
-        keeper.commit()
-        callbacks, rt.after[:] = list(rt.after), []
-        for callback in callbacks:
-            callback()
-        if not rt.work:
-            break
-        fn, job_args, done = rt.work.pop(0)
-        done(fn(*job_args), None)
+    run_to_the_end(rt, keeper)
     store.close()
 
     monkeypatch.setattr(task_module, "FORGET_CHUNK", 3)
