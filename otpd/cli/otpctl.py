@@ -241,8 +241,9 @@ def events(c: Ctx, follow: bool, last: int) -> None:
         c.show(result, "\n".join(_event_line(e) for e in result["events"]))
         return
     with c.answered():
+        client = Client(c.socket_path, timeout=None)  # no daemon: Unreachable, exit 3
         try:
-            with Client(c.socket_path, timeout=None) as client:
+            with client:
                 for event in client.events(last=last):
                     click.echo(json.dumps(event) if c.as_json else _event_line(event), nl=True)
         except Unreachable:

@@ -43,9 +43,11 @@ def otpctl(d, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[
     return run_cli("otpctl", "--socket", str(d.socket), *args, timeout=timeout)
 
 
-def test_unreachable_socket_exits_3(tmp_path):
+@pytest.mark.parametrize("command", [["status"], ["events", "--follow"]])
+def test_unreachable_socket_exits_3(tmp_path, command):
+    """(``events --follow`` exits 0 when the daemon stops under it, but 3 when there is none.)"""
     missing = tmp_path / "no" / "otpd.sock"
-    result = run_cli("otpctl", "--socket", str(missing), "status")
+    result = run_cli("otpctl", "--socket", str(missing), *command)
     assert result.returncode == 3
     assert "cannot reach otpd" in result.stderr and str(missing) in result.stderr
     assert result.stdout == ""
