@@ -343,7 +343,15 @@ class Runtime:
             keeper.switched = self.spec.switch is not None
             keeper.load()
             agent.init()
-            keeper.commit()
+            try:
+                keeper.commit()
+            except OtpdError as err:  # store_full: rolled back to what is on disk (on_rollback told)
+                if err.code != "store_full":
+                    raise
+                # Run on the last committed state, as an agent whose store filled up runs on:
+                # its changes are answered store_full until there is room. Failing the start
+                # instead would restart it until its supervisor gave up, and the tree with it.
+                log_line(f"start: {err.message}; running on the last committed state")
         except OtpdError as err:
             self.send({"t": "start_error", "code": err.code, "message": err.message})
             raise StartFailed(f"{err.code}: {err.message}") from None

@@ -28,3 +28,22 @@ class QueueAgent(Agent):
             self.taken += 1
             return {"item": self.items.popleft()}
         return {"items": list(self.items), "added": self.added, "taken": self.taken}
+
+
+class StartCounter(Agent):
+    """Counts its starts in init (so every start has a change to commit), and keeps a queue."""
+
+    fields = {"starts": 0}
+    persistent_fields = ("starts",)
+    collections = {"items": PersistentQueue}
+
+    items: PersistentQueue
+    starts: int
+
+    def init(self) -> None:
+        self.starts += 1
+
+    def handle_call(self, request: Any) -> Any:
+        if request.get("op") == "add":
+            self.items.append(request["item"])
+        return {"starts": self.starts, "items": len(self.items)}

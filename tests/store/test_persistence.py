@@ -184,6 +184,28 @@ def test_a_key_too_long_for_lmdb_is_refused_before_it_is_acknowledged(daemon: An
     assert call(d, "kv", {"op": "get", "key": "k" * 400})["value"] == 2
     assert d.request("status")["daemon"]["state"] == "running"
 
+
+def test_an_agent_whose_log_no_longer_fits_starts_and_answers_store_full(daemon: Any) -> None:
+    """Its entries were in its log when another agent filled the map: at its restart the log
+    cannot be applied, and neither can init's change. It used to fail its start at every
+    restart, until the root's intensity stopped the daemon; it runs on its last state, and a
+    change is answered store_full, as for any agent of a full store."""
+    d = daemon('[store]\nmap_size_mb = 1\nmap_size_max_mb = 1\ncheckpoint_ms = 3600000\n' + KV
+               + '\n[[root.children]]\nid = "counter"\nagent = "tests.store.state_agents:StartCounter"\n')
+    for i in range(20):
+        assert call(d, "counter", {"op": "add", "item": "c" * 2000})["items"] == i + 1  # in its log
+    with pytest.raises(OtpdError) as err:
+        for i in range(10_000):
+            call(d, "kv", {"op": "put", "key": i, "value": "x" * 4000})
+    assert err.value.code == "store_full"
+    kill_and_wait(d, "counter")  # the restart: replay and init's commit do not fit
+    state = call(d, "counter", {"op": "get"})
+    assert state["items"] == 20, "what it acknowledged is there (read through its log)"
+    with pytest.raises(OtpdError) as err:
+        call(d, "counter", {"op": "add", "item": "more"})
+    assert err.value.code == "store_full"
+    assert d.request("status")["daemon"]["state"] == "running"
+
 def test_fsync_durability_commits_and_reloads(daemon: Any) -> None:
     d = daemon('[store]\ndurability = "fsync"\n' + QUEUE)
     start = time.monotonic()
