@@ -33,7 +33,8 @@ Handler = Callable[["Connection", Any, dict[str, Any]], Any]
 # A compact call: (replies, id, agent id, request, timeout) -> a result, or DEFERRED
 CompactCall = Callable[["Compact", Any, Any, Any, Any], Any]
 DEFERRED = object()  # a handler's result meaning "the reply comes later"
-MAX_ID, OUT_CAP = protocol.MAX_ID, protocol.OUT_CAP
+MAX_ID, OUT_CAP, MAX_FRAME = protocol.MAX_ID, protocol.OUT_CAP, protocol.MAX_FRAME
+READ_SIZE = 256 * 1024
 _pack = protocol.pack
 
 
@@ -65,7 +66,7 @@ class Connection:
     meanwhile is noticed at its next reply: every call and wait has a timeout.)"""
 
     __slots__ = ("sock", "server", "unpacker", "out", "closed", "writing", "subscribed", "peer", "compact",
-                 "owed", "draining")
+                 "owed", "draining", "fed")
 
     def __init__(self, sock: socket.socket, server: ControlServer, peer: tuple[int, int, int]) -> None:
         self.sock = sock
@@ -79,6 +80,7 @@ class Connection:
         self.compact: Compact | None = None  # made at its first compact call; dropped at close (a cycle)
         self.owed = 0
         self.draining = False  # the client half-closed: no more reads, only the replies it is owed
+        self.fed = 0  # bytes given to the decoder (``unpacker.tell()``: those it has decoded)
 
     def reply(self, req_id: Any, result: Any) -> None:
         # {"id": req_id, "ok": True, "result": result}, packed around its two values: this runs
@@ -138,8 +140,15 @@ class Connection:
             self.on_readable()
 
     def on_readable(self) -> None:
+        # Read no more than the decoder may hold: the part of a frame still to come plus the
+        # next frames would otherwise overflow it, and drop a client whose frames are each
+        # within the limit.  A frame still incomplete at MAX_FRAME bytes is over the limit.
+        room = MAX_FRAME - (self.fed - self.unpacker.tell())
+        if room <= 0:
+            self.close()
+            return
         try:
-            data = self.sock.recv(256 * 1024)
+            data = self.sock.recv(min(READ_SIZE, room))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -159,6 +168,7 @@ class Connection:
         except msgpack.BufferFull:
             self.close()  # a frame over the limit
             return
+        self.fed += len(data)
         unpacker = self.unpacker
         dispatch = self.server.dispatch
         while not self.closed:

@@ -284,6 +284,24 @@ def test_an_oversized_frame_closes_only_that_connection(daemon: Any) -> None:
     assert_healthy(d)
 
 
+
+def test_frames_each_within_the_limit_are_taken_back_to_back(daemon: Any) -> None:
+    """Two frames of nearly MAX_FRAME each, pipelined: the rest of the first and the start of
+    the second came in one read and overflowed the decoder, which dropped the client."""
+    d = daemon(TREE)
+
+    def frame(i: int) -> bytes:
+        request = {"id": i, "op": "call", "args": {"id": "echo", "request": ""}}
+        overhead = len(protocol.pack(request))
+        request["args"]["request"] = "x" * (protocol.MAX_FRAME - overhead - 10)
+        data = protocol.pack(request)
+        assert protocol.MAX_FRAME - 20 < len(data) <= protocol.MAX_FRAME
+        return data
+
+    replies = raw_exchange(d.socket, frame(1) + frame(2) + frame(3), timeout=20)
+    assert sorted(r["id"] for r in replies) == [1, 2, 3] and all(r["ok"] for r in replies)
+    assert_healthy(d)
+
 def test_huge_and_negative_ids_are_bad_requests(daemon: Any) -> None:
     d = daemon(TREE)
     for bad_id in (2**64 - 1, -1, "1", None, 1.5):
