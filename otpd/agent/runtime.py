@@ -352,6 +352,8 @@ class Runtime:
                 # its changes are answered store_full until there is room. Failing the start
                 # instead would restart it until its supervisor gave up, and the tree with it.
                 log_line(f"start: {err.message}; running on the last committed state")
+                self.after.clear()  # what init asked for once its change was saved: it was not
+                self.ending = None
         except OtpdError as err:
             self.send({"t": "start_error", "code": err.code, "message": err.message})
             raise StartFailed(f"{err.code}: {err.message}") from None

@@ -194,6 +194,8 @@ class TaskAgent(Agent):
         # And tasks back in processing, on no worker, run again even if no call comes: a
         # second later, not at once (the store may still be full: no loop of failing commits).
         self.send_after(RESYNC_S, "pump")
+        if len(self.completed_ids) > self.keep_completed:  # a chunk of forgetting was undone
+            self.send_after(RESYNC_S, "forget")
 
     # -- calls --------------------------------------------------------------------
 
@@ -365,8 +367,8 @@ class TaskAgent(Agent):
         elif message == "pump":
             self._pump()
         elif message == "forget":
-            if self._forget_completed(FORGET_CHUNK):
-                self.send_after(0, "forget")  # the next chunk in the next turn, after this one's commit
+            if self._forget_completed(FORGET_CHUNK):  # the next chunk once this one is saved
+                self.after_commit(lambda: self.send_after(0, "forget"))  # (dropped if its commit fails)
         elif message == "deadlines":
             self.alarm = None
             now = time.monotonic()

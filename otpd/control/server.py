@@ -66,7 +66,7 @@ class Connection:
     meanwhile is noticed at its next reply: every call and wait has a timeout.)"""
 
     __slots__ = ("sock", "server", "unpacker", "out", "closed", "writing", "subscribed", "peer", "compact",
-                 "owed", "draining", "fed")
+                 "owed", "draining", "fed", "frame_at")
 
     def __init__(self, sock: socket.socket, server: ControlServer, peer: tuple[int, int, int]) -> None:
         self.sock = sock
@@ -80,7 +80,8 @@ class Connection:
         self.compact: Compact | None = None  # made at its first compact call; dropped at close (a cycle)
         self.owed = 0
         self.draining = False  # the client half-closed: no more reads, only the replies it is owed
-        self.fed = 0  # bytes given to the decoder (``unpacker.tell()``: those it has decoded)
+        self.fed = 0  # bytes given to the decoder
+        self.frame_at = 0  # where the frame it is decoding began (``tell()`` after the last one)
 
     def reply(self, req_id: Any, result: Any) -> None:
         # {"id": req_id, "ok": True, "result": result}, packed around its two values: this runs
@@ -143,7 +144,7 @@ class Connection:
         # Read no more than the decoder may hold: the part of a frame still to come plus the
         # next frames would otherwise overflow it, and drop a client whose frames are each
         # within the limit.  A frame still incomplete at MAX_FRAME bytes is over the limit.
-        room = MAX_FRAME - (self.fed - self.unpacker.tell())
+        room = MAX_FRAME - (self.fed - self.frame_at)
         if room <= 0:
             self.close()
             return
@@ -179,6 +180,7 @@ class Connection:
             except Exception:  # whatever the decoder raises (even TypeError: a list as a map key)
                 self.close()  # not msgpack: nothing to answer
                 return
+            self.frame_at = unpacker.tell()  # exact at a frame's end (inside one it moves by element)
             self.owed += 1  # every request gets one reply, now or later
             dispatch(self, frame)
 

@@ -281,6 +281,9 @@ def test_an_oversized_frame_closes_only_that_connection(daemon: Any) -> None:
     d = daemon(TREE)
     big = protocol.pack({"id": 1, "op": "call", "args": {"id": "echo", "request": "x" * (protocol.MAX_FRAME + 10)}})
     assert raw_exchange(d.socket, big) == []
+    # one made of many small elements too (the decoder's position moves by element inside it)
+    many = protocol.pack({"id": 2, "op": "call", "args": {"id": "echo", "request": ["abcdefgh"] * 200_000}})
+    assert len(many) > protocol.MAX_FRAME and raw_exchange(d.socket, many, timeout=20) == []
     assert_healthy(d)
 
 
