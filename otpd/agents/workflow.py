@@ -221,8 +221,7 @@ class WorkflowProcess(Agent):
             fn = load_handler(step["handler"])
         except OtpdError as err:  # a failed attempt like a step that raised, with why in errors
             self.in_step = False
-            self.errors = {**self.errors, str(self.current_step): f"did not start: {err.message}"}
-            self.send_after(0, ("crash", err))
+            self._attempt_failed(f"did not start: {err.message}", err)
             return
         timeout = self._timeout(step)
         self.run_in_worker(fn, dict(step.get("args") or {}), list(self.task_results), done=self._step_done,
@@ -242,6 +241,12 @@ class WorkflowProcess(Agent):
         self.log(f"step {index} of {self.workflow_id} {text}; ending this process to free its worker")
         self.end_after_commit(system.EXIT_TIMEOUT)
 
+    def _attempt_failed(self, why: str, error: BaseException) -> None:
+        """Record why the current step's attempt failed; the process crashes a turn later, after
+        the commit that keeps why (and the attempt counts, as any attempt the process died in)."""
+        self.errors = {**self.errors, str(self.current_step): why}
+        self.send_after(0, ("crash", error))
+
     def _step_done(self, result: Any, error: BaseException | None) -> None:
         self.in_step = False
         if self.deadline is not None:
@@ -249,8 +254,7 @@ class WorkflowProcess(Agent):
             self.deadline = None
         key = str(self.current_step)
         if error is not None:
-            self.errors = {**self.errors, key: f"raised {error_text(error)}"}
-            self.send_after(0, ("crash", error))
+            self._attempt_failed(f"raised {error_text(error)}", error)
             return
         self.errors.pop(key, None)  # "why the last attempt failed": it did not
         self.task_results.append(result)

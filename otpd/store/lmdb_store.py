@@ -476,7 +476,7 @@ class Store:
             for k, _v in items:
                 txn.delete(k, db=self.items)
             # what ``now`` left, with a seq past the one ``was`` reached: seq never goes back
-            txn.put(agent_id.encode(), _with_seq_past(old["main"], _seq_of(main)), db=self.main)
+            txn.put(agent_id.encode(), with_seq_past(old["main"], _seq_of(main)), db=self.main)
             for k, v in old["items"]:
                 txn.put(k, v, db=self.items)
             return True
@@ -521,14 +521,16 @@ def _seq_of(raw: bytes | None, strict_for: str | None = None) -> int:
     return 0
 
 
-def _with_seq_past(main: bytes, seq: int) -> bytes:
-    """``main`` with its seq set past ``seq`` (a record that does not decode is kept as it is)."""
+def with_seq_past(main: bytes, seq: int) -> bytes:
+    """``main`` with its seq set past its own and ``seq``, so that what replaces a record with a
+    seq never brings it back (a restore, a version switch rolled back).  A record that does not
+    decode (restored as raw bytes, say) is kept exactly."""
     try:
         record = decode(main)
     except Exception:
         return main
-    if isinstance(record, dict) and isinstance(record.get("seq"), int) and record["seq"] <= seq:
-        record["seq"] = seq + 1
+    if isinstance(record, dict) and isinstance(record.get("seq"), int):
+        record["seq"] = max(record["seq"], seq) + 1
         return encode(record)
     return main
 

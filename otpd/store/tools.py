@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from otpd.errors import OtpdError
-from otpd.store.lmdb_store import Store, agent_prefix, decode, encode
+from otpd.store.lmdb_store import Store, agent_prefix, decode, encode, with_seq_past
 
 
 def view(obj: Any) -> Any:
@@ -145,14 +145,10 @@ def import_records(store: Store, records: dict[str, tuple[bytes, list[tuple[byte
 
 def _past_seq(store: Store, agent_id: str, main: bytes) -> bytes:
     try:
-        record = decode(main)
         current = store.read(agent_id)
     except Exception:
-        return main  # a record restored as raw bytes (or over a corrupt one) is kept exactly
-    if isinstance(record, dict) and isinstance(record.get("seq"), int) and current is not None:
-        record["seq"] = max(record["seq"], current["seq"]) + 1
-        return encode(record)
-    return main
+        return main  # restored over a corrupt record: kept exactly
+    return main if current is None else with_seq_past(main, current["seq"])
 
 
 def migrate_records(store: Store, classes: dict[str, str], allowed: set[str], ids: list[str] | None,
