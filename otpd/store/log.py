@@ -164,11 +164,12 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def set_aside(path: Path, why: str) -> Path:
-    """Move a log out of the way, kept: ``logs/aside/<name>.<time>.<why>``."""
+def keep_aside(path: Path, why: str) -> Path:
+    """A second name for a log, kept for good: ``logs/aside/<name>.<time>.<why>`` (a hard link:
+    the log's own name is left to whoever replaces it)."""
     aside = private_dir(path.parent / "aside")
     target = aside / f"{path.name}.{time.time():.6f}.{why}"
-    os.rename(path, target)
+    os.link(path, target)
     return target
 
 
@@ -250,11 +251,10 @@ class AgentLog:
                 done += os.write(fd, whole[done:])
             if self.fsync:
                 os.fdatasync(fd)
-            aside = private_dir(self.path.parent / "aside")
-            os.link(self.path, aside / f"{self.path.name}.{time.time():.6f}.torn")
+            aside = keep_aside(self.path, "torn")
             os.rename(new, self.path)
             if self.fsync:
-                sync_dir(aside)
+                sync_dir(aside.parent)
                 sync_dir(self.path.parent)
         except BaseException:
             os.close(fd)

@@ -359,7 +359,7 @@ def test_a_log_made_by_root_belongs_to_the_owner_of_the_store(tmp_path: Path) ->
     store.put_raw("c1", _main(), [])  # a tool run as root (an import) makes the agent's log
     st = agent_log.log_path(store.logs, "c1").stat()
     assert (st.st_uid, st.st_gid) == (4321, 4321), "the agent's process must be able to open it"
-    agent_log.set_aside(agent_log.log_path(store.logs, "c1"), "test")  # as a torn log is
+    agent_log.keep_aside(agent_log.log_path(store.logs, "c1"), "test")  # as a torn log is
     st = (store.logs / "aside").stat()
     assert (st.st_uid, st.st_gid) == (4321, 4321), "and the folder a torn log goes to"
     store.close()
