@@ -1,5 +1,5 @@
 """The public client API: ``from otpd.client import Client``."""
 
-from otpd.control.client import BadRequest, Client, Unreachable, default_socket
+from otpd.control.client import BadRequest, Client, Link, Unreachable, default_socket
 
-__all__ = ["BadRequest", "Client", "Unreachable", "default_socket"]
+__all__ = ["BadRequest", "Client", "Link", "Unreachable", "default_socket"]

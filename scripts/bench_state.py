@@ -257,23 +257,30 @@ def concurrent_puts(sock_path: Path, clients: int, seconds: float) -> float:
     return done / elapsed
 
 
-def concurrent_puts_lean(sock_path: Path, clients: int, seconds: float, compact: bool = False) -> float:
+def concurrent_puts_lean(sock_path: Path, clients: int, seconds: float, compact: bool = False,
+                         attached: bool = False) -> float:
     """The same load as ``concurrent_puts`` (``clients`` connections, one put outstanding on
     each, every reply checked), from a leaner load generator: one epoll, requests packed
     from a fixed prefix.  The clients share the daemon's 2 cores, so every µs they spend
     per call is a µs the daemon and the agent do not get.  ``compact``: the calls travel
-    as compact frames (otpd/control/protocol.py), their replies too."""
+    as compact frames (otpd/control/protocol.py), their replies too.  ``attached``: each
+    connection is handed to the agent first (``Client.attach``), which answers the calls
+    itself ([id, request] frames, otpd/agent/links.py): the daemon's hop is skipped."""
     import select
 
     pack = protocol.pack
     prefix = b"\x83\xa2op\xa4call\xa4args\x82\xa2id\xa2kv\xa7request\x83\xa2op\xa3put\xa3key"
     compact_put = b"\xa4call\xa2kv\x83\xa2op\xa3put\xa3key"  # [n, "call", "kv", {"op": "put", "key": k, "value": k}]
+    link_put = b"\x83\xa2op\xa3put\xa3key"  # [n, {"op": "put", "key": k, "value": k}]
     ep = select.epoll()
     conns: dict[int, tuple[socket.socket, Any, int]] = {}
     counters: dict[int, int] = {}
     for i in range(clients):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(str(sock_path))
+        if attached:
+            s = Client(sock_path).attach("kv").client.sock
+        else:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(sock_path))
         conns[s.fileno()] = (s, protocol.unpacker(), i * 10_000_000)
         counters[s.fileno()] = 0
         ep.register(s.fileno(), select.EPOLLIN)
@@ -283,7 +290,9 @@ def concurrent_puts_lean(sock_path: Path, clients: int, seconds: float, compact:
         n = counters[fd] = counters[fd] + 1
         s, _, base = conns[fd]
         key = pack(base + n)
-        if compact:
+        if attached:
+            s.send(b"\x92" + pack(n) + link_put + key + b"\xa5value" + key)
+        elif compact:
             s.send(b"\x94" + pack(n) + compact_put + key + b"\xa5value" + key)
         else:
             s.send(prefix + key + b"\xa5value" + key + b"\xa2id" + pack(n))
@@ -297,7 +306,7 @@ def concurrent_puts_lean(sock_path: Path, clients: int, seconds: float, compact:
             s, unpacker, _ = conns[fd]
             unpacker.feed(s.recv(65536))
             for frame in unpacker:
-                if (frame[1] if compact else frame.get("ok")) is not True:
+                if (frame[1] if compact or attached else frame.get("ok")) is not True:
                     raise RuntimeError(frame)
                 done += 1
                 send(fd)
@@ -313,10 +322,11 @@ def bench_fsync(root: Path, clients: int, seconds: float, rounds: int) -> list[s
     d = Daemon('[store]\ndurability = "fsync"\n' + body, root, "fsync").start()
     p = Daemon('[store]\ndurability = "process"\n' + body, root, "fsync-process").start()
     rows = ["| durability | clients | acknowledged puts/s, lean load generator | the same, compact frames "
-            "| the same, selectors-based generator |", "|---|---:|---:|---:|---:|"]
+            "| the same, selectors-based generator | lean, attached links |", "|---|---:|---:|---:|---:|---:|"]
     gens: dict[str, Any] = {"lean": concurrent_puts_lean,
                             "compact": lambda *a: concurrent_puts_lean(*a, compact=True),
-                            "selectors": concurrent_puts}
+                            "selectors": concurrent_puts,
+                            "attached": lambda *a: concurrent_puts_lean(*a, attached=True)}
     try:
         rates: dict[tuple[str, str], list[float]] = {}
         for _ in range(rounds):  # alternated, so drift hits every column alike

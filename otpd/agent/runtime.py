@@ -25,6 +25,7 @@ the daemon is gone (channel EOF; PR_SET_PDEATHSIG covers a SIGKILLed daemon).
 
 from __future__ import annotations
 
+import array
 import heapq
 import importlib
 import io
@@ -37,12 +38,14 @@ import socket
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import count
 from typing import Any, NoReturn
 
 from otpd import codec
+from otpd.agent import links
 from otpd.agent.base import Agent
 from otpd.agent.state import StateKeeper
 from otpd.core.spec import AgentSpec
@@ -53,6 +56,7 @@ from otpd.store.lmdb_store import Store, StoreSettings
 
 MAX_FRAME = 64 * 1024 * 1024
 MAX_BATCH = 8 * 1024 * 1024
+FD_SPACE = socket.CMSG_SPACE(4 * array.array("i").itemsize)  # an attach brings one; room for a few
 
 
 class StartFailed(Exception):
@@ -156,6 +160,8 @@ class Runtime:
         self.cls: type[Agent] | None = None
         self.store: Store | None = None
         self.title: str | None = None  # a process title to set once ready
+        self.fds: deque[int] = deque()  # clients passed with "attach" frames (SCM_RIGHTS), in order
+        self.answering: set[links.Link] = set()  # links with replies in the batch being applied
 
     # -- timers ---------------------------------------------------------------
 
@@ -222,7 +228,7 @@ class Runtime:
                 raise OtpdError("timeout", f"no answer from the daemon to {op!r} in {timeout}s")
             ready, _, _ = select.select([self.channel], [], [], left)
             if ready:
-                data = self.channel.recv(256 * 1024)
+                data = self._recv(256 * 1024)
                 if not data:
                     raise OtpdError("shutting_down", "the daemon is gone")
                 self.unpacker.feed(data)
@@ -270,22 +276,37 @@ class Runtime:
         selector.register(rfd, selectors.EVENT_READ, "signal")
         while self.stopping is None:
             if self.backlog:
-                frames, self.backlog = self.backlog, []
-                self._apply(agent, frames)
+                backlog, self.backlog = self.backlog, []
+                self._apply(agent, backlog)
                 continue
             timeout = self._timeout()
             self.stamp.waiting()
             events = selector.select(timeout)
             now = time.monotonic()
             self.stamp.working(now)
-            for key, _ in events:
-                if key.data == "signal":
+            frames: list[Any] = []
+            calls: list[tuple[links.Link, list[Any]]] = []  # what the links brought
+            gone = False
+            for key, mask in events:
+                source = key.data
+                if source == "channel":
+                    gone = not self._on_channel(frames)
+                elif source == "signal":
                     self._on_signals(os.read(rfd, 64))
-                elif key.data == "work":
+                elif source == "work":
                     self._on_work_done()
                     self._commit_then_send([])
-                elif not self._on_channel(agent):
-                    return system.EXIT_NORMAL  # the daemon is gone: nothing to answer
+                else:  # an attached link
+                    if mask & selectors.EVENT_WRITE:
+                        source.flush()
+                    if mask & selectors.EVENT_READ and not source.closed:
+                        got = source.read()
+                        if got:
+                            calls.append((source, got))
+            if frames or calls:  # one batch, one commit, whichever sockets it came from
+                self._apply(agent, frames, calls)
+            if gone:
+                return system.EXIT_NORMAL  # the daemon is gone: nothing to answer
             if self.timers:
                 self._fire_timers(agent)
                 self._commit_then_send([])
@@ -317,7 +338,7 @@ class Runtime:
         go = False
         while not go:
             try:
-                data = self.channel.recv(256 * 1024)
+                data = self._recv(256 * 1024)
             except InterruptedError:
                 continue
             except ConnectionResetError:
@@ -385,6 +406,7 @@ class Runtime:
     def _commit_then_send(self, replies: list[Any]) -> None:
         keeper = self.keeper
         assert keeper is not None
+        error = None
         try:
             wrote = keeper.commit()
         except OtpdError as err:  # store_full: the agent is back at its last commit
@@ -393,18 +415,23 @@ class Runtime:
             wrote = False
             self.after.clear()  # what they were waiting for was not saved
         if wrote:  # the daemon learns the seq of what it is about to acknowledge
+            self.stamp.committed(keeper.seq)  # (for the links' calls: liveness.py)
             if replies and type(replies[-1]) is list:
                 replies[-1].append(keeper.seq)  # on the batch's last reply: [ref, ok, result, seq]
-            else:
+            elif not self.answering or self.stamp.seq is None:  # (links' calls: the stamp tells, no wake-up)
                 replies.append({"t": "seq", "seq": keeper.seq})
             if self.sync_s is not None and self.next_sync == float("inf"):
                 self.next_sync = time.monotonic() + self.sync_s
         if replies:
-            try:
-                data = b"".join([codec.pack(r) for r in replies])
-            except (TypeError, ValueError, OverflowError):  # a result msgpack cannot encode: find it
-                data = b"".join([_pack_reply(r) for r in replies])
-            self.channel.sendall(data)
+            self.channel.sendall(_pack_replies(replies))
+        if self.answering:
+            answering, self.answering = self.answering, set()
+            for link in answering:
+                out, link.replies = link.replies, []
+                if error is not None:
+                    out = [[r[0], False, error] for r in out]
+                if out:
+                    link.send(_pack_replies(out))
         if self.ending is not None:  # committed or not (store_full drops the after-commit callbacks)
             for stream in (sys.stdout, sys.stderr):  # os._exit does not flush
                 stream.flush()
@@ -435,14 +462,24 @@ class Runtime:
         if signal.SIGTERM in data:
             self.stopping = "shutdown"
 
-    def _on_channel(self, agent: Agent) -> bool:
-        """Read everything the channel holds, apply it all, commit once, reply to all."""
+    def _recv(self, size: int, flags: int = 0) -> bytes:
+        """Read the channel, taking the fds that come with "attach" frames."""
+        data, ancillary, _flags, _addr = self.channel.recvmsg(size, FD_SPACE, flags | socket.MSG_CMSG_CLOEXEC)
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                self.fds.extend(fds)
+        return data
+
+    def _on_channel(self, frames: list[Any]) -> bool:
+        """Read everything the channel holds into ``frames``; False at EOF (the daemon is gone)."""
         chunks: list[bytes] = []
         size = 0
         eof = False
         while size < MAX_BATCH:
             try:
-                data = self.channel.recv(256 * 1024, socket.MSG_DONTWAIT if chunks else 0)
+                data = self._recv(256 * 1024, socket.MSG_DONTWAIT if chunks else 0)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionResetError:
@@ -456,17 +493,44 @@ class Runtime:
                 break  # the channel was empty: asking again would only cost a syscall that says so
         if chunks:
             self.unpacker.feed(b"".join(chunks))
-            self._apply(agent, list(self.unpacker))
+            frames.extend(self.unpacker)
         return not eof
 
-    def _apply(self, agent: Agent, frames: list[Any]) -> None:
+    def _apply(self, agent: Agent, frames: list[Any], calls: list[tuple[links.Link, list[Any]]] | None = None) -> None:
         """One batch: apply every frame, commit once, then send the replies."""
         replies: list[Any] = []
         for frame in frames:
             self._dispatch(agent, frame, replies)
             if self.stopping is not None:
                 break
+        for link, link_frames in calls or ():
+            if self.stopping is not None:
+                break
+            self._on_link(agent, link, link_frames)
         self._commit_then_send(replies)
+
+    def _on_link(self, agent: Agent, link: links.Link, frames: list[Any]) -> None:
+        self.answering.add(link)
+        out = link.replies
+        for frame in frames:
+            if links.is_call(frame):  # [id, request]: what the channel's calls look like too
+                self._dispatch(agent, frame, out)
+            else:  # never a channel frame: a client does not send casts, flags or attaches
+                out.append(links.bad_shape(frame))
+            if self.stopping is not None:
+                return
+
+    def _attach(self, agent: Agent, frame: dict[str, Any]) -> None:
+        """A client the daemon handed over: answer its ``attach``, then what it sent after it."""
+        if not self.fds:
+            log_line("attach: no descriptor came with it (RLIMIT_NOFILE?); the client sees its connection close")
+            return
+        link = links.Link(socket.socket(fileno=self.fds.popleft()), self.selector)
+        link.send(codec.pack({"id": frame.get("id"), "ok": True, "result": {"id": self.spec.id, "pid": os.getpid()}}))
+        self.answering.add(link)
+        pending = frame.get("pending")
+        if type(pending) is bytes and pending:  # what the client sent before the daemon let go
+            self._on_link(agent, link, link.feed(pending))
 
     def _dispatch(self, agent: Agent, frame: Any, replies: list[Any]) -> None:
         if type(frame) is list:  # a call: [ref, request]
@@ -485,7 +549,16 @@ class Runtime:
             agent.handle_event(frame.get("e") or {})
         elif kind == "flags":
             self.flags = dict(frame.get("flags") or {})
+        elif kind == "attach":
+            self._attach(agent, frame)
         # a "sysreply" here is the late answer to a system call that timed out: dropped
+
+
+def _pack_replies(replies: list[Any]) -> bytes:
+    try:
+        return b"".join([codec.pack(r) for r in replies])
+    except (TypeError, ValueError, OverflowError):  # a result msgpack cannot encode: find it
+        return b"".join([_pack_reply(r) for r in replies])
 
 
 def _pack_reply(reply: list[Any]) -> bytes:

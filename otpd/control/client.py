@@ -10,6 +10,12 @@
 ``call`` and the calls of ``pipeline`` travel as compact frames (protocol.py): arrays, not
 maps, which cost the client and the daemon about half as much to encode and decode.
 
+``attach`` hands the connection to one agent, which then answers its calls itself, the
+daemon's hop skipped (otpd/agent/links.py)::
+
+    with Client(path).attach("kv") as kv:
+        kv.call({"op": "put", "key": "a", "value": 1})
+
 Errors from the daemon raise ``OtpdError`` with the daemon's code; a socket
 that cannot be reached raises ``Unreachable``; a request the client refuses to send
 (or a timeout it cannot use) raises ``BadRequest``, an ``OtpdError`` the daemon never saw.
@@ -169,6 +175,12 @@ class Client:
                 replies[answers] = err
         return [replies[i] for i in ids]
 
+    def attach(self, agent_id: str) -> Link:
+        """Hand this connection to the running agent ``agent_id``: the ``Link`` returned calls it
+        directly, and owns the connection from now on (this Client is done with)."""
+        result = self.request("attach", {"id": agent_id})  # answered by the agent, on its side
+        return Link(self, agent_id, int(result["pid"]) if type(result) is dict else 0)
+
     def events(self, last: int = 0) -> Iterator[dict[str, Any]]:
         """Subscribe and yield events as they come, after the ``last`` recent ones
         (blocks; the socket timeout applies)."""
@@ -177,6 +189,91 @@ class Client:
             frame = self.receive()
             if type(frame) is dict and "event" in frame:
                 yield frame
+
+
+class Link:
+    """Calls straight to one agent's process (``Client.attach``): ``[id, request]`` frames,
+    answered by the agent after its commit, as through the daemon.  When the agent's process
+    ends the link is closed: a call then raises ``agent_down`` (for a call in flight, whether
+    it was applied is unknown), and a new ``Client(...).attach(id)`` reaches the replacement.
+    The Client's socket timeout is the calls' timeout (``timeout``); the agent sets none."""
+
+    def __init__(self, client: Client, agent_id: str, pid: int) -> None:
+        self.client = client
+        self.agent_id = agent_id
+        self.pid = pid
+        self.closed = False
+
+    def __enter__(self) -> Link:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def call(self, request: Any) -> Any:
+        """Call the agent; its result, or its OtpdError raised."""
+        return _compact_result(self._await(self.send(request)))
+
+    def send(self, request: Any) -> int:
+        """Send one call without waiting; its id (``receive`` gives the replies in order)."""
+        client = self.client
+        req_id = client.next_id
+        data = _encode([req_id, request])
+        self._sendall(data)
+        client.next_id += 1
+        return req_id
+
+    def pipeline(self, requests: list[Any]) -> list[Any]:
+        """Send every call at once, then collect their results (or OtpdErrors) in order."""
+        client = self.client
+        first = client.next_id
+        data = b"".join([_encode([first + i, request]) for i, request in enumerate(requests)])
+        self._sendall(data)
+        client.next_id += len(requests)
+        out = []
+        for i in range(len(requests)):
+            frame = self._await(first + i)
+            try:
+                out.append(_compact_result(frame))
+            except OtpdError as err:
+                out.append(err)
+        return out
+
+    def receive(self) -> list[Any]:
+        """The next reply: ``[id, true, result]`` or ``[id, false, error]``."""
+        try:
+            frame = self.client.receive()
+        except Unreachable:
+            self.closed = True
+            raise self._down() from None
+        if type(frame) is not list or len(frame) != 3:
+            raise OtpdError("internal", f"malformed reply on the link to {self.agent_id!r}: {frame!r}")
+        return frame
+
+    def _await(self, req_id: int) -> list[Any]:
+        while True:
+            frame = self.receive()
+            if frame[0] == req_id:
+                return frame
+            if frame[0] is None:  # a frame the agent could not read the id of: refused
+                _compact_result(frame)
+
+    def _sendall(self, data: bytes) -> None:
+        if self.closed:
+            raise self._down()
+        try:
+            self.client.sock.sendall(data)
+        except OSError:
+            self.closed = True
+            raise self._down() from None
+
+    def _down(self) -> OtpdError:
+        return OtpdError("agent_down", f"the link to agent {self.agent_id!r} (pid {self.pid}) is closed: its "
+                                       "process ended (a call in flight may or may not have been applied); "
+                                       "attach again to reach its replacement", {"id": self.agent_id})
 
 
 def _encode(request: dict[str, Any] | list[Any]) -> bytes:

@@ -184,6 +184,27 @@ class Connection:
             self.owed += 1  # every request gets one reply, now or later
             dispatch(self, frame)
 
+    def hand_off(self) -> tuple[socket.socket, bytes]:
+        """Give the connection away (``attach``): its socket, and the bytes it sent past the
+        request being answered, which the new owner reads first.  The server forgets it and
+        closes nothing.  Only a connection with nothing else outstanding can go: a reply or
+        an event still owed to it would be lost."""
+        if self.owed != 1 or self.subscribed or self.draining:
+            raise OtpdError("bad_request", "attach takes a connection with no other request outstanding "
+                                           "and no event subscription")
+        self.flush()
+        if self.out or self.closed:
+            raise OtpdError("bad_request", "attach takes a connection that reads its replies")
+        pending = self.unpacker.read_bytes(self.fed - self.unpacker.tell())
+        self.closed = True
+        self.compact = None
+        self.server.forget(self)
+        try:
+            self.server.selector.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+        return self.sock, pending
+
     def close(self) -> None:
         if self.closed:
             return

@@ -17,6 +17,7 @@ and that happens here, in the same thread that sends the signals.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import functools
 import gc
@@ -67,7 +68,7 @@ class Child:
     """The daemon's side of one running agent process."""
 
     __slots__ = ("id", "pid", "sock", "held", "slot", "spare", "wrote_at", "wrote_last", "stopped_at", "pending",
-                 "spec", "start_error", "out", "writing", "fatal", "conn")
+                 "spec", "start_error", "out", "writing", "fatal", "conn", "attaching")
 
     def __init__(self, child_id: str, pid: int, sock: socket.socket, spec: AgentSpec, now: float) -> None:
         self.id = child_id
@@ -86,6 +87,7 @@ class Child:
         self.writing = False
         self.fatal = False  # a start failure that a restart cannot fix (store_corrupt)
         self.conn: ChildConnection | None = None  # made when the agent first asks the daemon
+        self.attaching: list[tuple[socket.socket, bytes]] = []  # clients to hand over, each with its frame
 
 
 CHILD_OUT_CAP = 64 << 20  # a child this far behind on reading its channel is hung
@@ -516,6 +518,9 @@ class Daemon:
             self.selector.unregister(child.sock)
             child.sock.close()
             child.sock = None
+        for client, _frame in child.attaching:  # never handed over: they see the connection close
+            client.close()
+        child.attaching.clear()
 
     def _drain(self, child: Child) -> None:
         """Read what a dead child sent before it died, so its replies and ready count."""
@@ -551,6 +556,10 @@ class Daemon:
     def _on_exit(self, child: Child, status: int) -> None:
         self._drain(child)
         self._close_channel(child)
+        if child.slot >= 0 and not child.spare:  # what it committed for its links' calls (liveness.py)
+            committed = int(self.beats.seq[child.slot])
+            if committed > self.seqs.get(child.id, 0):
+                self.seqs[child.id] = committed
         self.beats.give_back(child.slot)
         child.slot = -1
         self.owing.discard(child)
@@ -885,6 +894,38 @@ class Daemon:
             conn, req_id, _bucket = waiting
             conn.error(req_id, OtpdError("timeout", f"agent {child_id!r} did not answer in time", {"id": child_id}))
 
+    def op_attach(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
+        """Hand the connection to a running agent: from now on the agent reads it and answers
+        its calls itself (``[id, request]`` -> ``[id, ok, result]``), the daemon's hop skipped.
+        The agent's first frame on it is this request's reply.  The link ends with the agent's
+        process: the client sees the connection close, and attaches again to its replacement."""
+        child = self._running_child(_arg(args, "id", str))
+        sock, pending = conn.hand_off()
+        frame = protocol.pack({"t": "attach", "id": req_id, "pending": pending})
+        child.attaching.append((sock, frame))
+        self._flush_child(child)
+        return DEFERRED
+
+    def _hand_over(self, child: Child, sock: socket.socket) -> None:
+        """Pass the clients waiting to attach to ``child``, each fd with its frame (SCM_RIGHTS),
+        once everything queued before went out, so that no frame is split.  What does not fit
+        now goes when the channel is writable again."""
+        while child.attaching and not child.out:
+            client, frame = child.attaching[0]
+            try:
+                sent = sock.sendmsg([frame], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                               array.array("i", [client.fileno()]))])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # it is dying (SIGCHLD follows): the clients see their connection close
+                for waiting, _frame in child.attaching:
+                    waiting.close()
+                child.attaching.clear()
+                return
+            del child.attaching[0]
+            client.close()  # the agent has its own copy now
+            child.out += frame[sent:]  # a partial send: the fd went with its first byte, the rest is data
+
     def op_cast(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
         child = self._running_child(_arg(args, "id", str))
         if not self._send_child(child, {"t": "cast", "msg": args.get("message")}):
@@ -931,8 +972,11 @@ class Daemon:
             if child.wrote_at is None:
                 child.wrote_at = child.wrote_last
                 self.owing.add(child)
-        if bool(child.out) != child.writing:
-            child.writing = bool(child.out)
+        if child.attaching and not child.out:
+            self._hand_over(child, sock)
+        want = bool(child.out) or bool(child.attaching)
+        if want != child.writing:
+            child.writing = want
             mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if child.writing else 0)
             self.selector.modify(sock, mask, lambda m, c=child: self._on_channel(c, m))
 
@@ -1141,6 +1185,8 @@ class Daemon:
         recent = list(self.history)[-last:] if last > 0 else []
         if _arg(args, "follow", bool, True):
             self.subscribers.add(conn)
+            if type(conn) is Connection:  # (an agent's channel subscribes too)
+                conn.subscribed = True
             return {"subscribed": True, "events": recent}
         return {"subscribed": False, "events": recent}
 

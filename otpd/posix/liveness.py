@@ -10,6 +10,11 @@ shared region before it forks anything; each child gets a slot of two stamps
   worker's result), or +inf while it waits in ``select``;
 * ``woke[slot]``: when it last woke, kept while it waits.
 
+A third value per slot, ``seq[slot]``, is the seq of the child's last commit, stored before the
+replies it covers go out: calls on an attached link (``otpctl``'s protocol, ``attach``) are
+answered by the agent itself, and the daemon reads what they committed here when the child
+exits, to check that its replacement loaded no less (a commit costs a store, not a message).
+
 An idle child writes nothing and is never woken.  The daemon's sweep finds a
 child that is hung by three rules, each with the child's
 ``heartbeat_timeout_ms`` as the limit:
@@ -40,11 +45,12 @@ class Beats:
 
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
-        self.region = mmap.mmap(-1, capacity * 16, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
+        self.region = mmap.mmap(-1, capacity * 24, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
         view = memoryview(self.region).cast("d")
         self.busy = view[:capacity]
-        self.woke = view[capacity:]
+        self.woke = view[capacity:2 * capacity]
+        self.seq = view[2 * capacity:]
         self.high = 0  # slots below this have been handed out at least once
         self.free: list[int] = []
 
@@ -59,6 +65,7 @@ class Beats:
             return -1
         self.busy[slot] = now
         self.woke[slot] = now
+        self.seq[slot] = 0.0
         return slot
 
     def give_back(self, slot: int) -> None:
@@ -72,14 +79,20 @@ class Beats:
 
 
 class Stamp:
-    """The child's end: two stores per loop iteration, nothing else."""
+    """The child's end: two stores per loop iteration, one per commit, nothing else."""
 
-    __slots__ = ("busy", "woke", "slot")
+    __slots__ = ("busy", "woke", "seq", "slot")
 
     def __init__(self, beats: Beats | None, slot: int) -> None:
         self.busy = beats.busy if beats is not None and slot >= 0 else None
         self.woke = beats.woke if beats is not None and slot >= 0 else None
+        self.seq = beats.seq if beats is not None and slot >= 0 else None
         self.slot = slot
+
+    def committed(self, seq: int) -> None:
+        """The seq of a commit whose replies are about to go out (exact as a double below 2**53)."""
+        if self.seq is not None:
+            self.seq[self.slot] = seq
 
     def waiting(self) -> None:
         if self.busy is not None:

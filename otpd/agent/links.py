@@ -1,0 +1,149 @@
+"""Attached links: client connections the daemon handed to an agent (``attach``).
+
+A call through the daemon crosses two sockets and three processes; on a link the client
+talks to the agent's process directly, as an Erlang process sends to a pid it looked up
+by name.  The daemon keeps what it is for: it accepts the connection and checks the peer
+(SO_PEERCRED), finds the agent by name, and passes the fd over the agent's channel with
+SCM_RIGHTS.  The agent answers the ``attach`` request on the link, then its calls:
+
+    client -> agent: [id, request]                       (a call; id an integer)
+    agent -> client: [id, true, result] | [id, false, {"code", "message", "details"}]
+
+The same ``handle_call``, the same group commit (a link's calls share a commit with the
+channel's and every other link's that arrived together), the same write before the reply.
+The link ends with the agent's process: the client sees the connection close, with the
+outcome of the calls it had in flight unknown, and attaches again to the replacement.
+A call on a link has no timeout but the client's own.
+
+Bad input ends the link, never the agent: bytes that are not msgpack, a frame too long
+for the decoder (it holds ``MAX_FRAME`` plus one read: every frame up to ``MAX_FRAME`` is
+taken), or a client that lets ``OUT_CAP`` bytes of replies pile up unread.  A frame of
+another shape gets ``bad_request``.
+"""
+
+from __future__ import annotations
+
+import selectors
+import socket
+from typing import Any
+
+from otpd import codec
+from otpd.control import protocol
+from otpd.errors import OtpdError
+
+MAX_FRAME, OUT_CAP, MAX_ID = protocol.MAX_FRAME, protocol.OUT_CAP, protocol.MAX_ID
+READ_SIZE = 256 * 1024
+SHAPE = "a call on an attached link is [id, request], id an integer"
+
+
+class Link:
+    __slots__ = ("sock", "selector", "unpacker", "out", "writing", "replies", "closed", "eof")
+
+    def __init__(self, sock: socket.socket, selector: selectors.BaseSelector) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.selector = selector
+        # A frame up to MAX_FRAME, incomplete, plus one read always fit: no frame within the
+        # limit is refused, whatever the reads' sizes (server.Connection counts instead).
+        self.unpacker = codec.unpacker(MAX_FRAME + READ_SIZE)
+        self.out = bytearray()
+        self.writing = False
+        self.replies: list[Any] = []  # of the batch being applied, sent once it is committed
+        self.closed = False
+        self.eof = False  # the client shut down its side: answered, then closed
+        selector.register(sock, selectors.EVENT_READ, self)
+
+    def read(self) -> list[Any]:
+        """The calls one read brings."""
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError:
+            data = b""
+        if not data:
+            self.eof = True
+            if self.out:
+                self._want(selectors.EVENT_WRITE)  # what it is owed goes out, then it is closed
+            else:
+                self.close()
+            return []
+        return self.feed(data)
+
+    def feed(self, data: bytes) -> list[Any]:
+        try:
+            self.unpacker.feed(data)
+            return list(self.unpacker)
+        except Exception:  # BufferFull (a frame over the limit), or not msgpack: nothing to answer
+            self.close()
+            return []
+
+    def send(self, data: bytes) -> None:
+        """Send now what the socket takes; queue the rest (up to OUT_CAP), sent when writable."""
+        if self.closed:
+            return
+        if not self.out:
+            try:
+                sent = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.close()
+                return
+            if sent == len(data):
+                if self.eof:
+                    self.close()
+                return
+            data = data[sent:]
+        if len(self.out) + len(data) > OUT_CAP:
+            self.close()  # it stopped reading its replies
+            return
+        self.out += data
+        self.flush()
+
+    def flush(self) -> None:
+        while self.out and not self.closed:
+            try:
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.close()
+                return
+            del self.out[:sent]
+        if self.closed:
+            return
+        if self.eof and not self.out:
+            self.close()
+        elif bool(self.out) != self.writing:
+            self._want(selectors.EVENT_WRITE if self.out else selectors.EVENT_READ)
+
+    def _want(self, events: int) -> None:
+        self.writing = bool(events & selectors.EVENT_WRITE)
+        if self.eof:
+            events &= ~selectors.EVENT_READ  # EOF stays readable: do not spin on it
+        else:
+            events |= selectors.EVENT_READ
+        self.selector.modify(self.sock, events, self)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.out.clear()
+        self.replies.clear()
+        try:
+            self.selector.unregister(self.sock)
+        except (KeyError, ValueError):
+            pass
+        self.sock.close()
+
+
+def bad_shape(frame: Any) -> list[Any]:
+    """The reply to a frame that is not ``[id, request]``."""
+    req_id = frame[0] if type(frame) is list and frame and type(frame[0]) is int else None
+    return [req_id, False, OtpdError("bad_request", SHAPE).to_wire()]
+
+
+def is_call(frame: Any) -> bool:
+    return type(frame) is list and len(frame) == 2 and type(frame[0]) is int and 0 <= frame[0] <= MAX_ID

@@ -1,0 +1,214 @@
+"""Attached links (``attach``): a client's connection handed to an agent, its calls answered there.
+
+A real daemon, the real socket, real SIGKILLs; the fd goes over the agent's channel (SCM_RIGHTS)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otpd import codec
+from otpd.client import Link
+from otpd.control import protocol
+from otpd.errors import OtpdError
+from otpd.store.lmdb_store import Store, encode
+
+KV = """
+[root]
+max_restarts = 1000
+max_seconds = 1
+
+[[root.children]]
+id = "kv"
+agent = "otpd.agents.kv:KVAgent"
+
+[[root.children]]
+id = "echo"
+agent = "otpd.agents.echo:EchoAgent"
+"""
+
+
+def attach(d: Any, agent: str = "kv") -> Link:
+    link = d.client().attach(agent)
+    d.record_pid(link.pid)
+    return link
+
+
+def raw_attached(d: Any, after: bytes = b"") -> tuple[socket.socket, Any]:
+    """A bare socket attached to kv (``after``: bytes sent with the attach, before its reply)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(str(d.socket))
+    s.sendall(codec.pack({"id": 7, "op": "attach", "args": {"id": "kv"}}) + after)
+    unpacker = protocol.unpacker()
+    welcome = next_frame(s, unpacker)
+    assert welcome["id"] == 7 and welcome["ok"] and welcome["result"]["id"] == "kv", welcome
+    return s, unpacker
+
+
+def next_frame(s: socket.socket, unpacker: Any) -> Any:
+    while True:
+        for frame in unpacker:
+            return frame
+        try:
+            data = s.recv(65536)
+        except ConnectionResetError:  # closed with our bytes unread
+            data = b""
+        if not data:
+            return None  # the link closed
+        unpacker.feed(data)
+
+
+def test_a_link_calls_the_agent_directly_on_the_same_state(daemon: Any) -> None:
+    d = daemon(KV)
+    with attach(d) as kv:
+        assert kv.pid == d.pid_of("kv")
+        assert kv.call({"op": "put", "key": "a", "value": 1}) == {"ok": True, "len": 1}
+        assert kv.pipeline([{"op": "put", "key": i, "value": i} for i in range(100)])[-1] == {"ok": True, "len": 101}
+        with pytest.raises(OtpdError) as err:
+            kv.call({"op": "nope"})
+        assert err.value.code == "bad_request"
+        # the daemon's path and the link see one state
+        assert d.request("call", {"id": "kv", "request": {"op": "get", "key": 42}}) == {"found": True, "value": 42}
+        d.request("call", {"id": "kv", "request": {"op": "put", "key": "b", "value": 2}})
+        assert kv.call({"op": "get", "key": "b"}) == {"found": True, "value": 2}
+        assert d.request("status")["daemon"]["connections"] == 1  # the link is not the daemon's
+
+
+def test_calls_sent_with_the_attach_are_answered_after_it(daemon: Any) -> None:
+    d = daemon(KV)
+    calls = b"".join(codec.pack([i, {"op": "put", "key": i, "value": -i}]) for i in range(1, 51))
+    s, unpacker = raw_attached(d, after=calls)
+    with s:
+        replies = [next_frame(s, unpacker) for _ in range(50)]
+    assert [r[0] for r in replies] == list(range(1, 51)) and all(r[1] is True for r in replies)
+    assert d.request("call", {"id": "kv", "request": {"op": "len"}}) == {"len": 50, "puts": 50}
+
+
+@pytest.mark.parametrize("frame", [
+    {"id": 1, "op": "call", "args": {"id": "kv", "request": {"op": "len"}}},  # a map: not on a link
+    {"t": "flags", "flags": {"x": 100.0}},  # a channel frame: never taken from a client
+    ["x", {"op": "len"}],
+    [1, {"op": "len"}, "extra"],
+    [-1, {"op": "len"}],
+])
+def test_a_frame_of_another_shape_is_refused_and_the_link_goes_on(daemon: Any, frame: Any) -> None:
+    d = daemon(KV)
+    pid = d.pid_of("kv")
+    s, unpacker = raw_attached(d)
+    with s:
+        s.sendall(codec.pack(frame) + codec.pack([5, {"op": "len"}]))
+        refused = next_frame(s, unpacker)
+        assert refused[1] is False and refused[2]["code"] == "bad_request", refused
+        assert next_frame(s, unpacker) == [5, True, {"len": 0, "puts": 0}]
+    assert d.pid_of("kv") == pid
+
+
+@pytest.mark.parametrize("garbage", [
+    b"\xc1",  # never valid msgpack
+    b"\xdb" + (8 << 20).to_bytes(4, "big") + b"x" * (2 << 20),  # a str header of 8 MiB, 2 MiB of it sent
+])
+def test_garbage_ends_the_link_not_the_agent(daemon: Any, garbage: bytes) -> None:
+    d = daemon(KV)
+    pid = d.pid_of("kv")
+    s, unpacker = raw_attached(d)
+    with s:
+        s.sendall(codec.pack([1, {"op": "put", "key": "a", "value": 1}]))
+        assert next_frame(s, unpacker) == [1, True, {"ok": True, "len": 1}]
+        try:
+            s.sendall(garbage)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed while we were still sending: the same outcome
+        assert next_frame(s, unpacker) is None
+    assert d.pid_of("kv") == pid
+    assert d.request("call", {"id": "kv", "request": {"op": "get", "key": "a"}}) == {"found": True, "value": 1}
+
+
+def test_a_frame_up_to_the_limit_is_taken_on_a_link(daemon: Any) -> None:
+    d = daemon(KV)
+    big = "v" * (protocol.MAX_FRAME - 100)
+    s, unpacker = raw_attached(d)
+    with s:
+        s.sendall(codec.pack([1, {"op": "put", "key": "big", "value": big}]) + codec.pack([2, {"op": "len"}]))
+        assert next_frame(s, unpacker) == [1, True, {"ok": True, "len": 1}]
+        assert next_frame(s, unpacker) == [2, True, {"len": 1, "puts": 1}]
+
+
+def test_attach_is_refused_with_a_stable_code_and_the_connection_stays_the_daemons(daemon: Any) -> None:
+    d = daemon(KV + '\n[[root.children]]\nid = "later"\nagent = "otpd.agents.echo:EchoAgent"\nrestart = "temporary"\n')
+    d.request("stop", {"id": "later"})
+    with d.client() as c:
+        for args, code in (({"id": "nobody"}, "not_found"), ({"id": "later"}, "agent_down"), ({}, "bad_request")):
+            with pytest.raises(OtpdError) as err:
+                c.request("attach", args)
+            assert err.value.code == code, args
+        assert c.request("ps")["children"]  # still the daemon's connection
+    with d.client() as c:
+        c.request("events", {"follow": True})
+        with pytest.raises(OtpdError) as err:
+            c.request("attach", {"id": "kv"})
+        assert err.value.code == "bad_request" and "subscription" in err.value.message
+
+
+def test_the_link_closes_with_the_agent_and_every_acknowledged_put_survives(daemon: Any) -> None:
+    d = daemon(KV)
+    kv = attach(d)
+    acked: list[int] = []
+    first = kv.client.next_id
+    kv.client.sock.sendall(b"".join(codec.pack([first + i, {"op": "put", "key": i, "value": i}])
+                                    for i in range(20_000)))
+    with pytest.raises(OtpdError) as err:
+        while True:
+            frame = kv.receive()
+            assert frame[1] is True
+            acked.append(frame[0] - first)
+            if len(acked) == 200:
+                os.kill(kv.pid, signal.SIGKILL)  # with thousands of calls in flight on the link
+    assert err.value.code == "agent_down" and "attach again" in err.value.message
+    assert 200 <= len(acked) < 20_000
+    with pytest.raises(OtpdError):
+        kv.call({"op": "len"})  # a closed link stays closed
+    kv.close()
+    d.wait("kv", "running", not_pid=kv.pid)
+    with attach(d) as again:
+        assert again.pid != kv.pid
+        for key in acked[:: 50] + [acked[-1]]:
+            assert again.call({"op": "get", "key": key}) == {"found": True, "value": key}
+        assert again.call({"op": "len"})["len"] >= len(acked)
+
+
+def test_fsync_durability_on_a_link(daemon: Any) -> None:
+    d = daemon('[store]\ndurability = "fsync"\n' + KV)
+    with attach(d) as kv:
+        assert kv.pipeline([{"op": "put", "key": i, "value": i} for i in range(20)])[-1] == {"ok": True, "len": 20}
+        os.kill(kv.pid, signal.SIGKILL)
+    d.wait("kv", "running", not_pid=kv.pid)
+    with attach(d) as kv:
+        assert kv.call({"op": "len"}) == {"len": 20, "puts": 20}
+
+
+def test_the_daemon_knows_what_a_link_committed_and_catches_state_going_back(daemon: Any) -> None:
+    """A link's calls never pass the daemon: the seq they committed reaches it through the
+    shared liveness page.  A record put back with a lower seq is then caught at the next start."""
+    d = daemon(KV)
+    with attach(d) as kv:
+        for i in range(5):
+            kv.call({"op": "put", "key": i, "value": i})  # 5 commits, seen by the daemon only as a stamp
+    d.request("stop", {"id": "kv"})
+    d.wait("kv", "stopped")
+    state_dir = Path(next(line.split('"')[1] for line in d.config_path.read_text().splitlines()
+                          if "state_dir" in line))
+    store = Store(state_dir / "store")
+    main = store.read("kv")
+    assert main is not None and main["seq"] >= 5
+    store.put_main("kv", encode({**main, "seq": 1}))  # what a bad restore would do
+    store.close()
+    with d.events() as events:
+        d.request("start", {"id": "kv"})
+        regressed = events.until(("seq_regressed", "kv"))[-1]
+    assert regressed["seq"] == 1 and regressed["known"] == main["seq"]
