@@ -81,12 +81,28 @@ def child_main(channel_fd: int, spec: AgentSpec, daemon_pid: int, store: StoreSe
         except BaseException:
             pass
     finally:
+        end_helpers()
         for stream in (sys.stdout, sys.stderr):  # os._exit does not flush
             try:
                 stream.flush()
             except BaseException:
                 pass
         os._exit(status)
+
+
+HELPERS: list[int] = []  # pids of this agent's helper processes (its Syncer), ended with it
+
+
+def end_helpers() -> None:
+    """SIGKILL and reap this agent's helpers, so that none is left for the daemon to reap
+    after it has gone (at its shutdown).  A SIGKILLed agent's die by PR_SET_PDEATHSIG."""
+    while HELPERS:
+        pid = HELPERS.pop()
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
 
 
 def log_line(line: str) -> None:
@@ -131,6 +147,80 @@ def load_class(ref: str) -> type[Agent]:
     return cls
 
 
+class Syncer:
+    """Under fsync durability, the log's ``fdatasync`` in a helper process: the loop reads and
+    applies the next batch while the last one syncs (group commit, pipelined).  A batch's
+    replies wait for the sync that covers its entry, and every later batch's replies, reads
+    too, wait behind them: nothing is answered that a power cut could take back.
+
+    A process, not a thread: a thread waking from its sync must take the GIL back from a
+    loop that is busy, which cost more than the overlap gained (BENCHMARKS.md).  The helper
+    is forked from the agent, keeps only the log's fd and its socket, dies with the agent
+    (PR_SET_PDEATHSIG) and is reaped by the daemon (a subreaper).  If it is gone (killed),
+    the agent syncs inline again: slower, as safe."""
+
+    def __init__(self, log_fd: int, agent_id: str) -> None:
+        self.log_fd = log_fd
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        parent = os.getpid()
+        pid = os.fork()
+        if pid == 0:  # the helper: os calls only (the agent's threads, locks and loop are not here)
+            status = 1
+            try:
+                signal.set_wakeup_fd(-1)  # the agent's: a signal here must not look like one to it
+                for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                if system.die_with_parent(parent):
+                    system.close_inherited_fds(theirs.fileno(), log_fd)
+                    system.set_title(f"otpd: sync {agent_id}")
+                    fd = theirs.fileno()
+                    while os.read(fd, 64):  # one byte per sync asked for; EOF: the agent is gone
+                        try:
+                            os.fdatasync(log_fd)
+                        except OSError:
+                            os.write(fd, b"E")
+                        else:
+                            os.write(fd, b"!")
+                    status = 0
+            finally:
+                os._exit(status)
+        theirs.close()
+        HELPERS.append(pid)
+        self.pid = pid
+        self.sock = ours
+        self.r = ours.fileno()
+        os.set_blocking(self.r, False)
+
+    def start(self) -> bool:
+        """Ask for a sync of the log; False if the helper is gone."""
+        try:
+            os.write(self.r, b"s")
+        except OSError:
+            return False
+        return True
+
+    def finished(self, block: bool) -> bool | None:
+        """True once the sync asked for is done; False: not yet; None: the helper is gone.
+        Raises if the sync failed (EIO: the agent ends, answering nothing more)."""
+        if block:
+            select.select([self.r], [], [])
+        try:
+            data = os.read(self.r, 64)
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            return None
+        if b"E" in data:
+            raise OSError(f"fdatasync of the log failed (in the sync helper, pid {self.pid})")
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class Runtime:
     def __init__(self, channel: socket.socket, spec: AgentSpec, store: StoreSettings | None = None) -> None:
         self.channel = channel
@@ -162,6 +252,13 @@ class Runtime:
         self.title: str | None = None  # a process title to set once ready
         self.fds: deque[int] = deque()  # clients passed with "attach" frames (SCM_RIGHTS), in order
         self.answering: set[links.Link] = set()  # links with replies in the batch being applied
+        self.syncer: Syncer | None = None  # fsync durability: the log synced on a thread
+        self.written = 0  # the seq of the last commit, ...
+        self.synced = 0  # ... of the last one known durable, ...
+        self.syncing = 0  # ... and of the one the sync in flight covers (0: none)
+        self.sync_by = float("inf")  # when the sync in flight counts as hung
+        self.held: deque[tuple[int, bytes, list[tuple[links.Link, bytes]]]] = deque()  # replies waiting for it
+        self.deferred: list[Any] = []  # replies of batches applied while a sync ran, not committed yet
 
     # -- timers ---------------------------------------------------------------
 
@@ -274,6 +371,11 @@ class Runtime:
         selector = self.selector
         selector.register(self.channel, selectors.EVENT_READ, "channel")
         selector.register(rfd, selectors.EVENT_READ, "signal")
+        if self.store is not None and self.store.fsync and self.store.own is not None:
+            self.syncer = Syncer(self.store.own.fd, self.spec.id)
+            self.written = self.synced = keeper.seq
+            self.store.defer_log_sync()
+            selector.register(self.syncer.r, selectors.EVENT_READ, "synced")
         while self.stopping is None:
             if self.backlog:
                 backlog, self.backlog = self.backlog, []
@@ -291,6 +393,8 @@ class Runtime:
                 source = key.data
                 if source == "channel":
                     gone = not self._on_channel(frames)
+                elif source == "synced":
+                    self._on_synced(block=False)
                 elif source == "signal":
                     self._on_signals(os.read(rfd, 64))
                 elif source == "work":
@@ -314,8 +418,14 @@ class Runtime:
                 self._checkpoint()
             if now >= self.next_sync:
                 self._sync()
+            if now >= self.sync_by and self.syncing:
+                # The helper hangs in its sync (a dead disk): as an agent hung in its own sync
+                # would be killed by the daemon (liveness rule 1), this one ends, unanswered.
+                raise RuntimeError(f"the log's sync has not finished in {self.spec.heartbeat_timeout_ms} ms "
+                                   f"(sync helper pid {self.syncer.pid if self.syncer else '?'})")
         agent.terminate(self.stopping)
         self._commit_then_send([])
+        self._settle()
         self._checkpoint()
         self._sync()
         return system.EXIT_SHUTDOWN if self.stopping == "shutdown" else system.EXIT_NORMAL
@@ -404,6 +514,13 @@ class Runtime:
         self.next_sync = float("inf")
 
     def _commit_then_send(self, replies: list[Any]) -> None:
+        if self.syncing and not self.after and self.ending is None and self.stopping is None:
+            # A sync is running: what came meanwhile is applied, and committed as one entry
+            # when it is done (_on_synced), not as many small ones.
+            self.deferred.extend(replies)
+            return
+        if self.deferred:
+            replies, self.deferred = self.deferred + replies, []
         keeper = self.keeper
         assert keeper is not None
         error = None
@@ -422,8 +539,8 @@ class Runtime:
                 replies.append({"t": "seq", "seq": keeper.seq})
             if self.sync_s is not None and self.next_sync == float("inf"):
                 self.next_sync = time.monotonic() + self.sync_s
-        if replies:
-            self.channel.sendall(_pack_replies(replies))
+        data = _pack_replies(replies) if replies else b""
+        to_links = []
         if self.answering:
             answering, self.answering = self.answering, set()
             for link in answering:
@@ -431,10 +548,29 @@ class Runtime:
                 if error is not None:
                     out = [[r[0], False, error] for r in out]
                 if out:
-                    link.send(_pack_replies(out))
+                    to_links.append((link, _pack_replies(out)))
+        if wrote:
+            self.written = keeper.seq
+            if self.syncer is None:
+                self.synced = self.written  # (synced by the commit itself, or not meant to be)
+        if self.written > self.synced and (data or to_links):  # (only under fsync: see Syncer)
+            if self.after or self.ending is not None:
+                self._settle()  # what waits for this commit runs once it is durable: now
+            else:
+                self.held.append((self.written, data, to_links))
+                data, to_links = b"", []
+                if not self.syncing:
+                    self._start_sync()
+        elif self.written > self.synced and not self.syncing:
+            self._start_sync()  # (a commit with nothing to answer, a timer's)
+        if data:
+            self.channel.sendall(data)
+        for link, out_data in to_links:
+            link.send(out_data)
         if self.ending is not None:  # committed or not (store_full drops the after-commit callbacks)
             for stream in (sys.stdout, sys.stderr):  # os._exit does not flush
                 stream.flush()
+            end_helpers()
             os._exit(self.ending)
         if wrote:
             store = keeper.store
@@ -449,9 +585,83 @@ class Runtime:
                 callback()
             self._commit_then_send([])  # what the callbacks changed
 
+    def _start_sync(self) -> None:
+        assert self.syncer is not None and self.store is not None
+        fd = self.store.log_to_sync()
+        if fd is None:  # nothing in the log to sync: those commits went to LMDB, synced there
+            self.synced = self.written
+            self._release()
+            return
+        if fd != self.syncer.log_fd or not self.syncer.start():
+            os.fdatasync(fd)  # (the helper is gone: the sync it would have done, here)
+            self._inline_syncs()
+            self.synced = self.written
+            self._release()
+            return
+        self.syncing = self.written
+        if self.spec.heartbeat_timeout_ms:  # (0: no liveness limit, for the sync neither)
+            self.sync_by = time.monotonic() + self.spec.heartbeat_timeout_ms / 1000
+
+    def _inline_syncs(self) -> None:
+        """The helper is gone: every commit syncs the log itself again, as without one."""
+        assert self.syncer is not None and self.store is not None
+        log_line(f"the sync helper (pid {self.syncer.pid}) is gone; syncing the log inline")
+        self.selector.unregister(self.syncer.r)
+        self.syncer.close()
+        HELPERS.remove(self.syncer.pid)
+        try:  # our child: reaped here (its pid is not free for reuse until then)
+            os.kill(self.syncer.pid, signal.SIGKILL)
+            os.waitpid(self.syncer.pid, 0)
+        except OSError:
+            pass
+        self.syncer = None
+        if self.store.own is not None:
+            self.store.own.defer = False
+
+    def _on_synced(self, block: bool) -> None:
+        assert self.syncer is not None and self.store is not None
+        done = self.syncer.finished(block)
+        if done is False:
+            return
+        if done is None:  # the helper is gone, mid-sync or idle: sync here what it may not have
+            assert self.store.own is not None
+            os.fdatasync(self.store.own.fd)
+            self._inline_syncs()
+            self.synced = self.written
+        else:
+            self.synced = self.syncing
+        self.syncing = 0
+        self.sync_by = float("inf")
+        self._release()
+        self._commit_then_send([])  # what came meanwhile: one commit, its sync started
+
+    def _release(self) -> None:
+        """Send the replies whose commits are durable now (and those held behind them)."""
+        held = self.held
+        while held and held[0][0] <= self.synced:
+            _seq, data, to_links = held.popleft()
+            if data:
+                self.channel.sendall(data)
+            for link, out_data in to_links:
+                link.send(out_data)
+
+    def _settle(self) -> None:
+        """Make every commit durable now, and send every reply held for it."""
+        if self.syncer is None:
+            return
+        while self.syncing and self.syncer is not None:
+            self._on_synced(block=True)  # (which starts the next if more was written meanwhile)
+        if self.written > self.synced:  # this batch's commit: no sync started for it yet
+            assert self.store is not None
+            fd = self.store.log_to_sync()
+            if fd is not None:
+                os.fdatasync(fd)
+            self.synced = self.written
+        self._release()
+
     def _timeout(self) -> float | None:
         """Seconds until the loop has something of its own to do; None: nothing (wait for input)."""
-        wake = min(self.next_sync, self.next_checkpoint)
+        wake = min(self.next_sync, self.next_checkpoint, self.sync_by)
         if self.timers:
             wake = min(wake, self.timers[0][0])
         if wake == float("inf"):

@@ -191,6 +191,7 @@ class Daemon:
         code.note_loaded()  # what a reload compares agent modules' files with
         gc.freeze()  # keep the forked children's copy-on-write pages shared
         system.prepare_titles()
+        system.become_subreaper()  # an agent's sync helper, or what an agent started, is reaped here
         system.trim_heap()  # every page the daemon holds is a page each fork copies a mapping of
         try:
             self._apply(self.tree.start(time.monotonic()))

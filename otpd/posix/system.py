@@ -18,6 +18,7 @@ from otpd.core.tree import Reason
 
 PR_SET_PDEATHSIG = 1
 PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _prctl = _libc.prctl
@@ -66,10 +67,19 @@ def prepare_titles() -> None:
         _setproctitle(getproctitle())
 
 
-def close_inherited_fds(keep: int) -> None:
-    """Close every fd above stderr except ``keep`` (close_range(2) under the hood)."""
-    os.closerange(3, keep)
-    os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
+def close_inherited_fds(*keep: int) -> None:
+    """Close every fd above stderr except those in ``keep`` (close_range(2) under the hood)."""
+    low = 3
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def become_subreaper() -> bool:
+    """Orphans of our children (an agent's helper, a process an agent started) are re-parented
+    to us, not to init, and reaped here: none of them is left a zombie outside the daemon."""
+    return bool(_prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
 
 
 def scrub_exec_environ(names: tuple[str, ...]) -> None:

@@ -281,6 +281,21 @@ class Store:
             return
         own.append(entry, record, items)
 
+    def defer_log_sync(self) -> None:
+        """Under fsync, leave the log's syncs to the caller (``log_to_sync``): a commit then
+        returns once its entry is written, durable only once the caller synced the fd."""
+        if self.own is not None:
+            self.own.defer = True
+
+    def log_to_sync(self) -> int | None:
+        """The log's fd if it has writes not synced yet, which count as synced from now on:
+        the caller syncs the fd (``os.fdatasync``) before it tells anyone they are."""
+        own = self.own
+        if own is None or not own.unsynced:
+            return None
+        own.unsynced = False
+        return own.fd
+
     def checkpoint_due(self, entries: int = 1024, size: int = 4 << 20) -> bool:
         own = self.own
         return own is not None and (own.entries >= entries or own.size >= size)

@@ -189,6 +189,7 @@ class AgentLog:
         self.entries = 0
         self.size = 0
         self.unsynced = False
+        self.defer = False  # fsync, but the caller syncs (``Store.log_to_sync``), not each write
 
     @classmethod
     def take(cls, logs: Path, agent_id: str, fsync: bool, tool: bool = False) -> AgentLog:
@@ -274,7 +275,7 @@ class AgentLog:
         done = os.write(self.fd, data)
         while done < len(data):  # a regular file takes it whole but on a full disk or a signal
             done += os.write(self.fd, data[done:])
-        if self.fsync:
+        if self.fsync and not self.defer:
             os.fdatasync(self.fd)
         else:
             self.unsynced = True
