@@ -160,25 +160,30 @@ def agent_pid(sock_path: Path, child: str) -> int:
 
 
 def puts_per_second(sock_path: Path, n: int, window: int, start_key: int,
-                    cpu: dict[str, list[float]] | None = None, pids: dict[str, int] | None = None) -> float:
-    """Acknowledged puts/s from one client keeping ``window`` calls in flight.
+                    cpu: dict[str, list[float]] | None = None, pids: dict[str, int] | None = None,
+                    attached: bool = False) -> float:
+    """Acknowledged puts/s from one client keeping ``window`` calls in flight (``attached``: on
+    a link to the agent, ``Client.attach``, the daemon's hop skipped).
 
     With ``pids`` ({"agent": pid, "daemon": pid}), each one's CPU µs per put is appended to ``cpu``."""
-    with Client(sock_path, timeout=60) as c:
+    c = Client(sock_path, timeout=60)
+    link = c.attach("kv") if attached else None
+    with c:
         before = {name: cpu_seconds(pid) for name, pid in (pids or {}).items()}
         t0 = time.perf_counter()
         sent = done = 0
         while done < n:
             burst = bytearray()
             while sent < n and sent - done < window:
-                burst += protocol.pack({"id": c.next_id, "op": "call", "args": {
-                    "id": "kv", "request": {"op": "put", "key": start_key + sent, "value": sent}}})
+                request = {"op": "put", "key": start_key + sent, "value": sent}
+                burst += protocol.pack([c.next_id, request] if link else {"id": c.next_id, "op": "call", "args": {
+                    "id": "kv", "request": request}})
                 c.next_id += 1
                 sent += 1
             if burst:
                 c.sock.sendall(burst)
-            frame = c.receive()
-            if not frame.get("ok"):
+            frame = link.receive() if link else c.receive()
+            if not (frame[1] if link else frame.get("ok")):
                 raise RuntimeError(frame)
             done += 1
         rate = n / (time.perf_counter() - t0)
@@ -198,14 +203,16 @@ def bench_overhead(root: Path, rounds: int, n: int) -> list[str]:
     on_pids = {"agent": agent_pid(on.socket, "kv"), "daemon": on.proc.pid}
     off_pids = {"agent": agent_pid(off.socket, "kv"), "daemon": off.proc.pid}
     try:
-        for window, label in ((1, "one call at a time"), (64, "64 in flight"), (1000, "1,000 in flight")):
+        for window, label, attached in ((1, "one call at a time", False), (64, "64 in flight", False),
+                                        (1000, "1,000 in flight", False), (1, "one call at a time, attached", True),
+                                        (1000, "1,000 in flight, attached", True)):
             a: list[float] = []
             b: list[float] = []
             ca: dict[str, list[float]] = {}
             cb: dict[str, list[float]] = {}
             for r in range(rounds):
-                a.append(puts_per_second(on.socket, n, window, r * n, ca, on_pids))
-                b.append(puts_per_second(off.socket, n, window, r * n, cb, off_pids))
+                a.append(puts_per_second(on.socket, n, window, r * n, ca, on_pids, attached))
+                b.append(puts_per_second(off.socket, n, window, r * n, cb, off_pids, attached))
             ma, mb = statistics.median(a), statistics.median(b)
             med = statistics.median
             rows.append(f"| {label} | {ma:,.0f} | {mb:,.0f} | {ma / mb:.3f} "

@@ -603,7 +603,7 @@ class EventStream:
         out, self._buffered = self._buffered, []
         while True:
             try:
-                data = self.sock.recv(1 << 20)
+                data = self.sock.recv(65536)  # (over 128 KiB, each recv maps its buffer: codec.READ_SIZE)
             except (BlockingIOError, InterruptedError):
                 return out
             if not data:

@@ -32,12 +32,12 @@ from otpd.control import protocol
 from otpd.errors import OtpdError
 
 MAX_FRAME, OUT_CAP, MAX_ID = protocol.MAX_FRAME, protocol.OUT_CAP, protocol.MAX_ID
-READ_SIZE = 256 * 1024
+READ_SIZE = codec.READ_SIZE
 SHAPE = "a call on an attached link is [id, request], id an integer"
 
 
 class Link:
-    __slots__ = ("sock", "selector", "unpacker", "out", "writing", "replies", "closed", "eof")
+    __slots__ = ("sock", "selector", "unpacker", "out", "writing", "replies", "closed", "eof", "whole")
 
     def __init__(self, sock: socket.socket, selector: selectors.BaseSelector) -> None:
         sock.setblocking(False)
@@ -51,6 +51,7 @@ class Link:
         self.replies: list[Any] = []  # of the batch being applied, sent once it is committed
         self.closed = False
         self.eof = False  # the client shut down its side: answered, then closed
+        self.whole = True  # one whole frame per read so far (a client with one call in flight)
         selector.register(sock, selectors.EVENT_READ, self)
 
     def read(self) -> list[Any]:
@@ -71,6 +72,11 @@ class Link:
         return self.feed(data)
 
     def feed(self, data: bytes) -> list[Any]:
+        if self.whole:  # every read so far was one whole frame: decoded without the stream decoder
+            try:
+                return [codec.unpack(data)]
+            except Exception:  # several frames, part of one, or garbage: the stream decoder tells
+                self.whole = False  # (for good: it may hold part of a frame from now on)
         try:
             self.unpacker.feed(data)
             return list(self.unpacker)

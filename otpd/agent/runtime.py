@@ -325,7 +325,7 @@ class Runtime:
                 raise OtpdError("timeout", f"no answer from the daemon to {op!r} in {timeout}s")
             ready, _, _ = select.select([self.channel], [], [], left)
             if ready:
-                data = self._recv(256 * 1024)
+                data = self._recv(codec.READ_SIZE)
                 if not data:
                     raise OtpdError("shutting_down", "the daemon is gone")
                 self.unpacker.feed(data)
@@ -448,7 +448,7 @@ class Runtime:
         go = False
         while not go:
             try:
-                data = self._recv(256 * 1024)
+                data = self._recv(codec.READ_SIZE)
             except InterruptedError:
                 continue
             except ConnectionResetError:
@@ -689,7 +689,7 @@ class Runtime:
         eof = False
         while size < MAX_BATCH:
             try:
-                data = self._recv(256 * 1024, socket.MSG_DONTWAIT if chunks else 0)
+                data = self._recv(codec.READ_SIZE, socket.MSG_DONTWAIT if chunks else 0)
             except (BlockingIOError, InterruptedError):
                 break
             except ConnectionResetError:
@@ -699,7 +699,7 @@ class Runtime:
                 break
             chunks.append(data)
             size += len(data)
-            if len(data) < 256 * 1024:
+            if len(data) < codec.READ_SIZE:
                 break  # the channel was empty: asking again would only cost a syscall that says so
         if chunks:
             self.unpacker.feed(b"".join(chunks))
@@ -766,6 +766,8 @@ class Runtime:
 
 def _pack_replies(replies: list[Any]) -> bytes:
     try:
+        if len(replies) == 1:
+            return codec.pack(replies[0])
         return b"".join([codec.pack(r) for r in replies])
     except (TypeError, ValueError, OverflowError):  # a result msgpack cannot encode: find it
         return b"".join([_pack_reply(r) for r in replies])

@@ -118,7 +118,7 @@ class Client:
             for frame in unpacker:  # (not next(): an empty buffer would cost a StopIteration)
                 return frame
             try:
-                data = self.sock.recv(256 * 1024)
+                data = self.sock.recv(codec.READ_SIZE)
             except (TimeoutError, BlockingIOError):  # the socket's timeout (EAGAIN from SO_RCVTIMEO)
                 raise OtpdError("timeout", f"no answer from otpd at {self.path}") from None
             except OSError as exc:

@@ -25,6 +25,7 @@ from typing import Any
 
 import msgpack
 
+from otpd import codec
 from otpd.control import protocol
 from otpd.errors import OtpdError
 from otpd.posix import system
@@ -34,7 +35,7 @@ Handler = Callable[["Connection", Any, dict[str, Any]], Any]
 CompactCall = Callable[["Compact", Any, Any, Any, Any], Any]
 DEFERRED = object()  # a handler's result meaning "the reply comes later"
 MAX_ID, OUT_CAP, MAX_FRAME = protocol.MAX_ID, protocol.OUT_CAP, protocol.MAX_FRAME
-READ_SIZE = 256 * 1024
+READ_SIZE = codec.READ_SIZE
 _pack = protocol.pack
 
 

@@ -450,7 +450,7 @@ class Daemon:
             if not mask & selectors.EVENT_READ or child.sock is None:
                 return
         try:
-            data = sock.recv(256 * 1024)
+            data = sock.recv(codec.READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -527,7 +527,7 @@ class Daemon:
         """Read what a dead child sent before it died, so its replies and ready count."""
         while child.sock is not None:
             try:
-                data = child.sock.recv(256 * 1024)
+                data = child.sock.recv(codec.READ_SIZE)
             except OSError:
                 return
             if not data:
