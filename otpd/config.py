@@ -42,6 +42,7 @@ from otpd.store.lmdb_store import StoreSettings
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,127}$")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DURABILITIES = ("process", "fsync", "none")
+SYNC_HELPERS = ("auto", "always", "never")  # [store] sync_helper, under fsync: see otpd.agent.runtime.Syncer
 SOCKET_NAME = "otpd.sock"
 
 
@@ -61,6 +62,7 @@ class StoreConfig:
     map_size_max_mb: int
     sync_interval_ms: int
     checkpoint_ms: int = 100
+    sync_helper: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class Config:
             path=self.daemon.state_dir / "store", durability=self.store.durability,
             map_size_mb=self.store.map_size_mb, map_size_max_mb=self.store.map_size_max_mb,
             sync_interval_ms=self.store.sync_interval_ms, checkpoint_ms=self.store.checkpoint_ms,
+            sync_helper=self.store.sync_helper,
         )
 
     def agent_specs(self) -> list[AgentSpec]:
@@ -471,7 +474,7 @@ def parse(text: str, path: Path) -> Config:
     store = c.table("store", top.get("store", {}), {
         "durability": _one_of(DURABILITIES), "map_size_mb": _int(1, 1 << 24),
         "map_size_max_mb": _int(1, 1 << 24), "sync_interval_ms": _int(1, 3_600_000),
-        "checkpoint_ms": _int(1, 3_600_000),
+        "checkpoint_ms": _int(1, 3_600_000), "sync_helper": _one_of(SYNC_HELPERS),
     })
     root_raw = top.get("root", {})
     root_keys = c.table("root", root_raw, ROOT_KEYS)
@@ -499,6 +502,7 @@ def parse(text: str, path: Path) -> Config:
             map_size_max_mb=max(store.get("map_size_max_mb", 65536), store.get("map_size_mb", 1024)),
             sync_interval_ms=store.get("sync_interval_ms", 1000),
             checkpoint_ms=store.get("checkpoint_ms", 100),
+            sync_helper=store.get("sync_helper", "auto"),
         ),
         root=SupervisorSpec(
             id="root",

@@ -159,8 +159,9 @@ class Syncer:
     (PR_SET_PDEATHSIG) and is reaped by the daemon (a subreaper).  If it is gone (killed),
     the agent syncs inline again: slower, as safe."""
 
-    def __init__(self, log_fd: int, agent_id: str) -> None:
+    def __init__(self, log_fd: int, agent_id: str, auto: bool = True) -> None:
         self.log_fd = log_fd
+        self.auto = auto  # sync inline when nothing waits to be applied meanwhile ("auto"; else "always")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         parent = os.getpid()
         pid = os.fork()
@@ -371,8 +372,10 @@ class Runtime:
         selector = self.selector
         selector.register(self.channel, selectors.EVENT_READ, "channel")
         selector.register(rfd, selectors.EVENT_READ, "signal")
-        if self.store is not None and self.store.fsync and self.store.own is not None:
-            self.syncer = Syncer(self.store.own.fd, self.spec.id)
+        settings = self.store_settings
+        if self.store is not None and self.store.fsync and self.store.own is not None and settings is not None \
+                and settings.sync_helper != "never":
+            self.syncer = Syncer(self.store.own.fd, self.spec.id, settings.sync_helper == "auto")
             self.written = self.synced = keeper.seq
             self.store.defer_log_sync()
             selector.register(self.syncer.r, selectors.EVENT_READ, "synced")
@@ -589,6 +592,14 @@ class Runtime:
         assert self.syncer is not None and self.store is not None
         fd = self.store.log_to_sync()
         if fd is None:  # nothing in the log to sync: those commits went to LMDB, synced there
+            self.synced = self.written
+            self._release()
+            return
+        if self.syncer.auto and not self.selector.select(0):
+            # Nothing came to apply while it syncs: the overlap would gain nothing and the
+            # helper's two wake-ups would delay the replies (calls through the daemon arrive
+            # as one batch, and then nothing until they are answered).  Sync here.
+            os.fdatasync(fd)
             self.synced = self.written
             self._release()
             return

@@ -12,6 +12,10 @@ string keys, so the map form costs the daemon ~1.6 µs per request against ~0.5 
 a client ~0.9 µs per reply against ~0.2 µs: about a fifth of a pipelined call's CPU.
 A map request is always answered with a map, and so is an array without a valid id
 (``{"id": null, "ok": false, ...}``, as any request without one).
+
+``{"op": "attach", "args": {"id": agent}}`` hands the connection to that agent's process: the
+agent answers the attach (a map), then the connection carries ``[id, request]`` calls answered
+``[id, true, result]`` / ``[id, false, error]`` by the agent itself (otpd/agent/links.py).
 """
 
 from __future__ import annotations

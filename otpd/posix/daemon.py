@@ -1060,7 +1060,8 @@ class Daemon:
             old = self.config
             not_applied = [f"daemon.{k}" for k in ("state_dir", "runtime_dir", "socket", "socket_group")
                            if getattr(old.daemon, k) != getattr(new.daemon, k)]
-            not_applied += [f"store.{k}" for k in ("durability", "map_size_mb", "map_size_max_mb", "sync_interval_ms")
+            not_applied += [f"store.{k}" for k in ("durability", "map_size_mb", "map_size_max_mb", "sync_interval_ms",
+                                                   "sync_helper")
                             if getattr(old.store, k) != getattr(new.store, k)]
             self.config = dataclasses.replace(new, daemon=dataclasses.replace(
                 old.daemon, log_level=new.daemon.log_level), store=old.store)

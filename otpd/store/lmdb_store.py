@@ -565,3 +565,4 @@ class StoreSettings:
     map_size_max_mb: int | None = None
     sync_interval_ms: int = 1000
     checkpoint_ms: int = 100  # an agent's log is applied to LMDB this long after its first entry
+    sync_helper: str = "auto"  # fsync: "auto" | "always" | "never" (otpd.agent.runtime.Syncer)

@@ -17,6 +17,7 @@ from tests.conftest import wait_pid_exit
 FSYNC_KV = """
 [store]
 durability = "fsync"
+sync_helper = "always"  # (auto syncs inline when nothing waits: a test's lone call would)
 
 [root]
 max_restarts = 1000
@@ -121,3 +122,23 @@ def test_the_sync_helper_does_not_take_the_agents_signals(daemon: Any) -> None:
         assert wait_pid_exit(helper.pid, 10)
         assert kv.call({"op": "put", "key": "b", "value": 2}) == {"ok": True, "len": 2}
         assert kv.pid == d.pid_of("kv")
+
+
+def test_auto_syncs_inline_when_nothing_waits_and_never_forks_no_helper(daemon: Any) -> None:
+    d = daemon(FSYNC_KV.replace('sync_helper = "always"', 'sync_helper = "auto"'))
+    with attach(d) as kv:
+        kv.call({"op": "put", "key": "a", "value": 1})
+        helper = helper_of(kv.pid)
+        os.kill(helper.pid, signal.SIGSTOP)  # a lone call is synced by the agent itself
+        try:
+            assert kv.call({"op": "put", "key": "b", "value": 2}) == {"ok": True, "len": 2}
+        finally:
+            os.kill(helper.pid, signal.SIGCONT)
+    d2 = daemon(FSYNC_KV.replace('sync_helper = "always"', 'sync_helper = "never"'))
+    with attach(d2) as kv:
+        assert kv.pipeline([{"op": "put", "key": i, "value": i} for i in range(20)])[-1] == {"ok": True, "len": 20}
+        assert psutil.Process(kv.pid).children() == []
+        os.kill(kv.pid, signal.SIGKILL)
+    d2.wait("kv", "running", not_pid=kv.pid)
+    with attach(d2) as kv:
+        assert kv.call({"op": "len"}) == {"len": 20, "puts": 20}
