@@ -14,7 +14,8 @@ Each part starts its own daemon(s) on a temp dir and stops them (by PID) when do
   against durability=none, same agent, same client, rounds alternated in one
   run; the ratio of medians.
 * fsync: 32 concurrent clients (one connection each, one call outstanding
-  each) putting to one KVAgent with durability=fsync; acknowledged writes/s.
+  each) putting to one KVAgent with durability=fsync; acknowledged writes/s, and the
+  agent's CPU µs per put (/proc; its sync helper not counted) and puts per commit.
 """
 
 from __future__ import annotations
@@ -324,6 +325,18 @@ def concurrent_puts_lean(sock_path: Path, clients: int, seconds: float, compact:
     return done / elapsed
 
 
+def committed_seq(d: Daemon) -> int:
+    """The seq of kv's last commit, read from its store (LMDB with the log on top) as otpctl reads it."""
+    from otpd.store.lmdb_store import Store
+
+    store = Store(d.dir / "lib" / "store", readonly=True)
+    try:
+        record = store.read("kv")
+        return int(record["seq"]) if record else 0
+    finally:
+        store.close()
+
+
 def bench_fsync(root: Path, clients: int, seconds: float, rounds: int) -> list[str]:
     body = '\n[[root.children]]\nid = "kv"\nagent = "otpd.agents.kv:KVAgent"\n'
     d = Daemon('[store]\ndurability = "fsync"\n' + body, root, "fsync").start()
@@ -336,14 +349,28 @@ def bench_fsync(root: Path, clients: int, seconds: float, rounds: int) -> list[s
                             "attached": lambda *a: concurrent_puts_lean(*a, attached=True)}
     try:
         rates: dict[tuple[str, str], list[float]] = {}
+        cpu: dict[tuple[str, str], list[float]] = {}  # the agent's CPU µs per put (its sync helper not counted)
+        batch: dict[tuple[str, str], list[float]] = {}  # puts per commit
+        pids = {"fsync": agent_pid(d.socket, "kv"), "process": agent_pid(p.socket, "kv")}
         for _ in range(rounds):  # alternated, so drift hits every column alike
             for name, daemon in (("fsync", d), ("process", p)):
                 for gen, fn in gens.items():
-                    rates.setdefault((name, gen), []).append(fn(daemon.socket, clients, seconds))
+                    seq0, cpu0, t0 = committed_seq(daemon), cpu_seconds(pids[name]), time.perf_counter()
+                    rate = fn(daemon.socket, clients, seconds)
+                    puts = rate * (time.perf_counter() - t0)  # (the generator's own elapsed time is within)
+                    cpu.setdefault((name, gen), []).append((cpu_seconds(pids[name]) - cpu0) / puts * 1e6)
+                    batch.setdefault((name, gen), []).append(puts / max(1, committed_seq(daemon) - seq0))
+                    rates.setdefault((name, gen), []).append(rate)
         for name in ("fsync", "process"):
             rows.append(f"| {name} | {clients} | " + " | ".join(
                 f"{statistics.median(rates[name, gen]):,.0f}" for gen in gens) + " |")
-        print("\n".join(rows[-2:]), flush=True)
+        rows += ["", "| durability | " + " | ".join(f"{gen}: agent CPU µs/put, puts/commit" for gen in gens) + " |",
+                 "|---|" + "---:|" * len(gens)]
+        for name in ("fsync", "process"):
+            rows.append(f"| {name} | " + " | ".join(
+                f"{statistics.median(cpu[name, gen]):.1f}, {statistics.median(batch[name, gen]):.1f}"
+                for gen in gens) + " |")
+        print("\n".join(rows), flush=True)
     finally:
         d.stop()
         p.stop()
