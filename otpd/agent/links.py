@@ -108,16 +108,10 @@ class Link:
         self.flush()
 
     def flush(self) -> None:
-        while self.out and not self.closed:
-            try:
-                sent = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self.close()
-                return
-            del self.out[:sent]
         if self.closed:
+            return
+        if not protocol.send_out(self.sock, self.out):
+            self.close()
             return
         if self.eof and not self.out:
             self.close()

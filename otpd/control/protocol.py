@@ -20,6 +20,7 @@ agent answers the attach (a map), then the connection carries ``[id, request]`` 
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import msgpack
@@ -38,6 +39,20 @@ pack = codec.pack
 
 def unpacker(max_frame: int = MAX_FRAME) -> msgpack.Unpacker:
     return codec.unpacker(max_frame)
+
+
+def send_out(sock: socket.socket, out: bytearray) -> bool:
+    """Send what a non-blocking socket takes of ``out`` now (removed from it); False if the
+    peer is gone.  A control connection's and an attached link's flush."""
+    while out:
+        try:
+            sent = sock.send(out)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        del out[:sent]
+    return True
 
 
 def ok(req_id: Any, result: Any) -> dict[str, Any]:

@@ -108,16 +108,10 @@ class Connection:
         self.server.dirty.add(self)
 
     def flush(self) -> None:
-        while self.out and not self.closed:
-            try:
-                sent = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self.close()
-                return
-            del self.out[:sent]
         if self.closed:
+            return
+        if not protocol.send_out(self.sock, self.out):
+            self.close()
             return
         want_write = bool(self.out)
         if self.draining:
