@@ -253,7 +253,7 @@ class Runtime:
         self.title: str | None = None  # a process title to set once ready
         self.fds: deque[int] = deque()  # clients passed with "attach" frames (SCM_RIGHTS), in order
         self.answering: set[links.Link] = set()  # links with replies in the batch being applied
-        self.syncer: Syncer | None = None  # fsync durability: the log synced on a thread
+        self.syncer: Syncer | None = None  # fsync durability: the log synced in a helper process
         self.written = 0  # the seq of the last commit, ...
         self.synced = 0  # ... of the last one known durable, ...
         self.syncing = 0  # ... and of the one the sync in flight covers (0: none)
@@ -629,7 +629,7 @@ class Runtime:
         if self.store.own is not None:
             self.store.own.defer = False
 
-    def _on_synced(self, block: bool) -> None:
+    def _on_synced(self, block: bool, then_commit: bool = True) -> None:
         assert self.syncer is not None and self.store is not None
         done = self.syncer.finished(block)
         if done is False:
@@ -644,7 +644,8 @@ class Runtime:
         self.syncing = 0
         self.sync_by = float("inf")
         self._release()
-        self._commit_then_send([])  # what came meanwhile: one commit, its sync started
+        if then_commit:
+            self._commit_then_send([])  # what came meanwhile: one commit, its sync started
 
     def _release(self) -> None:
         """Send the replies whose commits are durable now (and those held behind them)."""
@@ -661,7 +662,8 @@ class Runtime:
         if self.syncer is None:
             return
         while self.syncing and self.syncer is not None:
-            self._on_synced(block=True)  # (which starts the next if more was written meanwhile)
+            # (not committing what came meanwhile: the caller is in a commit, which has it)
+            self._on_synced(block=True, then_commit=False)
         if self.written > self.synced:  # this batch's commit: no sync started for it yet
             assert self.store is not None
             fd = self.store.log_to_sync()

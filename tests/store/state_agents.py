@@ -6,6 +6,7 @@ from typing import Any
 
 from otpd.agent.base import Agent
 from otpd.agent.state import PersistentQueue
+from otpd.agents.kv import KVAgent
 
 
 class QueueAgent(Agent):
@@ -47,3 +48,12 @@ class StartCounter(Agent):
         if request.get("op") == "add":
             self.items.append(request["item"])
         return {"starts": self.starts, "items": len(self.items)}
+
+
+class EndingKV(KVAgent):
+    """A KVAgent whose ``end`` call ends its process once the call's change is committed."""
+
+    def op_end(self, request: dict[str, Any]) -> Any:
+        self.puts += 1
+        self.end_after_commit(0)
+        return {"ending": True}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from typing import Any
 
 import psutil
@@ -142,3 +143,32 @@ def test_auto_syncs_inline_when_nothing_waits_and_never_forks_no_helper(daemon: 
     d2.wait("kv", "running", not_pid=kv.pid)
     with attach(d2) as kv:
         assert kv.call({"op": "len"}) == {"len": 20, "puts": 20}
+
+
+def test_an_agent_that_ends_after_its_commit_answers_first_while_a_sync_is_in_flight(daemon: Any) -> None:
+    """The batch that ends the agent waits for the sync in flight, then its own: its reply goes
+    out before the process ends (it was lost when finishing the sync in flight ended it)."""
+    from pathlib import Path
+
+    d = daemon(FSYNC_KV.replace("otpd.agents.kv:KVAgent", "tests.store.state_agents:EndingKV"))
+    state_dir = Path(next(line.split('"')[1] for line in d.config_path.read_text().splitlines()
+                          if "state_dir" in line))
+    log = state_dir / "store" / "logs" / "kv.log"
+    with attach(d) as kv:
+        kv.call({"op": "put", "key": "a", "value": 1})
+        helper = helper_of(kv.pid)
+        os.kill(helper.pid, signal.SIGSTOP)
+        try:
+            size = log.stat().st_size
+            put = kv.send({"op": "put", "key": "b", "value": 2})
+            deadline = time.monotonic() + 10
+            while log.stat().st_size == size:  # b's entry written: its sync is asked for, and held
+                assert time.monotonic() < deadline, "the put was not committed"
+            end = kv.send({"op": "end"})
+        finally:
+            os.kill(helper.pid, signal.SIGCONT)
+        assert kv.receive() == [put, True, {"ok": True, "len": 2}]
+        assert kv.receive() == [end, True, {"ending": True}]
+    d.wait("kv", "running", not_pid=kv.pid)
+    with attach(d) as kv:
+        assert kv.call({"op": "len"}) == {"len": 2, "puts": 3}
