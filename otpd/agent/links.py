@@ -37,7 +37,7 @@ SHAPE = "a call on an attached link is [id, request], id an integer"
 
 
 class Link:
-    __slots__ = ("sock", "selector", "unpacker", "out", "writing", "replies", "closed", "eof", "whole")
+    __slots__ = ("sock", "selector", "unpacker", "out", "events", "replies", "closed", "eof", "whole", "owed")
 
     def __init__(self, sock: socket.socket, selector: selectors.BaseSelector) -> None:
         sock.setblocking(False)
@@ -47,7 +47,8 @@ class Link:
         # limit is refused, whatever the reads' sizes (server.Connection counts instead).
         self.unpacker = codec.unpacker(MAX_FRAME + READ_SIZE)
         self.out = bytearray()
-        self.writing = False
+        self.events = selectors.EVENT_READ  # what the selector watches for (0: not registered)
+        self.owed = 0  # calls read and not answered yet (their replies wait for a commit, or a sync)
         self.replies: list[Any] = []  # of the batch being applied, sent once it is committed
         self.closed = False
         self.eof = False  # the client shut down its side: answered, then closed
@@ -63,13 +64,12 @@ class Link:
         except OSError:
             data = b""
         if not data:
-            self.eof = True
-            if self.out:
-                self._want(selectors.EVENT_WRITE)  # what it is owed goes out, then it is closed
-            else:
-                self.close()
+            self.eof = True  # no more reads (EOF stays readable); closed once it is answered
+            self._settle()
             return []
-        return self.feed(data)
+        frames = self.feed(data)
+        self.owed += len(frames)  # each gets one reply: a call's, or bad_request
+        return frames
 
     def feed(self, data: bytes) -> list[Any]:
         if self.whole:  # every read so far was one whole frame: decoded without the stream decoder
@@ -84,8 +84,10 @@ class Link:
             self.close()
             return []
 
-    def send(self, data: bytes) -> None:
-        """Send now what the socket takes; queue the rest (up to OUT_CAP), sent when writable."""
+    def send(self, data: bytes, replies: int = 0) -> None:
+        """Send now what the socket takes; queue the rest (up to OUT_CAP), sent when writable.
+        ``replies``: how many of the calls it is owed ``data`` answers."""
+        self.owed -= replies
         if self.closed:
             return
         if not self.out:
@@ -98,7 +100,7 @@ class Link:
                 return
             if sent == len(data):
                 if self.eof:
-                    self.close()
+                    self._settle()
                 return
             data = data[sent:]
         if len(self.out) + len(data) > OUT_CAP:
@@ -113,18 +115,24 @@ class Link:
         if not protocol.send_out(self.sock, self.out):
             self.close()
             return
-        if self.eof and not self.out:
-            self.close()
-        elif bool(self.out) != self.writing:
-            self._want(selectors.EVENT_WRITE if self.out else selectors.EVENT_READ)
+        self._settle()
 
-    def _want(self, events: int) -> None:
-        self.writing = bool(events & selectors.EVENT_WRITE)
-        if self.eof:
-            events &= ~selectors.EVENT_READ  # EOF stays readable: do not spin on it
+    def _settle(self) -> None:
+        """Watch for what is due: reads until EOF, writes while replies are queued; close once
+        a client that shut down its side has every reply it is owed."""
+        if self.eof and not self.out and self.owed <= 0:
+            self.close()
+            return
+        events = (0 if self.eof else selectors.EVENT_READ) | (selectors.EVENT_WRITE if self.out else 0)
+        if events == self.events:
+            return
+        if not events:
+            self.selector.unregister(self.sock)
+        elif not self.events:
+            self.selector.register(self.sock, events, self)
         else:
-            events |= selectors.EVENT_READ
-        self.selector.modify(self.sock, events, self)
+            self.selector.modify(self.sock, events, self)
+        self.events = events
 
     def close(self) -> None:
         if self.closed:
@@ -132,10 +140,8 @@ class Link:
         self.closed = True
         self.out.clear()
         self.replies.clear()
-        try:
+        if self.events:
             self.selector.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
         self.sock.close()
 
 

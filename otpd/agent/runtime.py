@@ -258,7 +258,7 @@ class Runtime:
         self.synced = 0  # ... of the last one known durable, ...
         self.syncing = 0  # ... and of the one the sync in flight covers (0: none)
         self.sync_by = float("inf")  # when the sync in flight counts as hung
-        self.held: deque[tuple[int, bytes, list[tuple[links.Link, bytes]]]] = deque()  # replies waiting for it
+        self.held: deque[tuple[int, bytes, list[tuple[links.Link, bytes, int]]]] = deque()  # replies waiting for it
         self.deferred: list[Any] = []  # replies of batches applied while a sync ran, not committed yet
 
     # -- timers ---------------------------------------------------------------
@@ -551,7 +551,7 @@ class Runtime:
                 if error is not None:
                     out = [[r[0], False, error] for r in out]
                 if out:
-                    to_links.append((link, _pack_replies(out)))
+                    to_links.append((link, _pack_replies(out), len(out)))
         if wrote:
             self.written = keeper.seq
             if self.syncer is None:
@@ -568,8 +568,8 @@ class Runtime:
             self._start_sync()  # (a commit with nothing to answer, a timer's)
         if data:
             self.channel.sendall(data)
-        for link, out_data in to_links:
-            link.send(out_data)
+        for link, out_data, n in to_links:
+            link.send(out_data, n)
         if self.ending is not None:  # committed or not (store_full drops the after-commit callbacks)
             for stream in (sys.stdout, sys.stderr):  # os._exit does not flush
                 stream.flush()
@@ -654,8 +654,8 @@ class Runtime:
             _seq, data, to_links = held.popleft()
             if data:
                 self.channel.sendall(data)
-            for link, out_data in to_links:
-                link.send(out_data)
+            for link, out_data, n in to_links:
+                link.send(out_data, n)
 
     def _settle(self) -> None:
         """Make every commit durable now, and send every reply held for it."""

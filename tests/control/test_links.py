@@ -212,3 +212,21 @@ def test_the_daemon_knows_what_a_link_committed_and_catches_state_going_back(dae
         d.request("start", {"id": "kv"})
         regressed = events.until(("seq_regressed", "kv"))[-1]
     assert regressed["seq"] == 1 and regressed["known"] == main["seq"]
+
+
+@pytest.mark.parametrize("durability", ["process", "fsync"])
+def test_a_link_that_half_closes_after_its_calls_gets_every_reply(daemon: Any, durability: str) -> None:
+    """``nc -N``: calls, then shutdown(SHUT_WR).  Under fsync the replies wait for their sync
+    (in the helper) after the EOF was read: the link stays open until they are out."""
+    d = daemon(f'[store]\ndurability = "{durability}"\nsync_helper = "always"\n' + KV)
+    s, unpacker = raw_attached(d)
+    with s:
+        for round_ in range(3):  # each round a batch of its own while the last one may sync
+            s.sendall(b"".join(codec.pack([round_ * 100 + i, {"op": "put", "key": round_ * 100 + i, "value": i}])
+                               for i in range(100)))
+        s.shutdown(socket.SHUT_WR)
+        replies = []
+        while (frame := next_frame(s, unpacker)) is not None:
+            replies.append(frame)
+    assert sorted(r[0] for r in replies) == [r * 100 + i for r in range(3) for i in range(100)]
+    assert all(r[1] is True for r in replies)
