@@ -687,12 +687,16 @@ class Runtime:
 
     def _recv(self, size: int, flags: int = 0) -> bytes:
         """Read the channel, taking the fds that come with "attach" frames."""
-        data, ancillary, _flags, _addr = self.channel.recvmsg(size, FD_SPACE, flags | socket.MSG_CMSG_CLOEXEC)
+        data, ancillary, msg_flags, _addr = self.channel.recvmsg(size, FD_SPACE, flags | socket.MSG_CMSG_CLOEXEC)
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 self.fds.extend(fds)
+        if msg_flags & socket.MSG_CTRUNC and not ancillary:
+            # The kernel dropped the fd (this process is at RLIMIT_NOFILE): its place is kept,
+            # so that the next attach still gets its own client, not this one's.
+            self.fds.append(-1)
         return data
 
     def _on_channel(self, frames: list[Any]) -> bool:
@@ -745,10 +749,12 @@ class Runtime:
 
     def _attach(self, agent: Agent, frame: dict[str, Any]) -> None:
         """A client the daemon handed over: answer its ``attach``, then what it sent after it."""
-        if not self.fds:
-            log_line("attach: no descriptor came with it (RLIMIT_NOFILE?); the client sees its connection close")
+        fd = self.fds.popleft() if self.fds else -1
+        if fd < 0:
+            log_line("attach: its descriptor was dropped (this agent is out of fds); the client sees its "
+                     "connection close")
             return
-        link = links.Link(socket.socket(fileno=self.fds.popleft()), self.selector)
+        link = links.Link(socket.socket(fileno=fd), self.selector)
         link.send(codec.pack({"id": frame.get("id"), "ok": True, "result": {"id": self.spec.id, "pid": os.getpid()}}))
         self.answering.add(link)
         pending = frame.get("pending")

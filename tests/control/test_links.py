@@ -230,3 +230,27 @@ def test_a_link_that_half_closes_after_its_calls_gets_every_reply(daemon: Any, d
             replies.append(frame)
     assert sorted(r[0] for r in replies) == [r * 100 + i for r in range(3) for i in range(100)]
     assert all(r[1] is True for r in replies)
+
+
+def test_an_agent_out_of_fds_drops_that_attach_only(daemon: Any) -> None:
+    import psutil
+
+    d = daemon(KV)
+    pid = d.pid_of("kv")
+    agent = psutil.Process(pid)
+    soft, hard = agent.rlimit(psutil.RLIMIT_NOFILE)
+    try:
+        used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+        lowest_free = next(n for n in range(len(used) + 1) if n not in used)
+        agent.rlimit(psutil.RLIMIT_NOFILE, (lowest_free, hard))  # no fd left for a client
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(str(d.socket))
+        s.sendall(codec.pack({"id": 3, "op": "attach", "args": {"id": "kv"}}))
+        assert next_frame(s, protocol.unpacker()) is None  # its fd was dropped: closed, unanswered
+        s.close()
+        d.log.wait_for(r"kv: attach: its descriptor was dropped")
+    finally:
+        agent.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+    with attach(d) as kv:  # the next one gets its own connection
+        assert kv.pid == pid and kv.call({"op": "len"}) == {"len": 0, "puts": 0}
