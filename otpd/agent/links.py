@@ -67,11 +67,15 @@ class Link:
             self.eof = True  # no more reads (EOF stays readable); closed once it is answered
             self._settle()
             return []
-        frames = self.feed(data)
-        self.owed += len(frames)  # each gets one reply: a call's, or bad_request
-        return frames
+        return self.feed(data)
 
     def feed(self, data: bytes) -> list[Any]:
+        """The frames ``data`` completes; each is owed one reply (a call's, or bad_request)."""
+        frames = self._decode(data)
+        self.owed += len(frames)
+        return frames
+
+    def _decode(self, data: bytes) -> list[Any]:
         if self.whole:  # every read so far was one whole frame: decoded without the stream decoder
             try:
                 return [codec.unpack(data)]

@@ -215,20 +215,27 @@ def test_the_daemon_knows_what_a_link_committed_and_catches_state_going_back(dae
 
 
 @pytest.mark.parametrize("durability", ["process", "fsync"])
-def test_a_link_that_half_closes_after_its_calls_gets_every_reply(daemon: Any, durability: str) -> None:
+@pytest.mark.parametrize("with_attach", [False, True])
+def test_a_link_that_half_closes_after_its_calls_gets_every_reply(daemon: Any, durability: str,
+                                                                  with_attach: bool) -> None:
     """``nc -N``: calls, then shutdown(SHUT_WR).  Under fsync the replies wait for their sync
-    (in the helper) after the EOF was read: the link stays open until they are out."""
+    (in the helper) after the EOF was read: the link stays open until they are out.  The calls
+    sent in the same write as the attach count too (found by a review helper)."""
     d = daemon(f'[store]\ndurability = "{durability}"\nsync_helper = "always"\n' + KV)
-    s, unpacker = raw_attached(d)
+    first = b"".join(codec.pack([1000 + i, {"op": "put", "key": 1000 + i, "value": i}]) for i in range(50))
+    s, unpacker = raw_attached(d, after=first if with_attach else b"")
+    rounds = 0 if with_attach else 3  # (with the attach: its calls alone, then SHUT_WR)
     with s:
-        for round_ in range(3):  # each round a batch of its own while the last one may sync
+        for round_ in range(rounds):  # each round a batch of its own while the last one may sync
             s.sendall(b"".join(codec.pack([round_ * 100 + i, {"op": "put", "key": round_ * 100 + i, "value": i}])
                                for i in range(100)))
         s.shutdown(socket.SHUT_WR)
-        replies = []
+        replies = []  # (raw_attached read the attach's reply only: what came with it is still due)
         while (frame := next_frame(s, unpacker)) is not None:
             replies.append(frame)
-    assert sorted(r[0] for r in replies) == [r * 100 + i for r in range(3) for i in range(100)]
+    expected = [r * 100 + i for r in range(rounds) for i in range(100)]
+    expected += list(range(1000, 1050)) if with_attach else []
+    assert sorted(r[0] for r in replies) == expected
     assert all(r[1] is True for r in replies)
 
 
