@@ -18,11 +18,13 @@ A call on a link has no timeout but the client's own.
 Bad input ends the link, never the agent: bytes that are not msgpack, a frame too long
 for the decoder (it holds ``MAX_FRAME`` plus one read: every frame up to ``MAX_FRAME`` is
 taken), or a client that lets ``OUT_CAP`` bytes of replies pile up unread.  A frame of
-another shape gets ``bad_request``.
+another shape gets ``bad_request``.  An agent takes at most half its RLIMIT_NOFILE in links
+(``max_links``); beyond, an attach is answered ``internal`` and closed, the agent unharmed.
 """
 
 from __future__ import annotations
 
+import resource
 import selectors
 import socket
 from typing import Any
@@ -147,6 +149,13 @@ class Link:
         if self.events:
             self.selector.unregister(self.sock)
         self.sock.close()
+
+
+def max_links() -> int:
+    """How many links an agent takes: half its fd limit, so that a client attaching again and
+    again cannot take the fds the agent needs itself (a worker's pipe, the store's files)."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(1, soft // 2) if soft != resource.RLIM_INFINITY else 1 << 16
 
 
 def bad_shape(frame: Any) -> list[Any]:

@@ -253,6 +253,7 @@ class Runtime:
         self.title: str | None = None  # a process title to set once ready
         self.fds: deque[int] = deque()  # clients passed with "attach" frames (SCM_RIGHTS), in order
         self.answering: set[links.Link] = set()  # links with replies in the batch being applied
+        self.links: list[links.Link] = []  # the links attached (closed ones dropped at the next attach)
         self.syncer: Syncer | None = None  # fsync durability: the log synced in a helper process
         self.written = 0  # the seq of the last commit, ...
         self.synced = 0  # ... of the last one known durable, ...
@@ -754,7 +755,21 @@ class Runtime:
             log_line("attach: its descriptor was dropped (this agent is out of fds); the client sees its "
                      "connection close")
             return
+        self.links = [other for other in self.links if not other.closed]
+        limit = links.max_links()
+        if len(self.links) >= limit:  # refused while the agent still has fds of its own to work with
+            with socket.socket(fileno=fd) as refused:
+                refused.setblocking(False)
+                try:
+                    refused.send(codec.pack({"id": frame.get("id"), "ok": False, "error": OtpdError(
+                        "internal", f"agent {self.spec.id!r} has {len(self.links)} links, its limit (half "
+                        "its RLIMIT_NOFILE): call through the daemon, or close a link",
+                        {"id": self.spec.id, "links": len(self.links), "limit": limit}).to_wire()}))
+                except OSError:
+                    pass
+            return
         link = links.Link(socket.socket(fileno=fd), self.selector)
+        self.links.append(link)
         link.send(codec.pack({"id": frame.get("id"), "ok": True, "result": {"id": self.spec.id, "pid": os.getpid()}}))
         self.answering.add(link)
         pending = frame.get("pending")

@@ -261,3 +261,32 @@ def test_an_agent_out_of_fds_drops_that_attach_only(daemon: Any) -> None:
         agent.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
     with attach(d) as kv:  # the next one gets its own connection
         assert kv.pid == pid and kv.call({"op": "len"}) == {"len": 0, "puts": 0}
+
+
+def test_links_beyond_half_the_agents_fd_limit_are_refused_with_an_error(daemon: Any) -> None:
+    """Found by a review helper: attaching again and again took every fd of the agent, whose
+    own next fd (a worker's pipe) then failed and crashed it."""
+    import psutil
+
+    d = daemon(KV)
+    pid = d.pid_of("kv")
+    agent = psutil.Process(pid)
+    soft, hard = agent.rlimit(psutil.RLIMIT_NOFILE)
+    held: list[Link] = []
+    try:
+        agent.rlimit(psutil.RLIMIT_NOFILE, (agent.num_fds() + 40, hard))
+        limit = (agent.num_fds() + 40) // 2
+        for _ in range(limit):
+            held.append(attach(d))
+        with pytest.raises(OtpdError) as err:
+            attach(d)
+        assert err.value.code == "internal" and err.value.details["limit"] == limit
+        held.pop().close()
+        for link in held[:3]:
+            assert link.call({"op": "len"}) == {"len": 0, "puts": 0}
+        held.append(attach(d))  # a closed link's place is free again
+    finally:
+        for link in held:
+            link.close()
+        agent.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
+    assert d.pid_of("kv") == pid
