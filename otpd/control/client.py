@@ -266,6 +266,9 @@ class Link:
             raise self._down()
         try:
             self.client.sock.sendall(data)
+        except (TimeoutError, BlockingIOError):  # the socket's timeout (SO_SNDTIMEO): the agent may well live
+            raise OtpdError("timeout", f"the agent {self.agent_id!r} (pid {self.pid}) did not take the calls "
+                                       "in time; part of them may have been sent", {"id": self.agent_id}) from None
         except OSError:
             self.closed = True
             raise self._down() from None

@@ -290,3 +290,20 @@ def test_links_beyond_half_the_agents_fd_limit_are_refused_with_an_error(daemon:
             link.close()
         agent.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
     assert d.pid_of("kv") == pid
+
+
+def test_a_send_that_times_out_on_a_link_is_a_timeout_not_a_closed_link(daemon: Any) -> None:
+    """The agent stopped (SIGSTOP): the link's socket fills, the client's send timeout fires.
+    That says nothing about the agent's life (found by a review helper: it said agent_down)."""
+    d = daemon(KV)
+    link = d.client(timeout=0.5).attach("kv")
+    d.record_pid(link.pid)
+    with link:
+        os.kill(link.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(OtpdError) as err:
+                link.pipeline([{"op": "put", "key": i, "value": "x" * 1000} for i in range(20_000)])
+            assert err.value.code == "timeout" and not link.closed
+        finally:
+            os.kill(link.pid, signal.SIGCONT)
+    assert d.pid_of("kv") == link.pid
