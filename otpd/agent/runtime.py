@@ -48,6 +48,7 @@ from otpd import codec
 from otpd.agent import links
 from otpd.agent.base import Agent
 from otpd.agent.state import StateKeeper
+from otpd.control import protocol
 from otpd.core.spec import AgentSpec
 from otpd.errors import OtpdError
 from otpd.posix import system
@@ -592,23 +593,16 @@ class Runtime:
     def _start_sync(self) -> None:
         assert self.syncer is not None and self.store is not None
         fd = self.store.log_to_sync()
-        if fd is None:  # nothing in the log to sync: those commits went to LMDB, synced there
-            self.synced = self.written
-            self._release()
-            return
-        if self.syncer.auto and not self.selector.select(0):
-            # Nothing came to apply while it syncs: the overlap would gain nothing and the
-            # helper's two wake-ups would delay the replies (calls through the daemon arrive
-            # as one batch, and then nothing until they are answered).  Sync here.
-            os.fdatasync(fd)
-            self.synced = self.written
-            self._release()
+        # None: nothing in the log to sync (those commits went to LMDB, synced there).  And when
+        # nothing came to apply while it syncs, the overlap would gain nothing and the helper's
+        # two wake-ups would delay the replies (calls through the daemon arrive as one batch,
+        # and then nothing until they are answered): sync here.
+        if fd is None or (self.syncer.auto and not self.selector.select(0)):
+            self._sync_here(fd)
             return
         if fd != self.syncer.log_fd or not self.syncer.start():
-            os.fdatasync(fd)  # (the helper is gone: the sync it would have done, here)
-            self._inline_syncs()
-            self.synced = self.written
-            self._release()
+            self._inline_syncs()  # the helper is gone: the sync it would have done, here
+            self._sync_here(fd)
             return
         self.syncing = self.written
         if self.spec.heartbeat_timeout_ms:  # (0: no liveness limit, for the sync neither)
@@ -627,8 +621,14 @@ class Runtime:
         except OSError:
             pass
         self.syncer = None
-        if self.store.own is not None:
-            self.store.own.defer = False
+        self.store.defer_log_sync(False)
+
+    def _sync_here(self, fd: int | None) -> None:
+        """Sync the log in this process (``fd`` None: nothing to sync), then send what waited for it."""
+        if fd is not None:
+            os.fdatasync(fd)
+        self.synced = self.written
+        self._release()
 
     def _on_synced(self, block: bool, then_commit: bool = True) -> None:
         assert self.syncer is not None and self.store is not None
@@ -667,11 +667,9 @@ class Runtime:
             self._on_synced(block=True, then_commit=False)
         if self.written > self.synced:  # this batch's commit: no sync started for it yet
             assert self.store is not None
-            fd = self.store.log_to_sync()
-            if fd is not None:
-                os.fdatasync(fd)
-            self.synced = self.written
-        self._release()
+            self._sync_here(self.store.log_to_sync())
+        else:
+            self._release()
 
     def _timeout(self) -> float | None:
         """Seconds until the loop has something of its own to do; None: nothing (wait for input)."""
@@ -761,16 +759,16 @@ class Runtime:
             with socket.socket(fileno=fd) as refused:
                 refused.setblocking(False)
                 try:
-                    refused.send(codec.pack({"id": frame.get("id"), "ok": False, "error": OtpdError(
+                    refused.send(codec.pack(protocol.fail(frame.get("id"), OtpdError(
                         "internal", f"agent {self.spec.id!r} has {len(self.links)} links, its limit (half "
                         "its RLIMIT_NOFILE): call through the daemon, or close a link",
-                        {"id": self.spec.id, "links": len(self.links), "limit": limit}).to_wire()}))
+                        {"id": self.spec.id, "links": len(self.links), "limit": limit}).to_wire())))
                 except OSError:
                     pass
             return
         link = links.Link(socket.socket(fileno=fd), self.selector)
         self.links.append(link)
-        link.send(codec.pack({"id": frame.get("id"), "ok": True, "result": {"id": self.spec.id, "pid": os.getpid()}}))
+        link.send(codec.pack(protocol.ok(frame.get("id"), {"id": self.spec.id, "pid": os.getpid()})))
         self.answering.add(link)
         pending = frame.get("pending")
         if type(pending) is bytes and pending:  # what the client sent before the daemon let go

@@ -519,9 +519,7 @@ class Daemon:
             self.selector.unregister(child.sock)
             child.sock.close()
             child.sock = None
-        for client, _frame in child.attaching:  # never handed over: they see the connection close
-            client.close()
-        child.attaching.clear()
+        self._drop_attaching(child)
 
     def _drain(self, child: Child) -> None:
         """Read what a dead child sent before it died, so its replies and ready count."""
@@ -918,14 +916,19 @@ class Daemon:
                                                array.array("i", [client.fileno()]))])
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # it is dying (SIGCHLD follows): the clients see their connection close
-                for waiting, _frame in child.attaching:
-                    waiting.close()
-                child.attaching.clear()
+            except OSError:  # it is dying (SIGCHLD follows)
+                self._drop_attaching(child)
                 return
             del child.attaching[0]
             client.close()  # the agent has its own copy now
             child.out += frame[sent:]  # a partial send: the fd went with its first byte, the rest is data
+
+    @staticmethod
+    def _drop_attaching(child: Child) -> None:
+        """The clients never handed over to ``child``: they see their connection close."""
+        for client, _frame in child.attaching:
+            client.close()
+        child.attaching.clear()
 
     def op_cast(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
         child = self._running_child(_arg(args, "id", str))

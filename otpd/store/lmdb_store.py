@@ -281,11 +281,12 @@ class Store:
             return
         own.append(entry, record, items)
 
-    def defer_log_sync(self) -> None:
+    def defer_log_sync(self, defer: bool = True) -> None:
         """Under fsync, leave the log's syncs to the caller (``log_to_sync``): a commit then
-        returns once its entry is written, durable only once the caller synced the fd."""
+        returns once its entry is written, durable only once the caller synced the fd.
+        ``False``: each commit syncs its entry again."""
         if self.own is not None:
-            self.own.defer = True
+            self.own.defer = defer
 
     def log_to_sync(self) -> int | None:
         """The log's fd if it has writes not synced yet, which count as synced from now on:
