@@ -42,7 +42,7 @@ from typing import Any
 import psutil
 import pytest
 
-from otpd.client import Client, Unreachable
+from otpd.client import Client, Link, Unreachable
 from otpd.errors import OtpdError
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -308,6 +308,12 @@ class RunningDaemon:
 
     def client(self, timeout: float = 10.0) -> Client:
         return Client(self.socket, timeout=timeout)
+
+    def attach(self, child_id: str, timeout: float = 10.0) -> Link:
+        """A link to ``child_id`` (``Client.attach``), its pid recorded."""
+        link = self.client(timeout).attach(child_id)
+        self.record_pid(link.pid)
+        return link
 
     def request(self, op: str, args: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
         if self._ctl is None:

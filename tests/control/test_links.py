@@ -33,12 +33,6 @@ agent = "otpd.agents.echo:EchoAgent"
 """
 
 
-def attach(d: Any, agent: str = "kv") -> Link:
-    link = d.client().attach(agent)
-    d.record_pid(link.pid)
-    return link
-
-
 def raw_attached(d: Any, after: bytes = b"") -> tuple[socket.socket, Any]:
     """A bare socket attached to kv (``after``: bytes sent with the attach, before its reply)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -66,7 +60,7 @@ def next_frame(s: socket.socket, unpacker: Any) -> Any:
 
 def test_a_link_calls_the_agent_directly_on_the_same_state(daemon: Any) -> None:
     d = daemon(KV)
-    with attach(d) as kv:
+    with d.attach("kv") as kv:
         assert kv.pid == d.pid_of("kv")
         assert kv.call({"op": "put", "key": "a", "value": 1}) == {"ok": True, "len": 1}
         assert kv.pipeline([{"op": "put", "key": i, "value": i} for i in range(100)])[-1] == {"ok": True, "len": 101}
@@ -157,7 +151,7 @@ def test_attach_is_refused_with_a_stable_code_and_the_connection_stays_the_daemo
 
 def test_the_link_closes_with_the_agent_and_every_acknowledged_put_survives(daemon: Any) -> None:
     d = daemon(KV)
-    kv = attach(d)
+    kv = d.attach("kv")
     acked: list[int] = []
     first = kv.client.next_id
     kv.client.sock.sendall(b"".join(codec.pack([first + i, {"op": "put", "key": i, "value": i}])
@@ -175,7 +169,7 @@ def test_the_link_closes_with_the_agent_and_every_acknowledged_put_survives(daem
         kv.call({"op": "len"})  # a closed link stays closed
     kv.close()
     d.wait("kv", "running", not_pid=kv.pid)
-    with attach(d) as again:
+    with d.attach("kv") as again:
         assert again.pid != kv.pid
         for key in acked[:: 50] + [acked[-1]]:
             assert again.call({"op": "get", "key": key}) == {"found": True, "value": key}
@@ -184,11 +178,11 @@ def test_the_link_closes_with_the_agent_and_every_acknowledged_put_survives(daem
 
 def test_fsync_durability_on_a_link(daemon: Any) -> None:
     d = daemon('[store]\ndurability = "fsync"\n' + KV)
-    with attach(d) as kv:
+    with d.attach("kv") as kv:
         assert kv.pipeline([{"op": "put", "key": i, "value": i} for i in range(20)])[-1] == {"ok": True, "len": 20}
         os.kill(kv.pid, signal.SIGKILL)
     d.wait("kv", "running", not_pid=kv.pid)
-    with attach(d) as kv:
+    with d.attach("kv") as kv:
         assert kv.call({"op": "len"}) == {"len": 20, "puts": 20}
 
 
@@ -196,7 +190,7 @@ def test_the_daemon_knows_what_a_link_committed_and_catches_state_going_back(dae
     """A link's calls never pass the daemon: the seq they committed reaches it through the
     shared liveness page.  A record put back with a lower seq is then caught at the next start."""
     d = daemon(KV)
-    with attach(d) as kv:
+    with d.attach("kv") as kv:
         for i in range(5):
             kv.call({"op": "put", "key": i, "value": i})  # 5 commits, seen by the daemon only as a stamp
     d.request("stop", {"id": "kv"})
@@ -259,7 +253,7 @@ def test_an_agent_out_of_fds_drops_that_attach_only(daemon: Any) -> None:
         d.log.wait_for(r"kv: attach: its descriptor was dropped")
     finally:
         agent.rlimit(psutil.RLIMIT_NOFILE, (soft, hard))
-    with attach(d) as kv:  # the next one gets its own connection
+    with d.attach("kv") as kv:  # the next one gets its own connection
         assert kv.pid == pid and kv.call({"op": "len"}) == {"len": 0, "puts": 0}
 
 
@@ -277,14 +271,14 @@ def test_links_beyond_half_the_agents_fd_limit_are_refused_with_an_error(daemon:
         agent.rlimit(psutil.RLIMIT_NOFILE, (agent.num_fds() + 40, hard))
         limit = (agent.num_fds() + 40) // 2
         for _ in range(limit):
-            held.append(attach(d))
+            held.append(d.attach("kv"))
         with pytest.raises(OtpdError) as err:
-            attach(d)
+            d.attach("kv")
         assert err.value.code == "internal" and err.value.details["limit"] == limit
         held.pop().close()
         for link in held[:3]:
             assert link.call({"op": "len"}) == {"len": 0, "puts": 0}
-        held.append(attach(d))  # a closed link's place is free again
+        held.append(d.attach("kv"))  # a closed link's place is free again
     finally:
         for link in held:
             link.close()
@@ -296,8 +290,7 @@ def test_a_send_that_times_out_on_a_link_is_a_timeout_not_a_closed_link(daemon: 
     """The agent stopped (SIGSTOP): the link's socket fills, the client's send timeout fires.
     That says nothing about the agent's life (found by a review helper: it said agent_down)."""
     d = daemon(KV)
-    link = d.client(timeout=0.5).attach("kv")
-    d.record_pid(link.pid)
+    link = d.attach("kv", timeout=0.5)
     with link:
         os.kill(link.pid, signal.SIGSTOP)
         try:

@@ -36,15 +36,9 @@ def helper_of(agent_pid: int) -> psutil.Process:
     return helpers[0]
 
 
-def attach(d: Any) -> Any:
-    link = d.client(timeout=10).attach("kv")
-    d.record_pid(link.pid)
-    return link
-
-
 def test_the_helper_keeps_only_its_socket_and_the_log_and_dies_with_the_agent(daemon: Any) -> None:
     d = daemon(FSYNC_KV)
-    with attach(d) as kv:
+    with d.attach("kv") as kv:
         kv.call({"op": "put", "key": "a", "value": 1})
         helper = helper_of(kv.pid)
         fds = {f.path for f in helper.open_files()}
@@ -53,13 +47,13 @@ def test_the_helper_keeps_only_its_socket_and_the_log_and_dies_with_the_agent(da
         os.kill(kv.pid, signal.SIGKILL)
     assert wait_pid_exit(helper.pid, 10)  # PR_SET_PDEATHSIG; reaped by the daemon (a subreaper)
     d.wait("kv", "running", not_pid=kv.pid)
-    with attach(d) as kv:
+    with d.attach("kv") as kv:
         assert kv.call({"op": "get", "key": "a"}) == {"found": True, "value": 1}
 
 
 def test_no_reply_goes_out_before_the_sync_that_covers_it(daemon: Any) -> None:
     d = daemon(FSYNC_KV)
-    with attach(d) as kv, d.client(timeout=10) as other:
+    with d.attach("kv") as kv, d.client(timeout=10) as other:
         kv.call({"op": "put", "key": "a", "value": 1})
         helper = helper_of(kv.pid)
         os.kill(helper.pid, signal.SIGSTOP)  # the next sync is asked for but not done
@@ -82,7 +76,7 @@ def test_no_reply_goes_out_before_the_sync_that_covers_it(daemon: Any) -> None:
 
 def test_without_its_helper_the_agent_syncs_inline_and_keeps_what_it_acknowledged(daemon: Any) -> None:
     d = daemon(FSYNC_KV)
-    with attach(d) as kv:
+    with d.attach("kv") as kv:
         kv.call({"op": "put", "key": "a", "value": 1})
         helper = helper_of(kv.pid)
         os.kill(helper.pid, signal.SIGKILL)
@@ -94,13 +88,13 @@ def test_without_its_helper_the_agent_syncs_inline_and_keeps_what_it_acknowledge
         assert psutil.Process(kv.pid).children() == []  # and it reaped its helper
         os.kill(kv.pid, signal.SIGKILL)
     d.wait("kv", "running", not_pid=kv.pid)
-    with attach(d) as kv:
+    with d.attach("kv") as kv:
         assert kv.call({"op": "len"}) == {"len": 51, "puts": 51}
 
 
 def test_a_sync_that_hangs_ends_the_agent_as_a_hung_agent_would(daemon: Any) -> None:
     d = daemon(FSYNC_KV + "heartbeat_timeout_ms = 300\n")
-    with attach(d) as kv:
+    with d.attach("kv") as kv:
         kv.call({"op": "put", "key": "a", "value": 1})
         os.kill(helper_of(kv.pid).pid, signal.SIGSTOP)
         kv.send({"op": "put", "key": "b", "value": 2})
@@ -109,14 +103,14 @@ def test_a_sync_that_hangs_ends_the_agent_as_a_hung_agent_would(daemon: Any) -> 
         assert err.value.code == "agent_down"
     d.wait("kv", "running", not_pid=kv.pid)
     d.log.wait_for(r"the log's sync has not finished in 300 ms")
-    with attach(d) as kv:
+    with d.attach("kv") as kv:
         assert kv.call({"op": "get", "key": "a"}) == {"found": True, "value": 1}
 
 
 def test_the_sync_helper_does_not_take_the_agents_signals(daemon: Any) -> None:
     """A signal to the helper must not reach the agent's loop (through the wake-up fd they shared)."""
     d = daemon(FSYNC_KV)
-    with attach(d) as kv:
+    with d.attach("kv") as kv:
         kv.call({"op": "put", "key": "a", "value": 1})
         helper = helper_of(kv.pid)
         os.kill(helper.pid, signal.SIGTERM)  # default action: the helper ends, alone
@@ -127,7 +121,7 @@ def test_the_sync_helper_does_not_take_the_agents_signals(daemon: Any) -> None:
 
 def test_auto_syncs_inline_when_nothing_waits_and_never_forks_no_helper(daemon: Any) -> None:
     d = daemon(FSYNC_KV.replace('sync_helper = "always"', 'sync_helper = "auto"'))
-    with attach(d) as kv:
+    with d.attach("kv") as kv:
         kv.call({"op": "put", "key": "a", "value": 1})
         helper = helper_of(kv.pid)
         os.kill(helper.pid, signal.SIGSTOP)  # a lone call is synced by the agent itself
@@ -136,12 +130,12 @@ def test_auto_syncs_inline_when_nothing_waits_and_never_forks_no_helper(daemon: 
         finally:
             os.kill(helper.pid, signal.SIGCONT)
     d2 = daemon(FSYNC_KV.replace('sync_helper = "always"', 'sync_helper = "never"'))
-    with attach(d2) as kv:
+    with d2.attach("kv") as kv:
         assert kv.pipeline([{"op": "put", "key": i, "value": i} for i in range(20)])[-1] == {"ok": True, "len": 20}
         assert psutil.Process(kv.pid).children() == []
         os.kill(kv.pid, signal.SIGKILL)
     d2.wait("kv", "running", not_pid=kv.pid)
-    with attach(d2) as kv:
+    with d2.attach("kv") as kv:
         assert kv.call({"op": "len"}) == {"len": 20, "puts": 20}
 
 
@@ -154,7 +148,7 @@ def test_an_agent_that_ends_after_its_commit_answers_first_while_a_sync_is_in_fl
     state_dir = Path(next(line.split('"')[1] for line in d.config_path.read_text().splitlines()
                           if "state_dir" in line))
     log = state_dir / "store" / "logs" / "kv.log"
-    with attach(d) as kv:
+    with d.attach("kv") as kv:
         kv.call({"op": "put", "key": "a", "value": 1})
         helper = helper_of(kv.pid)
         os.kill(helper.pid, signal.SIGSTOP)
@@ -170,5 +164,5 @@ def test_an_agent_that_ends_after_its_commit_answers_first_while_a_sync_is_in_fl
         assert kv.receive() == [put, True, {"ok": True, "len": 2}]
         assert kv.receive() == [end, True, {"ending": True}]
     d.wait("kv", "running", not_pid=kv.pid)
-    with attach(d) as kv:
+    with d.attach("kv") as kv:
         assert kv.call({"op": "len"}) == {"len": 2, "puts": 3}
