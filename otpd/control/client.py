@@ -178,7 +178,11 @@ class Client:
     def attach(self, agent_id: str) -> Link:
         """Hand this connection to the running agent ``agent_id``: the ``Link`` returned calls it
         directly, and owns the connection from now on (this Client is done with)."""
-        result = self.request("attach", {"id": agent_id})  # answered by the agent, on its side
+        try:
+            result = self.request("attach", {"id": agent_id})  # answered by the agent, on its side
+        except Unreachable:  # closed unanswered: the agent that had it ended (or the daemon, first)
+            raise OtpdError("agent_down", f"agent {agent_id!r} ended before it answered the attach: attach "
+                            "again", {"id": agent_id}) from None
         return Link(self, agent_id, int(result["pid"]) if type(result) is dict else 0)
 
     def events(self, last: int = 0) -> Iterator[dict[str, Any]]:

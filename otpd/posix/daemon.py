@@ -68,7 +68,7 @@ class Child:
     """The daemon's side of one running agent process."""
 
     __slots__ = ("id", "pid", "sock", "held", "slot", "spare", "wrote_at", "wrote_last", "stopped_at", "pending",
-                 "spec", "start_error", "out", "writing", "fatal", "conn", "attaching")
+                 "spec", "start_error", "out", "writing", "fatal", "conn", "attaching", "attaching_bytes")
 
     def __init__(self, child_id: str, pid: int, sock: socket.socket, spec: AgentSpec, now: float) -> None:
         self.id = child_id
@@ -88,9 +88,10 @@ class Child:
         self.fatal = False  # a start failure that a restart cannot fix (store_corrupt)
         self.conn: ChildConnection | None = None  # made when the agent first asks the daemon
         self.attaching: list[tuple[socket.socket, bytes]] = []  # clients to hand over, each with its frame
+        self.attaching_bytes = 0  # their frames' bytes, counted with ``out`` against CHILD_OUT_CAP
 
 
-CHILD_OUT_CAP = 64 << 20  # a child this far behind on reading its channel is hung
+CHILD_OUT_CAP = 64 << 20  # a child this far behind on reading its channel is hung (attaches waiting count too)
 
 
 class ChildConnection:
@@ -901,7 +902,11 @@ class Daemon:
         child = self._running_child(_arg(args, "id", str))
         sock, pending = conn.hand_off()
         frame = protocol.pack({"t": "attach", "id": req_id, "pending": pending})
+        if not self._within_cap(child, len(frame)):
+            sock.close()  # as its other clients', the agent's replacement is theirs to attach to
+            return DEFERRED
         child.attaching.append((sock, frame))
+        child.attaching_bytes += len(frame)
         self._flush_child(child)
         return DEFERRED
 
@@ -920,8 +925,10 @@ class Daemon:
                 self._drop_attaching(child)
                 return
             del child.attaching[0]
+            child.attaching_bytes -= len(frame)
             client.close()  # the agent has its own copy now
             child.out += frame[sent:]  # a partial send: the fd went with its first byte, the rest is data
+            self._wrote(child)
 
     @staticmethod
     def _drop_attaching(child: Child) -> None:
@@ -929,6 +936,7 @@ class Daemon:
         for client, _frame in child.attaching:
             client.close()
         child.attaching.clear()
+        child.attaching_bytes = 0
 
     def op_cast(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
         child = self._running_child(_arg(args, "id", str))
@@ -940,7 +948,8 @@ class Daemon:
         node = self.tree.get(child_id)
         child = self.children.get(child_id)
         if node.state != "running" or child is None or child.sock is None:
-            raise OtpdError("agent_down", f"{child_id!r} is {node.state}", {"id": child_id, "state": node.state})
+            why = f"is {node.state}" if node.state != "running" else "has just ended (its restart follows)"
+            raise OtpdError("agent_down", f"{child_id!r} {why}", {"id": child_id, "state": node.state})
         return child
 
     def _send_child(self, child: Child, frame: dict[str, Any] | bytes) -> bool:
@@ -951,13 +960,26 @@ class Daemon:
             data = frame if type(frame) is bytes else protocol.pack(frame)
         except (TypeError, ValueError) as exc:
             raise OtpdError("bad_request", f"cannot encode the request: {exc}") from None
-        if len(child.out) + len(data) > CHILD_OUT_CAP:
-            self.log("warning", f"{child.id}: not reading its channel; SIGKILL pid {child.pid}")
-            _kill(child.pid, signal.SIGKILL)
+        if not self._within_cap(child, len(data)):
             return False
         child.out += data
         self.dirty_children.add(child)
         return True
+
+    def _within_cap(self, child: Child, more: int) -> bool:
+        """Can ``more`` bytes be queued for ``child``? Not beyond CHILD_OUT_CAP: it is hung, and killed."""
+        if len(child.out) + child.attaching_bytes + more <= CHILD_OUT_CAP:
+            return True
+        self.log("warning", f"{child.id}: not reading its channel; SIGKILL pid {child.pid}")
+        _kill(child.pid, signal.SIGKILL)
+        return False
+
+    def _wrote(self, child: Child) -> None:
+        """Input went to ``child``: liveness rule 2, it must wake for it."""
+        child.wrote_last = time.monotonic()
+        if child.wrote_at is None:
+            child.wrote_at = child.wrote_last
+            self.owing.add(child)
 
     def _flush_child(self, child: Child) -> None:
         sock = child.sock
@@ -972,10 +994,7 @@ class Daemon:
                 child.out.clear()  # it is dying; SIGCHLD follows
                 break
             del child.out[:sent]
-            child.wrote_last = time.monotonic()  # liveness rule 2: it must wake for this
-            if child.wrote_at is None:
-                child.wrote_at = child.wrote_last
-                self.owing.add(child)
+            self._wrote(child)
         if child.attaching and not child.out:
             self._hand_over(child, sock)
         want = bool(child.out) or bool(child.attaching)

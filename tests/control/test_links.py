@@ -300,3 +300,37 @@ def test_a_send_that_times_out_on_a_link_is_a_timeout_not_a_closed_link(daemon: 
         finally:
             os.kill(link.pid, signal.SIGCONT)
     assert d.pid_of("kv") == link.pid
+
+
+def test_attaches_piling_up_for_an_agent_that_does_not_read_count_against_its_cap(daemon: Any) -> None:
+    """Each waiting attach holds the bytes its client sent after it.  They count with the
+    channel's queue against CHILD_OUT_CAP (64 MiB): past it the agent is hung, killed, and
+    every waiting client's connection closed (found by a review helper: 3,000 waiting attaches
+    took the daemon to 211 MB)."""
+    d = daemon(KV.replace('agent = "otpd.agents.kv:KVAgent"', 'agent = "otpd.agents.kv:KVAgent"\n'
+                                                                'heartbeat_timeout_ms = 0', 1))
+    pid = d.pid_of("kv")
+    call = codec.pack([1, {"op": "len"}])
+    tail = call * (60_000 // len(call))  # calls after the attach: the daemon reads them with it
+    clients = []
+    os.kill(pid, signal.SIGSTOP)  # reads nothing from now on; liveness is off for it
+    try:
+        for _ in range(1_500):  # 90 MB of waiting attaches at most
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(d.socket))  # blocking: waits while the listen backlog is full
+            s.settimeout(30)
+            s.sendall(codec.pack({"id": 1, "op": "attach", "args": {"id": "kv"}}) + tail)
+            clients.append(s)
+        d.log.wait_for(rf"kv: not reading its channel; SIGKILL pid {pid}")
+        d.wait("kv", "running", not_pid=pid)
+        for s in clients:  # waiting or handed over: closed unanswered; later: agent_down, or the new agent's
+            frame = next_frame(s, protocol.unpacker())
+            assert frame is None or frame.get("error", {}).get("code") == "agent_down" \
+                or frame["result"]["pid"] != pid, frame
+    finally:
+        for s in clients:
+            s.close()
+        if d.pid_of("kv") == pid:
+            os.kill(pid, signal.SIGCONT)
+    with d.attach("kv") as kv:
+        assert kv.call({"op": "len"}) == {"len": 0, "puts": 0}

@@ -110,6 +110,21 @@ def test_child_that_does_not_wake_for_its_input_is_killed(daemon):
     d.log.wait_for(rf"hb: silent for .*not read what it was sent.*SIGKILL pid {pid}")
 
 
+def test_child_that_does_not_wake_for_an_attach_is_killed(daemon):
+    """An attach is input too: the client's fd and frame went over the channel (found by a
+    review helper: the hand-over did not count for liveness rule 2)."""
+    d = daemon(CONFIG)
+    pid = d.pid_of("hb")
+    with d.events() as events:
+        d.request("cast", {"id": "hb", "message": {"do": "hang-unseen"}})
+        d.log.wait_for(r"hb: hanging unseen")
+        with pytest.raises(OtpdError) as err:
+            d.attach("hb", timeout=30)
+        assert err.value.code == "agent_down"  # its connection closed with the agent, unanswered
+        _killed_and_replaced(d, "hb", pid, events)
+    d.log.wait_for(rf"hb: silent for .*not read what it was sent.*SIGKILL pid {pid}")
+
+
 def test_idle_children_are_never_woken(daemon):
     """No heartbeat messages: an idle agent's process sleeps in select the whole time."""
     d = daemon(CONFIG.replace("heartbeat_timeout_ms = 300", "heartbeat_timeout_ms = 200"))
