@@ -433,7 +433,14 @@ class Runtime:
         self._settle()
         self._checkpoint()
         self._sync()
+        self._drain_links()
         return system.EXIT_SHUTDOWN if self.stopping == "shutdown" else system.EXIT_NORMAL
+
+    def _drain_links(self) -> None:
+        """The links' queued replies, sent before the process ends: for up to half the heartbeat
+        timeout (the daemon's liveness limit for a loop that does not come back), 5 s without one."""
+        limit_ms = self.spec.heartbeat_timeout_ms
+        links.drain(self.links, min(5.0, limit_ms / 2000) if limit_ms else 5.0)
 
     def prepare(self) -> type[Agent]:
         """What a start needs before the state is read: the class, and the store opened."""
@@ -573,6 +580,7 @@ class Runtime:
         for link, out_data, n in to_links:
             link.send(out_data, n)
         if self.ending is not None:  # committed or not (store_full drops the after-commit callbacks)
+            self._drain_links()
             for stream in (sys.stdout, sys.stderr):  # os._exit does not flush
                 stream.flush()
             end_helpers()

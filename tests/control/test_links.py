@@ -334,3 +334,29 @@ def test_attaches_piling_up_for_an_agent_that_does_not_read_count_against_its_ca
             os.kill(pid, signal.SIGCONT)
     with d.attach("kv") as kv:
         assert kv.call({"op": "len"}) == {"len": 0, "puts": 0}
+
+
+ENDER = '[[root.children]]\nid = "ender"\nagent = "tests.control.agents:Ender"\nrestart = "temporary"\n'
+
+
+@pytest.mark.parametrize("how", ["end_after_commit", "stop"])
+def test_replies_queued_for_a_slow_reader_go_out_before_the_agent_ends(daemon: Any, how: str) -> None:
+    """Found by a review helper: an agent ending after a commit (``end_after_commit``) exited
+    with the replies its link had not taken yet still queued, and they were lost; a stopped
+    one too."""
+    d = daemon(ENDER)
+    last = "end" if how == "end_after_commit" else "cue"
+    with d.attach("ender", timeout=30) as link, d.client() as control:
+        calls = [{"big": 100_000}] * 40 + [last]  # 4 MB of replies: more than the socket holds
+        for request in calls:
+            link.send(request)
+        d.log.wait_for(rf"ender: {last} read")  # the agent has read them all
+        if how == "stop":
+            stopping = control.send("stop", {"id": "ender"})  # answered once it has ended
+        replies = [link.receive() for _ in calls]
+        assert [r[1] for r in replies] == [True] * len(calls)
+        assert replies[-1][2] == last and len(replies[0][2]) == 100_000
+        if how == "stop":
+            answer = control.receive()
+            assert answer["id"] == stopping and answer["ok"], answer
+    assert d.wait("ender", "stopped")["state"] == "stopped"
