@@ -56,8 +56,10 @@ class Daemon:
     def start(self) -> Daemon:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.log = open(self.dir / "otpd.log", "ab")  # noqa: SIM115
+        # -m puts the cwd first on sys.path: this checkout's, or a bench run from a worktree
+        # would measure the otpd of wherever it was started.
         self.proc = subprocess.Popen([sys.executable, "-m", "otpd.cli.otpd_main", "run", "--config",
-                                      str(self.config)], stdout=self.log, stderr=self.log, env=env)
+                                      str(self.config)], stdout=self.log, stderr=self.log, env=env, cwd=REPO)
         deadline = time.monotonic() + 30
         while True:  # bounded: until the socket answers
             try:

@@ -571,7 +571,9 @@ def write_otpd_config(folder: Path, children: Sequence[dict[str, Any]], max_rest
 
 def otpd_env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SCRIPTS), env.get("PYTHONPATH", "")) if p)
+    # This checkout's otpd first, ahead of the venv's (an editable install may point at another
+    # checkout: a bench run from a worktree would otherwise measure the main one's code).
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(SCRIPTS), env.get("PYTHONPATH", "")) if p)
     env.pop("OTPD_SOCKET", None)
     return env
 

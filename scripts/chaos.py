@@ -114,8 +114,10 @@ class Harness:
     def start(self) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         log = open(self.dir / "otpd.log", "ab")  # noqa: SIM115 - the daemon holds it
+        # -m puts the cwd first on sys.path: this checkout's, or a bench run from a worktree
+        # would measure the otpd of wherever it was started.
         self.proc = subprocess.Popen([sys.executable, "-m", "otpd.cli.otpd_main", "run", "--config",
-                                      str(self.config)], stdout=log, stderr=log, env=env)
+                                      str(self.config)], stdout=log, stderr=log, env=env, cwd=REPO)
         log.close()
         self.generation += 1
         deadline = time.monotonic() + 60
