@@ -149,8 +149,11 @@ def test_attach_is_refused_with_a_stable_code_and_the_connection_stays_the_daemo
         assert err.value.code == "bad_request" and "subscription" in err.value.message
 
 
-def test_the_link_closes_with_the_agent_and_every_acknowledged_put_survives(daemon: Any) -> None:
-    d = daemon(KV)
+@pytest.mark.parametrize("durability", ["process", "fsync"])
+def test_the_link_closes_with_the_agent_and_every_acknowledged_put_survives(daemon: Any, durability: str) -> None:
+    """Under fsync the calls that come during a sync are applied meanwhile (the sync helper)
+    and answered only once a later sync covers them: a kill between loses none it answered."""
+    d = daemon(f'[store]\ndurability = "{durability}"\nsync_helper = "always"\n' + KV)
     kv = d.attach("kv")
     acked: list[int] = []
     first = kv.client.next_id
