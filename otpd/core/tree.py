@@ -249,8 +249,9 @@ class Tree:
     def exited(self, child_id: str, reason: Reason, now: float, fatal: bool = False,
                **details: Any) -> list[Action]:
         """A child process ended. ``fatal``: it failed to start for a reason a restart
-        cannot fix (its stored state is corrupt); it stays ``failed`` until an operator
-        starts it, and its siblings keep running."""
+        cannot fix (its stored state is corrupt, or its start must write what a full store
+        cannot take); it stays ``failed`` until an operator starts it, and its siblings keep
+        running."""
         node = self.nodes.get(child_id)
         live = ("starting", "running", "stopping")
         if node is not None and not node.is_supervisor and node.state in live:

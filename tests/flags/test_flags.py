@@ -187,3 +187,83 @@ def test_migrate_dry_run_then_write_then_back_through_an_export(daemon: Any, tmp
     assert run_cli("otpctl", *cli, "import", str(backup)).returncode == 0
     shown = json.loads(run_cli("otpctl", *cli, "person").stdout)
     assert shown["version"] == 1 and shown["state"] == {"name": "Grace Hopper", "count": 0}
+
+
+def test_a_switch_that_finds_no_room_to_keep_the_old_records_holds_that_agent_only(daemon: Any) -> None:
+    """A switch keeps a copy of the records the other class left (for a rollback without
+    downgrades); on a full store that copy does not fit.  The agent's start then failed with
+    store_full at every restart, until its supervisor's intensity took the tree down; it is
+    held ``failed`` instead, as a corrupt record holds it, its records untouched."""
+    body = """
+[store]
+map_size_mb = 1
+map_size_max_mb = 1
+
+[features]
+v3 = "{v3}"
+
+[root]
+max_restarts = 3
+max_seconds = 5
+
+[[root.children]]
+id = "kvs"
+agent = "tests.flags.agents:KV1"
+agent_next = "tests.flags.agents:KV2"
+switch = "v3"
+
+[[root.children]]
+id = "echo"
+agent = "otpd.agents.echo:EchoAgent"
+"""
+    d = daemon(body.format(v3="off"))
+    acked = 0
+    with pytest.raises(OtpdError) as err:
+        for i in range(10_000):
+            call(d, "kvs", {"op": "put", "key": i, "value": "x" * 3000})
+            acked += 1
+    assert err.value.code == "store_full" and acked > 50
+    d.request("shutdown")
+    d.wait_exit()
+    d.write_config(body.format(v3="on"))  # its next start is under KV2: the switch
+    d2 = daemon("", config_path=d.config_path, ready=False)
+    d2.log.wait_for(r"kvs: .*store_full")
+    d2.wait("kvs", "failed")
+    assert d2.wait("root", "running")["state"] == "running"
+    assert call(d2, "echo", "still here") == "still here"
+    assert d2.children()["kvs"]["restarts"] == 0, "held after its first failed start, not restarted"
+    from otpd.config import load
+    from otpd.store.lmdb_store import Store
+
+    store = Store(load(d.config_path).store_settings().path, readonly=True)
+    try:
+        record = store.read("kvs")
+        assert record is not None and record["state"]["puts"] == acked  # every acknowledged put kept
+        assert record["agent"] == "tests.flags.agents:KV1"
+    finally:
+        store.close()
+    # What the message says to do: the flag back, then start it (it runs as before the switch) ...
+    d2.request("flags.set", {"name": "v3", "value": "off"})
+    d2.request("start", {"id": "kvs"})
+    d2.wait("kvs", "running")
+    assert call(d2, "kvs", {"op": "len"}) == {"len": acked, "puts": acked}
+    # ... or more room and a restart of otpd: the switch goes through.
+    d2.request("shutdown")
+    d2.wait_exit()
+    d2.write_config(body.format(v3="on").replace("map_size_max_mb = 1", "map_size_max_mb = 64"))
+    d3 = daemon("", config_path=d.config_path)
+    pid = d3.pid_of("kvs")  # under KV1: the run-time "off" set above is kept
+    assert d3.request("flags.set", {"name": "v3", "value": "default"})["restarted"] == ["kvs"]
+    d3.wait("kvs", not_pid=pid)
+    assert call(d3, "kvs", {"op": "len"}) == {"len": acked, "puts": acked}
+    assert call(d3, "kvs", {"op": "get", "key": acked - 1}) == {"found": True, "value": "x" * 3000}
+    call(d3, "kvs", {"op": "put", "key": "under", "value": "KV2"})
+    d3.request("shutdown")
+    d3.wait_exit()
+    store = Store(load(d.config_path).store_settings().path, readonly=True)
+    try:
+        assert store.read("kvs")["agent"] == "tests.flags.agents:KV2"  # type: ignore[index]
+        with store.env.begin() as txn:  # the copy for a rollback, made this time
+            assert txn.get(b"kvs\x00tests.flags.agents:KV1", db=store.versions) is not None
+    finally:
+        store.close()
