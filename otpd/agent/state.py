@@ -267,6 +267,11 @@ class StateKeeper:
             self.seq = record["seq"]
         self.pending.clear()
         self.last_state, self.last_markers = self._snapshot()
+        if record is not None and (writer != self.agent_ref or record["version"] != self.cls.state_version):
+            # Written by another class (a version switch) or version: the next commit (init's)
+            # writes it as this one, migrated, even if nothing changes.  Left as it was, every
+            # restart would switch again, and copy all its records under versions/ again.
+            self.last_state = b""
 
     def rollback(self) -> None:
         """After a failed commit: back to what is on disk (nothing unsaved survives in memory),

@@ -267,3 +267,24 @@ agent = "otpd.agents.echo:EchoAgent"
             assert txn.get(b"kvs\x00tests.flags.agents:KV1", db=store.versions) is not None
     finally:
         store.close()
+
+
+def test_after_a_switch_the_record_is_the_new_classs_even_before_a_change(daemon: Any) -> None:
+    """Left as the old class wrote it, every restart of the agent switched again (and copied
+    its records under versions/ again, O(n)) until its first change."""
+    d = daemon(SWITCHED.format(v1="V1", v3="V3"))
+    call(d, "person", {"op": "set", "name": "Ada Lovelace"})
+    switch(d, "on")  # no change under V3
+    d.request("shutdown")
+    d.wait_exit()
+    from otpd.config import load
+    from otpd.store.lmdb_store import Store
+
+    store = Store(load(d.config_path).store_settings().path, readonly=True)
+    try:
+        record = store.read("person")
+        assert record is not None
+        assert (record["agent"], record["version"]) == ("tests.flags.agents:V3", 3)
+        assert record["state"] == {"first": "Ada", "last": "Lovelace", "count": 0, "title": "dr"}
+    finally:
+        store.close()
