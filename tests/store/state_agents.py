@@ -32,7 +32,8 @@ class QueueAgent(Agent):
 
 
 class StartCounter(Agent):
-    """Counts its starts in init (so every start has a change to commit), and keeps a queue."""
+    """Counts its starts in init (so every start has a change to commit), says on stderr once
+    that change is saved (``after_commit``), and keeps a queue; ``say`` prints its text."""
 
     fields = {"starts": 0}
     persistent_fields = ("starts",)
@@ -43,10 +44,14 @@ class StartCounter(Agent):
 
     def init(self) -> None:
         self.starts += 1
+        starts = self.starts
+        self.after_commit(lambda: print(f"start {starts} saved", flush=True))
 
     def handle_call(self, request: Any) -> Any:
         if request.get("op") == "add":
             self.items.append(request["item"])
+        elif request.get("op") == "say":
+            print(request["text"], flush=True)
         return {"starts": self.starts, "items": len(self.items)}
 
 

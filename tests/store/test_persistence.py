@@ -198,9 +198,13 @@ def test_an_agent_whose_log_no_longer_fits_starts_and_answers_store_full(daemon:
         for i in range(10_000):
             call(d, "kv", {"op": "put", "key": i, "value": "x" * 4000})
     assert err.value.code == "store_full"
+    d.log.wait_for(r"counter: start 1 saved")  # init's after-commit action, its change saved
     kill_and_wait(d, "counter")  # the restart: replay and init's commit do not fit
     state = call(d, "counter", {"op": "get"})
     assert state["items"] == 20, "what it acknowledged is there (read through its log)"
+    call(d, "counter", {"op": "say", "text": "after the restart"})
+    d.log.wait_for(r"counter: after the restart")  # (the agent's stderr comes in order)
+    assert "start 2 saved" not in d.log.text(), "an action waiting for a change never saved ran"
     with pytest.raises(OtpdError) as err:
         call(d, "counter", {"op": "add", "item": "more"})
     assert err.value.code == "store_full"
