@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import selectors
 import signal
 import socket
@@ -109,11 +110,16 @@ def fill_queue(state_dir: Path, agent_id: str, n: int) -> None:
     store.close()
 
 
-def restore_times(d: Daemon, child: str, kills: int) -> list[float]:
+def restore_times(d: Daemon, child: str, kills: int, jitter_ms: float = 0.0) -> list[float]:
+    """SIGKILL ``child`` ``kills`` times, each right after the last restart was ready, or after
+    a random pause of 0..``jitter_ms`` (the daemon's spare for the next restart has booted by then)."""
     out = []
+    rng = random.Random(1)
     with Client(d.socket) as ctl, Client(d.socket, timeout=30) as ev:
         ev.request("events")
         for _ in range(kills):
+            if jitter_ms:
+                time.sleep(rng.uniform(0, jitter_ms / 1000))  # pacing: a crash at a random moment
             pid = next(c["pid"] for c in ctl.request("ps")["children"] if c["id"] == child)
             t0 = time.perf_counter()
             os.kill(pid, signal.SIGKILL)
@@ -125,7 +131,7 @@ def restore_times(d: Daemon, child: str, kills: int) -> list[float]:
     return out
 
 
-def bench_restore(root: Path, sizes: list[int], kills: int) -> list[str]:
+def bench_restore(root: Path, sizes: list[int], kills: int, jitter_ms: float = 0.0) -> list[str]:
     body = "[store]\nmap_size_mb = 4096\n[root]\nmax_restarts = 1000000\nmax_seconds = 1\n"
     for n in [0] + sizes:
         body += f'\n[[root.children]]\nid = "q{n}"\nagent = "{QUEUE_AGENT}"\n'
@@ -139,7 +145,7 @@ def bench_restore(root: Path, sizes: list[int], kills: int) -> list[str]:
             for n in sizes:
                 assert c.request("call", {"id": f"q{n}", "request": {"op": "len"}})["len"] == n
         for n in [0] + sizes:
-            times = restore_times(d, f"q{n}", kills)
+            times = restore_times(d, f"q{n}", kills, jitter_ms)
             rows.append(f"| {n:,} | {statistics.median(times):.2f} | {pct(times, 0.9):.2f} | {max(times):.2f} "
                         f"| {kills} |")
             print(rows[-1], flush=True)
@@ -384,6 +390,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["restore", "overhead", "fsync"])
     ap.add_argument("--sizes", default="1000,100000,1000000")
     ap.add_argument("--kills", type=int, default=30)
+    ap.add_argument("--jitter-ms", type=float, default=0.0,
+                    help="restore: a random pause of 0..N ms before each kill (0: kill at once after ready)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--puts", type=int, default=20_000)
     ap.add_argument("--clients", type=int, default=32)
@@ -395,7 +403,7 @@ def main() -> None:
         out: list[str] = []
         if args.only in (None, "restore"):
             out += ["", "Restore after SIGKILL"] + bench_restore(root, [int(s) for s in args.sizes.split(",")],
-                                                                  args.kills)
+                                                                  args.kills, args.jitter_ms)
         if args.only in (None, "overhead"):
             out += ["", "Persistence overhead (KVAgent puts)"] + bench_overhead(root, args.rounds, args.puts)
         if args.only in (None, "fsync"):
