@@ -68,7 +68,7 @@ class Child:
     """The daemon's side of one running agent process."""
 
     __slots__ = ("id", "pid", "sock", "held", "slot", "spare", "wrote_at", "wrote_last", "stopped_at", "pending",
-                 "spec", "start_error", "out", "writing", "fatal", "conn", "attaching", "attaching_bytes")
+                 "spec", "start_error", "out", "writing", "fatal", "conn", "attaching", "attaching_bytes", "killed")
 
     def __init__(self, child_id: str, pid: int, sock: socket.socket, spec: AgentSpec, now: float) -> None:
         self.id = child_id
@@ -89,6 +89,7 @@ class Child:
         self.conn: ChildConnection | None = None  # made when the agent first asks the daemon
         self.attaching: list[tuple[socket.socket, bytes]] = []  # clients to hand over, each with its frame
         self.attaching_bytes = 0  # their frames' bytes, counted with ``out`` against CHILD_OUT_CAP
+        self.killed = False  # judged hung and SIGKILLed: its exit follows
 
 
 CHILD_OUT_CAP = 64 << 20  # a child this far behind on reading its channel is hung (attaches waiting count too)
@@ -675,6 +676,7 @@ class Daemon:
 
     def _hung(self, child: Child, why: str) -> None:
         self.log("warning", f"{child.id}: {why}; SIGKILL pid {child.pid}")
+        child.killed = True
         self.owing.discard(child)
         self.stopped.discard(child)
         child.wrote_at = child.stopped_at = None
@@ -973,8 +975,10 @@ class Daemon:
         """Can ``more`` bytes be queued for ``child``? Not beyond CHILD_OUT_CAP: it is hung, and killed."""
         if len(child.out) + child.attaching_bytes + more <= CHILD_OUT_CAP:
             return True
-        self.log("warning", f"{child.id}: not reading its channel; SIGKILL pid {child.pid}")
-        _kill(child.pid, signal.SIGKILL)
+        if not child.killed:  # judged once: what comes until its exit is refused, not judged again
+            child.killed = True
+            self.log("warning", f"{child.id}: not reading its channel; SIGKILL pid {child.pid}")
+            _kill(child.pid, signal.SIGKILL)
         return False
 
     def _wrote(self, child: Child) -> None:

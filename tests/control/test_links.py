@@ -335,6 +335,7 @@ def test_attaches_piling_up_for_an_agent_that_does_not_read_count_against_its_ca
             s.close()
         if d.pid_of("kv") == pid:
             os.kill(pid, signal.SIGCONT)
+    assert d.log.text().count("kv: not reading its channel") == 1, "judged once, not at every attach after"
     with d.attach("kv") as kv:
         assert kv.call({"op": "len"}) == {"len": 0, "puts": 0}
 
