@@ -95,32 +95,24 @@ def test_child_busy_in_a_callback_past_the_timeout_is_killed_and_its_caller_told
     d.log.wait_for(rf"hb: busy for .*SIGKILL pid {pid}")
 
 
-def test_child_that_does_not_wake_for_its_input_is_killed(daemon):
-    d = daemon(CONFIG)
-    pid = d.pid_of("hb")
-    with d.events() as events:
-        d.request("cast", {"id": "hb", "message": {"do": "hang-unseen"}})
-        # The call goes once the agent hangs: sent earlier, it could come in the same read as
-        # the cast (then the agent did wake for it, and only a lying agent stamps nothing).
-        d.log.wait_for(r"hb: hanging unseen")
-        with pytest.raises(OtpdError) as err:
-            d.request("call", {"id": "hb", "request": "ping", "timeout": 30})
-        assert err.value.code == "agent_crashed"
-        _killed_and_replaced(d, "hb", pid, events)
-    d.log.wait_for(rf"hb: silent for .*not read what it was sent.*SIGKILL pid {pid}")
-
-
-def test_child_that_does_not_wake_for_an_attach_is_killed(daemon):
-    """An attach is input too: the client's fd and frame went over the channel (found by a
+@pytest.mark.parametrize("given", ["call", "attach"])
+def test_child_that_does_not_wake_for_its_input_is_killed(daemon, given):
+    """An attach is input too: the client's fd and frame go over the channel (found by a
     review helper: the hand-over did not count for liveness rule 2)."""
     d = daemon(CONFIG)
     pid = d.pid_of("hb")
     with d.events() as events:
         d.request("cast", {"id": "hb", "message": {"do": "hang-unseen"}})
+        # The input goes once the agent hangs: sent earlier, it could come in the same read as
+        # the cast (then the agent did wake for it, and only a lying agent stamps nothing).
         d.log.wait_for(r"hb: hanging unseen")
         with pytest.raises(OtpdError) as err:
-            d.attach("hb", timeout=30)
-        assert err.value.code == "agent_down"  # its connection closed with the agent, unanswered
+            if given == "call":
+                d.request("call", {"id": "hb", "request": "ping", "timeout": 30})
+            else:
+                d.attach("hb", timeout=30)
+        # the call's caller is told; the attaching client's connection closes with the agent
+        assert err.value.code == ("agent_crashed" if given == "call" else "agent_down")
         _killed_and_replaced(d, "hb", pid, events)
     d.log.wait_for(rf"hb: silent for .*not read what it was sent.*SIGKILL pid {pid}")
 
