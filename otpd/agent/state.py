@@ -230,8 +230,12 @@ class StateKeeper:
 
     # -- load -------------------------------------------------------------------
 
-    def load(self) -> None:
-        """Set defaults, then the persisted state (migrated) on the agent."""
+    def load(self, writes: bool = True) -> None:
+        """Set defaults, then the persisted state (migrated) on the agent.
+
+        ``writes=False`` (a rollback, after a commit that found the store full): no write of
+        a version switch (its copy is there from the start's load), and no rewrite of the record
+        as this class's until a real change (every batch, reads too, would be store_full)."""
         agent = self.agent
         for name, default in getattr(self.cls, "fields", {}).items():
             setattr(agent, name, default() if callable(default) else copy.deepcopy(default))
@@ -251,7 +255,9 @@ class StateKeeper:
             assert self.store is not None
             if record["version"] > self.cls.state_version:
                 downgraded = downgrade(writer, self.agent_id, record, self.cls.state_version)
-            if downgraded is not None or record["version"] <= self.cls.state_version:
+            if not writes:
+                pass
+            elif downgraded is not None or record["version"] <= self.cls.state_version:
                 self.store.keep_version(self.agent_id, writer)
             elif self.store.switch_version(self.agent_id, writer, self.agent_ref):
                 record = self.store.read(self.agent_id)
@@ -267,7 +273,7 @@ class StateKeeper:
             self.seq = record["seq"]
         self.pending.clear()
         self.last_state, self.last_markers = self._snapshot()
-        if record is not None and (writer != self.agent_ref or record["version"] != self.cls.state_version):
+        if writes and record is not None and (writer != self.agent_ref or record["version"] != self.cls.state_version):
             # Written by another class (a version switch) or version: the next commit (init's)
             # writes it as this one, migrated, even if nothing changes.  Left as it was, every
             # restart would switch again, and copy all its records under versions/ again.
@@ -276,7 +282,7 @@ class StateKeeper:
     def rollback(self) -> None:
         """After a failed commit: back to what is on disk (nothing unsaved survives in memory),
         then the agent's ``on_rollback``."""
-        self.load()
+        self.load(writes=False)
         self.agent.on_rollback()
 
     def _migrate(self, version: int, state: dict[str, Any]) -> dict[str, Any]:

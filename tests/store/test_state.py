@@ -360,3 +360,40 @@ def test_tools_and_the_daemon_grow_the_map_too(tmp_path: Path) -> None:
     assert store.map_size() > size and len(store.get_meta("big")) == size // 2
     assert store.quarantine("c1").startswith("c1@")
     store.close()
+
+
+def test_a_rollback_after_a_switch_keeps_the_committed_state_and_writes_nothing(tmp_path: Path) -> None:
+    """Found by a review helper: a commit refused store_full right after a version switch rolls
+    back with a reload, which ran the switch again: a second copy of the old records, which
+    on a full store raised, after the reload had set every field to its default.  The agent
+    then ran on defaults, the ``len`` of 60 acknowledged puts answered 0.  A rollback writes
+    nothing, and leaves the record's rewrite as the new class to the next real change."""
+    from tests.flags.agents import KV1, KV2
+
+    store = Store(tmp_path, map_size_mb=1, map_size_max_mb=1)
+    old = KV1("kvs", {})
+    keeper = StateKeeper(old, store, "tests.flags.agents:KV1")
+    keeper.load()
+    for i in range(60):
+        old.data[i] = "x" * 3000
+        old.puts += 1
+    keeper.commit()
+    store.checkpoint()
+
+    agent = KV2("kvs", {})
+    keeper = StateKeeper(agent, store, "tests.flags.agents:KV2")
+    keeper.switched = True
+    copies: list[str] = []
+    keep_version = store.keep_version
+    store.keep_version = lambda agent_id, was: (copies.append(was), keep_version(agent_id, was))[1]  # type: ignore[method-assign]
+    keeper.load()
+    assert copies == ["tests.flags.agents:KV1"]
+    agent.data["big"] = "y" * (2 << 20)  # (init's change, say) more than the whole map
+    with pytest.raises(OtpdError) as err:
+        keeper.commit()
+    assert err.value.code == "store_full"
+    assert copies == ["tests.flags.agents:KV1"], "the rollback made no second copy"
+    assert (agent.puts, len(agent.data), "big" in agent.data) == (60, 60, False)
+    assert keeper.commit() is False  # a batch of reads: nothing to write, not store_full
+    assert agent.data[59] == "x" * 3000
+    store.close()
