@@ -19,14 +19,15 @@ Bad input ends the link, never the agent: bytes that are not msgpack, a frame to
 for the decoder (it holds ``MAX_FRAME`` plus one read: every frame up to ``MAX_FRAME`` is
 taken), or a client that lets ``OUT_CAP`` bytes of replies pile up unread.  A frame of
 another shape gets ``bad_request``.  When the agent's process ends on its own (``end_after_commit``,
-a shutdown), the replies still queued for slow readers are sent first, for up to half the
-heartbeat timeout (``drain``).  An agent takes at most half its RLIMIT_NOFILE in links
+a shutdown), the replies still queued for slow readers are sent first, within the daemon's
+limits (``drain``, ``Runtime._drain_links``).  An agent takes at most half its RLIMIT_NOFILE in links
 (``max_links``); beyond, an attach is answered ``internal`` and closed, the agent unharmed.
 """
 
 from __future__ import annotations
 
 import resource
+import select
 import selectors
 import socket
 import time
@@ -158,20 +159,19 @@ def drain(links: list[Link], seconds: float) -> None:
     """Before the agent's process ends: send the replies still queued for clients slow to
     read them, for at most ``seconds`` in all.  A link that still holds some then is closed
     with them, as if the agent had been killed (its client attaches again)."""
-    waiting = [link for link in links if link.out and not link.closed]
+    waiting = {link.sock.fileno(): link for link in links if link.out and not link.closed}
     if not waiting:
         return
     deadline = time.monotonic() + seconds
-    with selectors.DefaultSelector() as selector:
-        for link in waiting:
-            selector.register(link.sock, selectors.EVENT_WRITE, link)
-        left = len(waiting)
-        while left and (timeout := deadline - time.monotonic()) > 0:
-            for key, _mask in selector.select(timeout):
-                link = key.data
-                if not protocol.send_out(link.sock, link.out) or not link.out:
-                    selector.unregister(link.sock)
-                    left -= 1
+    poll = select.poll()  # (takes no fd, unlike an epoll: an agent at its fd limit drains too)
+    for fd in waiting:
+        poll.register(fd, select.POLLOUT)
+    while waiting and (left := deadline - time.monotonic()) > 0:
+        for fd, _mask in poll.poll(left * 1000):
+            link = waiting[fd]
+            if not protocol.send_out(link.sock, link.out) or not link.out:
+                poll.unregister(fd)  # (gone, or all sent)
+                del waiting[fd]
 
 
 def max_links() -> int:

@@ -255,6 +255,8 @@ class Runtime:
         self.fds: deque[int] = deque()  # clients passed with "attach" frames (SCM_RIGHTS), in order
         self.answering: set[links.Link] = set()  # links with replies in the batch being applied
         self.links: list[links.Link] = []  # the links attached (closed ones dropped at the next attach)
+        self.woke_at = time.monotonic()  # when the loop last woke to work (liveness rule 1 counts from it)
+        self.stop_at: float | None = None  # when SIGTERM came (the daemon's shutdown_ms counts from about then)
         self.syncer: Syncer | None = None  # fsync durability: the log synced in a helper process
         self.written = 0  # the seq of the last commit, ...
         self.synced = 0  # ... of the last one known durable, ...
@@ -389,7 +391,7 @@ class Runtime:
             timeout = self._timeout()
             self.stamp.waiting()
             events = selector.select(timeout)
-            now = time.monotonic()
+            now = self.woke_at = time.monotonic()
             self.stamp.working(now)
             frames: list[Any] = []
             calls: list[tuple[links.Link, list[Any]]] = []  # what the links brought
@@ -431,16 +433,24 @@ class Runtime:
         agent.terminate(self.stopping)
         self._commit_then_send([])
         self._settle()
+        self._drain_links()  # (every reply is durable now; the log is replayed if we die past here)
         self._checkpoint()
         self._sync()
-        self._drain_links()
         return system.EXIT_SHUTDOWN if self.stopping == "shutdown" else system.EXIT_NORMAL
 
     def _drain_links(self) -> None:
-        """The links' queued replies, sent before the process ends: for up to half the heartbeat
-        timeout (the daemon's liveness limit for a loop that does not come back), 5 s without one."""
-        limit_ms = self.spec.heartbeat_timeout_ms
-        links.drain(self.links, min(5.0, limit_ms / 2000) if limit_ms else 5.0)
+        """The links' queued replies, sent before the process ends, for 5 s at most, and within
+        half of what is left of the daemon's limits: its liveness limit for a loop that does not
+        come back (heartbeat_timeout_ms, from when this iteration woke) and, when stopped, its
+        shutdown_ms (from the SIGTERM): the rest is for the checkpoint and the exit."""
+        now = time.monotonic()
+        budget = 5.0
+        if self.spec.heartbeat_timeout_ms:
+            budget = min(budget, (self.spec.heartbeat_timeout_ms / 1000 - (now - self.woke_at)) / 2)
+        if self.stop_at is not None and self.spec.shutdown_ms is not None:
+            budget = min(budget, (self.spec.shutdown_ms / 1000 - (now - self.stop_at)) / 2)
+        if budget > 0:
+            links.drain(self.links, budget)
 
     def prepare(self) -> type[Agent]:
         """What a start needs before the state is read: the class, and the store opened."""
@@ -691,6 +701,8 @@ class Runtime:
     def _on_signals(self, data: bytes) -> None:
         if signal.SIGTERM in data:
             self.stopping = "shutdown"
+            if self.stop_at is None:
+                self.stop_at = time.monotonic()
 
     def _recv(self, size: int, flags: int = 0) -> bytes:
         """Read the channel, taking the fds that come with "attach" frames."""

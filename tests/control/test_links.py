@@ -5,6 +5,7 @@ A real daemon, the real socket, real SIGKILLs; the fd goes over the agent's chan
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 from pathlib import Path
@@ -364,3 +365,43 @@ def test_replies_queued_for_a_slow_reader_go_out_before_the_agent_ends(daemon: A
             answer = control.receive()
             assert answer["id"] == stopping and answer["ok"], answer
     assert d.wait("ender", "stopped")["state"] == "stopped"
+
+
+def _slow_reader(d: Any) -> Link:
+    """A link to ender holding 4 MB of replies it does not read (more than the socket takes)."""
+    link = d.attach("ender", timeout=30)
+    for _ in range(40):
+        link.send({"big": 100_000})
+    link.send("cue")
+    d.log.wait_for(r"ender: cue read")
+    return link
+
+
+def test_a_stop_with_a_link_that_reads_nothing_ends_within_shutdown_ms(daemon: Any) -> None:
+    """Found by a review helper: the drain took its 5 s whatever the daemon's shutdown_ms, so
+    such a stop always ended in the daemon's SIGKILL (logged a crash, the checkpoint cut)."""
+    d = daemon(ENDER + "shutdown_ms = 1000\n")
+    link = _slow_reader(d)
+    with link, d.events() as events:
+        d.request("stop", {"id": "ender"}, timeout=20)
+        stopped = events.until(("stopped", "ender"))[-1]
+    assert stopped["reason"] == "shutdown" and stopped.get("signal") is None, stopped
+    assert not re.search(r"ender: .*SIGKILL", d.log.text())
+
+
+def test_an_agent_at_its_fd_limit_still_sends_its_queued_replies_as_it_ends(daemon: Any) -> None:
+    """Found by a review helper: the drain made an epoll, an fd: at the limit, end_after_commit
+    became a traceback (EMFILE) and the replies were lost."""
+    import psutil
+
+    d = daemon(ENDER)
+    link = _slow_reader(d)
+    with link:
+        used = {int(fd) for fd in os.listdir(f"/proc/{link.pid}/fd")}
+        lowest_free = next(n for n in range(len(used) + 1) if n not in used)
+        agent = psutil.Process(link.pid)
+        agent.rlimit(psutil.RLIMIT_NOFILE, (lowest_free, agent.rlimit(psutil.RLIMIT_NOFILE)[1]))
+        assert d.request("call", {"id": "ender", "request": "end"}) == "end"
+        replies = [link.receive() for _ in range(41)]
+    assert [r[1] for r in replies] == [True] * 41 and replies[-1][2] == "cue"
+    assert "Too many open files" not in d.log.text()
