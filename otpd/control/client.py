@@ -180,10 +180,24 @@ class Client:
         directly, and owns the connection from now on (this Client is done with)."""
         try:
             result = self.request("attach", {"id": agent_id})  # answered by the agent, on its side
-        except Unreachable:  # closed unanswered: the agent that had it ended (or the daemon, first)
-            raise OtpdError("agent_down", f"agent {agent_id!r} ended before it answered the attach: attach "
-                            "again", {"id": agent_id}) from None
+        except Unreachable:  # closed unanswered: the agent that had it ended, or the daemon did
+            if not self._daemon_answers():
+                raise
+            raise OtpdError("agent_down", f"agent {agent_id!r} ended before it answered the attach (or could "
+                            "not take it): attach again", {"id": agent_id}) from None
         return Link(self, agent_id, int(result["pid"]) if type(result) is dict else 0)
+
+    def _daemon_answers(self) -> bool:
+        """Does the daemon still take connections at our path? (A closed connection alone does
+        not say whether it or the agent it was handed to went away.)"""
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.path))
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        return True
 
     def events(self, last: int = 0) -> Iterator[dict[str, Any]]:
         """Subscribe and yield events as they come, after the ``last`` recent ones

@@ -953,7 +953,7 @@ class Daemon:
         node = self.tree.get(child_id)
         child = self.children.get(child_id)
         if node.state != "running" or child is None or child.sock is None:
-            why = f"is {node.state}" if node.state != "running" else "has just ended (its restart follows)"
+            why = f"is {node.state}" if node.state != "running" else "has just ended"
             raise OtpdError("agent_down", f"{child_id!r} {why}", {"id": child_id, "state": node.state})
         return child
 

@@ -405,3 +405,16 @@ def test_an_agent_at_its_fd_limit_still_sends_its_queued_replies_as_it_ends(daem
         replies = [link.receive() for _ in range(41)]
     assert [r[1] for r in replies] == [True] * 41 and replies[-1][2] == "cue"
     assert "Too many open files" not in d.log.text()
+
+
+def test_attach_to_a_daemon_that_has_gone_says_so(daemon: Any) -> None:
+    """A connection closed before the attach is answered is agent_down only if the daemon is
+    still there (found by a review helper: a daemon gone was reported as the agent)."""
+    from otpd.client import Unreachable
+
+    d = daemon(KV)
+    client = d.client()
+    d.request("shutdown")
+    d.wait_exit()
+    with client, pytest.raises(Unreachable):
+        client.attach("kv")
