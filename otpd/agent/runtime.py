@@ -9,7 +9,7 @@ Channel frames (msgpack maps, ``t`` = type; the two that come once per call are 
 map with string keys costs several times more to decode):
   daemon -> child: a call ``[ref, request]``, ``{"t": "cast", "msg": x}``, ``{"t": "event", ...}``, ...
   child -> daemon: ``{"t": "ready", "seq": n}``, ``{"t": "seq", "seq": n}``,
-                   ``{"t": "start_error", "code": c, "message": s}``,
+                   ``{"t": "start_error", "code": c, "message": s}`` (``"fatal": true``: held failed),
                    and a call's reply ``[ref, true, result]`` or ``[ref, false, {error}]``
 
 Write before the reply, with group commit: everything the channel holds is
@@ -508,7 +508,10 @@ class Runtime:
                 self.after.clear()  # what init asked for once its change was saved: it was not
                 self.ending = None
         except OtpdError as err:
-            self.send({"t": "start_error", "code": err.code, "message": err.message})
+            frame: dict[str, Any] = {"t": "start_error", "code": err.code, "message": err.message}
+            if err.code == "store_corrupt" or err.details.get("switch"):
+                frame["fatal"] = True  # a restart cannot fix it: held failed (a passing store_full can)
+            self.send(frame)
             raise StartFailed(f"{err.code}: {err.message}") from None
         except Exception as exc:
             self.send({"t": "start_error", "code": "internal", "message": f"{type(exc).__name__}: {exc}"})
@@ -590,6 +593,7 @@ class Runtime:
         for link, out_data, n in to_links:
             link.send(out_data, n)
         if self.ending is not None:  # committed or not (store_full drops the after-commit callbacks)
+            self._settle()  # replies held for earlier commits' sync, even if this batch had none
             self._drain_links()
             for stream in (sys.stdout, sys.stderr):  # os._exit does not flush
                 stream.flush()

@@ -85,7 +85,7 @@ class Child:
         self.start_error: str | None = None
         self.out = bytearray()
         self.writing = False
-        self.fatal = False  # a start failure that a restart cannot fix (store_corrupt, store_full)
+        self.fatal = False  # a start failure that a restart cannot fix (store_corrupt, a switch's store_full)
         self.conn: ChildConnection | None = None  # made when the agent first asks the daemon
         self.attaching: list[tuple[socket.socket, bytes]] = []  # clients to hand over, each with its frame
         self.attaching_bytes = 0  # their frames' bytes, counted with ``out`` against CHILD_OUT_CAP
@@ -506,10 +506,10 @@ class Daemon:
                                               "args": frame.get("args", {})})
         elif kind == "start_error":
             child.start_error = f"{frame.get('code', 'internal')}: {frame.get('message')}"
-            # Failures a restart cannot fix: the agent is held failed, its siblings run on. A start
-            # is store_full only for what it must write before it runs at all (a version switch's
-            # copy of the old records): its other writes run on the last committed state instead.
-            child.fatal = frame.get("code") in ("store_corrupt", "store_full")
+            # Failures a restart cannot fix (the agent says so): held failed, its siblings run on.
+            # A corrupt record, or a version switch with no room for its copy of the old records;
+            # not any other store_full (room may come back: restarts as any start failure).
+            child.fatal = frame.get("fatal") is True or frame.get("code") == "store_corrupt"
 
     def _check_seq(self, child: Child, seq: int) -> None:
         """A reload must find every commit the agent reported: seq never goes back."""

@@ -476,7 +476,7 @@ class Store:
             main, items = self._records(txn, agent_id)
             if main is not None:
                 txn.put(f"{agent_id}\x00{was}".encode(), encode({"main": main, "items": items}), db=self.versions)
-        with self._held(agent_id), _switch_needs_room(agent_id, was):
+        with _switch_needs_room(agent_id, was), self._held(agent_id):
             self._write(work, agent_id)
 
     def switch_version(self, agent_id: str, was: str, now: str) -> bool:
@@ -500,7 +500,7 @@ class Store:
             for k, v in old["items"]:
                 txn.put(k, v, db=self.items)
             return True
-        with self._held(agent_id), _switch_needs_room(agent_id, was):
+        with _switch_needs_room(agent_id, was), self._held(agent_id):
             return self._write(work, agent_id)
 
     def put_main(self, agent_id: str, main: bytes) -> None:
@@ -535,7 +535,8 @@ def _switch_needs_room(agent_id: str, was: str) -> Iterator[None]:
         raise OtpdError("store_full", f"the version switch of {agent_id!r} keeps a copy of the records "
                         f"{was} left, for a rollback, and the store is full (its map_size_max_mb): nothing "
                         f"was changed. Free room (or raise [store] map_size_max_mb and restart otpd), or "
-                        f"set the switch's flag back, then `otpctl start {agent_id}`", {"id": agent_id}) from None
+                        f"set the switch's flag back, then `otpctl start {agent_id}`",
+                        {"id": agent_id, "switch": True}) from None
 
 
 def _seq_of(raw: bytes | None, strict_for: str | None = None) -> int:

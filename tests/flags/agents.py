@@ -58,3 +58,13 @@ class KV2(KVAgent):
 class FlagReader(Agent):
     def handle_call(self, request: Any) -> Any:
         return self.flag(request["name"], request.get("key"))
+
+
+class BootCaller(Agent):
+    """Its init puts into its sibling ``kvs``: on a full store that start fails store_full."""
+
+    def init(self) -> None:
+        self.system("call", id="kvs", request={"op": "put", "key": f"boot-{self.id}", "value": "z" * 3000})
+
+    def handle_call(self, request: Any) -> Any:
+        return "ok"

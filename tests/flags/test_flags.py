@@ -288,3 +288,38 @@ def test_after_a_switch_the_record_is_the_new_classs_even_before_a_change(daemon
         assert record["state"] == {"first": "Ada", "last": "Lovelace", "count": 0, "title": "dr"}
     finally:
         store.close()
+
+
+def test_a_start_refused_store_full_for_another_reason_restarts_once_there_is_room(daemon: Any) -> None:
+    """Only a switch's store_full holds the agent failed: a store_full its init met (a sibling's
+    reply, say) may pass, and such a start fails and restarts as any other (found by a review
+    helper: every start-time store_full was held for good)."""
+    d = daemon("""
+[store]
+map_size_mb = 1
+map_size_max_mb = 1
+
+[root]
+max_restarts = 1000000
+max_seconds = 1
+
+[[root.children]]
+id = "kvs"
+agent = "otpd.agents.kv:KVAgent"
+
+[[root.children]]
+id = "caller"
+agent = "tests.flags.agents:BootCaller"
+""")
+    with pytest.raises(OtpdError) as err:
+        for i in range(10_000):
+            call(d, "kvs", {"op": "put", "key": i, "value": "x" * 3000})
+    assert err.value.code == "store_full"
+    with d.events() as events:
+        d.kill("caller")  # its next start's init is refused store_full, and the next, ...
+        events.until(lambda e: e["event"] == "exited" and e["id"] == "caller" and e["start_failure"])
+        for i in range(40):  # room again
+            call(d, "kvs", {"op": "delete", "key": i})
+        d.wait("caller", "running")
+    assert call(d, "caller", "hello") == "ok"
+    assert "fatal=True" not in d.log.text()
