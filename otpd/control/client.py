@@ -191,8 +191,11 @@ class Client:
         """Does the daemon still take connections at our path? (A closed connection alone does
         not say whether it or the agent it was handed to went away.)"""
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.setblocking(False)  # a full backlog must not block us: it means alive, not accepting
         try:
             probe.connect(str(self.path))
+        except BlockingIOError:
+            return True
         except OSError:
             return False
         finally:

@@ -418,3 +418,45 @@ def test_attach_to_a_daemon_that_has_gone_says_so(daemon: Any) -> None:
     d.wait_exit()
     with client, pytest.raises(Unreachable):
         client.attach("kv")
+
+
+@pytest.mark.timeout(30)
+def test_attach_closed_by_a_daemon_that_takes_no_connections_does_not_hang(tmp_path: Path) -> None:
+    """Found by a review helper: the probe of whether the daemon lives was a blocking connect,
+    which waits for ever on a listener whose backlog is full (a daemon stuck, or at its fd
+    limit).  A full backlog says it lives: agent_down, at once."""
+    import threading
+
+    from otpd.client import Client
+
+    path = tmp_path / "s.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(0)
+    client = Client(path, timeout=2)
+    conn, _ = server.accept()
+    fillers = []
+    while True:  # the backlog, full
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        fillers.append(s)
+        try:
+            s.connect(str(path))
+        except BlockingIOError:
+            break
+
+    def take_the_attach_and_close() -> None:
+        conn.recv(65536)
+        conn.close()
+
+    taker = threading.Thread(target=take_the_attach_and_close)
+    taker.start()
+    try:
+        with client, pytest.raises(OtpdError) as err:
+            client.attach("kv")
+        assert err.value.code == "agent_down"
+    finally:
+        taker.join()
+        for s in fillers:
+            s.close()
+        server.close()
