@@ -675,6 +675,9 @@ class Daemon:
         self._set_timer(("sweep",), now + self.sweep_s)
 
     def _hung(self, child: Child, why: str) -> None:
+        """SIGKILL a child judged hung, once: whatever is judged until its exit changes nothing."""
+        if child.killed:
+            return
         self.log("warning", f"{child.id}: {why}; SIGKILL pid {child.pid}")
         child.killed = True
         self.owing.discard(child)
@@ -975,10 +978,7 @@ class Daemon:
         """Can ``more`` bytes be queued for ``child``? Not beyond CHILD_OUT_CAP: it is hung, and killed."""
         if len(child.out) + child.attaching_bytes + more <= CHILD_OUT_CAP:
             return True
-        if not child.killed:  # judged once: what comes until its exit is refused, not judged again
-            child.killed = True
-            self.log("warning", f"{child.id}: not reading its channel; SIGKILL pid {child.pid}")
-            _kill(child.pid, signal.SIGKILL)
+        self._hung(child, "not reading its channel")
         return False
 
     def _wrote(self, child: Child) -> None:
