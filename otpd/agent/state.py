@@ -255,12 +255,11 @@ class StateKeeper:
             assert self.store is not None
             if record["version"] > self.cls.state_version:
                 downgraded = downgrade(writer, self.agent_id, record, self.cls.state_version)
-            if not writes:
-                pass
-            elif downgraded is not None or record["version"] <= self.cls.state_version:
-                self.store.keep_version(self.agent_id, writer)
-            elif self.store.switch_version(self.agent_id, writer, self.agent_ref):
-                record = self.store.read(self.agent_id)
+            if writes:
+                if downgraded is not None or record["version"] <= self.cls.state_version:
+                    self.store.keep_version(self.agent_id, writer)
+                elif self.store.switch_version(self.agent_id, writer, self.agent_ref):
+                    record = self.store.read(self.agent_id)
         if record is not None:
             state = downgraded if downgraded is not None else self._migrate(record["version"], record["state"])
             state = agent.on_after_load(state)
