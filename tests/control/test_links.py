@@ -344,6 +344,17 @@ def test_attaches_piling_up_for_an_agent_that_does_not_read_count_against_its_ca
 ENDER = '[[root.children]]\nid = "ender"\nagent = "tests.control.agents:Ender"\nrestart = "temporary"\n'
 
 
+def _slow_reader(d: Any, last: str = "cue") -> Link:
+    """A link to ender holding 4 MB of replies it has not read (more than the socket takes), the
+    40 calls that made them and ``last`` (``"end"``: the agent ends after it) read by the agent."""
+    link = d.attach("ender", timeout=30)
+    for _ in range(40):
+        link.send({"big": 100_000})
+    link.send(last)
+    d.log.wait_for(rf"ender: {last} read")
+    return link
+
+
 @pytest.mark.parametrize("how", ["end_after_commit", "stop"])
 def test_replies_queued_for_a_slow_reader_go_out_before_the_agent_ends(daemon: Any, how: str) -> None:
     """Found by a review helper: an agent ending after a commit (``end_after_commit``) exited
@@ -351,30 +362,16 @@ def test_replies_queued_for_a_slow_reader_go_out_before_the_agent_ends(daemon: A
     one too."""
     d = daemon(ENDER)
     last = "end" if how == "end_after_commit" else "cue"
-    with d.attach("ender", timeout=30) as link, d.client() as control:
-        calls = [{"big": 100_000}] * 40 + [last]  # 4 MB of replies: more than the socket holds
-        for request in calls:
-            link.send(request)
-        d.log.wait_for(rf"ender: {last} read")  # the agent has read them all
+    with _slow_reader(d, last) as link, d.client() as control:
         if how == "stop":
             stopping = control.send("stop", {"id": "ender"})  # answered once it has ended
-        replies = [link.receive() for _ in calls]
-        assert [r[1] for r in replies] == [True] * len(calls)
+        replies = [link.receive() for _ in range(41)]
+        assert [r[1] for r in replies] == [True] * 41
         assert replies[-1][2] == last and len(replies[0][2]) == 100_000
         if how == "stop":
             answer = control.receive()
             assert answer["id"] == stopping and answer["ok"], answer
     assert d.wait("ender", "stopped")["state"] == "stopped"
-
-
-def _slow_reader(d: Any) -> Link:
-    """A link to ender holding 4 MB of replies it does not read (more than the socket takes)."""
-    link = d.attach("ender", timeout=30)
-    for _ in range(40):
-        link.send({"big": 100_000})
-    link.send("cue")
-    d.log.wait_for(r"ender: cue read")
-    return link
 
 
 def test_a_stop_with_a_link_that_reads_nothing_ends_within_shutdown_ms(daemon: Any) -> None:
