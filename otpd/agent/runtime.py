@@ -484,7 +484,10 @@ class Runtime:
                     go = True
                 else:
                     self.backlog.append(frame)  # handled once the agent runs
-        self.stamp.working(time.monotonic())
+        # Its wait is over: the limits counted from a wake-up (the links' drain) count from
+        # this one, not from the fork, which may be hours ago.
+        now = self.woke_at = time.monotonic()
+        self.stamp.working(now)
         return True
 
     def _start(self) -> tuple[Agent, StateKeeper]:

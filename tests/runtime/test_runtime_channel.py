@@ -116,3 +116,20 @@ def test_end_after_commit_ends_the_process_even_when_the_commit_fails() -> None:
         assert (ref, ok, error["code"]) == (3, False, "store_full")
     finally:
         ours.close()
+
+
+def test_a_spare_counts_its_limits_from_its_go_not_from_its_fork() -> None:
+    """A spare waits, maybe for hours; the limits counted from the loop's last wake-up (the
+    links' drain before an end: half of what is left of heartbeat_timeout_ms) counted from its
+    fork, so its first batch found them spent and sent no queued reply."""
+    ours, theirs = socket.socketpair()
+    try:
+        runtime = Runtime(theirs, AgentSpec(id="a", agent="otpd.agents.echo:EchoAgent"))
+        runtime.woke_at -= 3600.0  # forked an hour ago
+        ours.sendall(codec.pack({"t": "go", "flags": {}}))
+        before = time.monotonic()
+        assert runtime.await_go()
+        assert before <= runtime.woke_at <= time.monotonic()
+    finally:
+        ours.close()
+        theirs.close()
