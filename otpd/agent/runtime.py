@@ -366,7 +366,7 @@ class Runtime:
     def run(self) -> int:
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wfd)
-        signal.signal(signal.SIGTERM, lambda *_: None)  # recorded through the wake-up fd
+        signal.signal(signal.SIGTERM, self._on_sigterm)  # and the wake-up fd wakes the loop for it
         agent, keeper = self._start()
         self.agent = agent
         self.send({"t": "ready", "seq": keeper.seq})
@@ -704,6 +704,12 @@ class Runtime:
         if wake == float("inf"):
             return None
         return max(0.0, wake - time.monotonic())
+
+    def _on_sigterm(self, _signum: int, _frame: Any) -> None:
+        """When the stop came: the daemon's shutdown_ms counts from its SIGTERM, not from when a
+        loop busy in a long call gets round to reading the wake-up fd."""
+        if self.stop_at is None:
+            self.stop_at = time.monotonic()
 
     def _on_signals(self, data: bytes) -> None:
         if signal.SIGTERM in data:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -131,5 +133,26 @@ def test_a_spare_counts_its_limits_from_its_go_not_from_its_fork() -> None:
         assert runtime.await_go()
         assert before <= runtime.woke_at <= time.monotonic()
     finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_stop_is_timed_from_its_sigterm_not_from_when_the_loop_reads_it() -> None:
+    """The drain before a stopped agent ends gets half of what is left of shutdown_ms; that was
+    counted from when the loop read the wake-up fd, so a loop busy in a long call when the
+    SIGTERM came took more than the daemon would wait, and was SIGKILLed with replies queued."""
+    ours, theirs = socket.socketpair()
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        runtime = Runtime(theirs, AgentSpec(id="a", agent="otpd.agents.echo:EchoAgent"))
+        signal.signal(signal.SIGTERM, runtime._on_sigterm)  # as run() sets it
+        before = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)  # (Python runs the handler before the next line)
+        assert runtime.stop_at is not None and before <= runtime.stop_at <= time.monotonic()
+        came = runtime.stop_at
+        runtime._on_signals(bytes([signal.SIGTERM]))  # the loop reads the wake-up fd, later
+        assert runtime.stopping == "shutdown" and runtime.stop_at == came
+    finally:
+        signal.signal(signal.SIGTERM, old)
         ours.close()
         theirs.close()
