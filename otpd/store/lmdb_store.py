@@ -401,10 +401,10 @@ class Store:
         finally:
             log.close()
 
-    def _prefixed(self, txn: lmdb.Transaction, prefix: bytes) -> list[tuple[bytes, bytes]]:
-        """Every (key, value) of the items DB under ``prefix``, in key order."""
+    def _prefixed(self, txn: lmdb.Transaction, prefix: bytes, db: Any = None) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) of the items DB (or ``db``) under ``prefix``, in key order."""
         out = []
-        cursor = txn.cursor(db=self.items)
+        cursor = txn.cursor(db=self.items if db is None else db)
         if cursor.set_range(prefix):
             for k, v in cursor:
                 if not bytes(k).startswith(prefix):
@@ -466,18 +466,72 @@ class Store:
     def put_meta(self, key: str, value: Any) -> None:
         self._write(lambda txn: txn.put(key.encode(), encode(value), db=self.meta))
 
-    def _records(self, txn: lmdb.Transaction, agent_id: str) -> tuple[bytes | None, list[tuple[bytes, bytes]]]:
+    def _keep(self, txn: lmdb.Transaction, agent_id: str, was: str) -> bytes | None:
+        """Copy the agent's records, as ``was`` left them, under versions/ (replacing an older
+        copy of ``was``'s): its main record, then one record per item, streamed (an agent of
+        a million items is copied in O(1) memory).  Returns the main record (None: nothing)."""
         main = txn.get(agent_id.encode(), db=self.main)
-        return (bytes(main) if main is not None else None), self._prefixed(txn, agent_prefix(agent_id))
+        if main is None:
+            return None
+        main = bytes(main)
+        kept = _kept_prefix(agent_id, was)
+        self._delete_prefixed(txn, self.versions, kept)
+        txn.delete(kept[:-1], db=self.versions)  # a copy in the first layout (one value), replaced too
+        txn.put(kept, main, db=self.versions)
+        prefix = agent_prefix(agent_id)
+
+        def copies() -> Iterator[tuple[bytes, bytes]]:
+            cursor = txn.cursor(db=self.items)
+            if cursor.set_range(prefix):
+                for key, v in cursor:
+                    k = bytes(key)
+                    if not k.startswith(prefix):
+                        return
+                    yield kept + k[len(prefix):], bytes(v)
+        txn.cursor(db=self.versions).putmulti(copies())
+        return main
+
+    def _delete_prefixed(self, txn: lmdb.Transaction, db: Any, prefix: bytes) -> None:
+        cursor = txn.cursor(db=db)
+        if cursor.set_range(prefix):
+            while bytes(cursor.key()).startswith(prefix) and cursor.delete():
+                pass
+
+    def kept_version(self, agent_id: str, was: str) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+        """The copy under versions/ of what ``was`` left: its main record and items (under
+        their own keys), or None."""
+        with self._read_txn() as txn:
+            kept = self._kept(txn, agent_id, was)
+            return None if kept is None else (kept[0], list(kept[1]))
+
+    def _kept(self, txn: lmdb.Transaction, agent_id: str,
+              was: str) -> tuple[bytes, Iterable[tuple[bytes, bytes]]] | None:
+        kept = _kept_prefix(agent_id, was)
+        main = txn.get(kept, db=self.versions)
+        if main is None:
+            old = txn.get(kept[:-1], db=self.versions)  # the first layout: one value of them all
+            if old is None:
+                return None
+            record = decode(bytes(old))
+            return bytes(record["main"]), [(bytes(k), bytes(v)) for k, v in record["items"]]
+        prefix = agent_prefix(agent_id)
+
+        def items() -> Iterator[tuple[bytes, bytes]]:
+            cursor = txn.cursor(db=self.versions)
+            cursor.set_key(kept)  # the main record; its items follow it
+            for key, v in cursor.iternext():
+                k = bytes(key)
+                if k == kept:
+                    continue
+                if not k.startswith(kept):
+                    return
+                yield prefix + k[len(kept):], bytes(v)
+        return bytes(main), items()
 
     def keep_version(self, agent_id: str, was: str) -> None:
         """A copy of the agent's records as ``was`` left them, under versions/."""
-        def work(txn: lmdb.Transaction) -> None:
-            main, items = self._records(txn, agent_id)
-            if main is not None:
-                txn.put(f"{agent_id}\x00{was}".encode(), encode({"main": main, "items": items}), db=self.versions)
         with _switch_needs_room(agent_id, was), self._held(agent_id):
-            self._write(work, agent_id)
+            self._write(lambda txn: self._keep(txn, agent_id, was), agent_id)
 
     def switch_version(self, agent_id: str, was: str, now: str) -> bool:
         """Keep the records ``was`` left under versions/, and put back what ``now`` left, if any.
@@ -485,20 +539,17 @@ class Store:
         One transaction: nothing is lost if the process dies in the middle.  Returns True
         if ``now`` had records (a rollback restored them), False if it starts from ``was``'s."""
         def work(txn: lmdb.Transaction) -> bool:
-            main, items = self._records(txn, agent_id)
+            main = self._keep(txn, agent_id, was)
             if main is None:
                 return False
-            txn.put(f"{agent_id}\x00{was}".encode(), encode({"main": main, "items": items}), db=self.versions)
-            saved = txn.get(f"{agent_id}\x00{now}".encode(), db=self.versions)
+            saved = self._kept(txn, agent_id, now)
             if saved is None:
                 return False
-            old = decode(bytes(saved))
-            for k, _v in items:
-                txn.delete(k, db=self.items)
+            old_main, old_items = saved
+            self._delete_prefixed(txn, self.items, agent_prefix(agent_id))
             # what ``now`` left, with a seq past the one ``was`` reached: seq never goes back
-            txn.put(agent_id.encode(), with_seq_past(old["main"], _seq_of(main)), db=self.main)
-            for k, v in old["items"]:
-                txn.put(k, v, db=self.items)
+            txn.put(agent_id.encode(), with_seq_past(old_main, _seq_of(main)), db=self.main)
+            txn.cursor(db=self.items).putmulti(old_items)
             return True
         with _switch_needs_room(agent_id, was), self._held(agent_id):
             return self._write(work, agent_id)
@@ -521,6 +572,13 @@ class Store:
                 txn.put(k, v, db=self.items)
         with self._held(agent_id):
             self._write(work, agent_id)
+
+
+def _kept_prefix(agent_id: str, was: str) -> bytes:
+    """versions/: ``agent_id NUL was NUL`` -> the main record; that and an item's key past the
+    agent's prefix (``collection NUL key``) -> the item.  (The first layout, still read: one
+    value at ``agent_id NUL was``, msgpack ``{"main", "items"}``.)"""
+    return agent_id.encode() + SEP + was.encode() + SEP
 
 
 @contextmanager

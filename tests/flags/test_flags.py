@@ -129,10 +129,9 @@ def test_rolling_back_without_downgrades_restores_the_old_state_and_keeps_the_ne
     from otpd.store.lmdb_store import Store, decode
 
     store = Store(load(d.config_path).store_settings().path, readonly=True)
-    with store.env.begin() as txn:  # what V3 had when it was rolled back: kept, not deleted
-        kept = decode(bytes(txn.get(b"person\x00tests.flags.agents:V3NoDowngrades", db=store.versions)))
+    kept = store.kept_version("person", "tests.flags.agents:V3NoDowngrades")  # what V3 had when rolled back
     store.close()
-    assert decode(kept["main"])["state"]["count"] == 1
+    assert kept is not None and decode(kept[0])["state"]["count"] == 1
 
 
 def test_a_switch_under_load_loses_no_acknowledged_call(daemon: Any) -> None:
@@ -263,8 +262,8 @@ agent = "otpd.agents.echo:EchoAgent"
     store = Store(load(d.config_path).store_settings().path, readonly=True)
     try:
         assert store.read("kvs")["agent"] == "tests.flags.agents:KV2"  # type: ignore[index]
-        with store.env.begin() as txn:  # the copy for a rollback, made this time
-            assert txn.get(b"kvs\x00tests.flags.agents:KV1", db=store.versions) is not None
+        kept = store.kept_version("kvs", "tests.flags.agents:KV1")  # the copy for a rollback, made this time
+        assert kept is not None and len(kept[1]) == acked
     finally:
         store.close()
 

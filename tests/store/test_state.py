@@ -19,7 +19,7 @@ from otpd.agent.base import Agent
 from otpd.agent.state import PersistentMap, PersistentQueue, StateKeeper, validate_declaration
 from otpd.errors import OtpdError
 from otpd.store import tools
-from otpd.store.lmdb_store import Store, encode
+from otpd.store.lmdb_store import Store, agent_prefix, encode, item_prefix
 
 
 class Counter(Agent):
@@ -342,6 +342,50 @@ def test_a_version_switch_rolled_back_keeps_seq_growing(tmp_path: Path) -> None:
     store.put_main("v", main(8))  # B commits on
     assert store.switch_version("v", "m:B", "m:A") is True  # back to A's records...
     assert store.read("v")["seq"] == 9  # ...past B's seq
+    store.close()
+
+
+def test_a_version_switch_keeps_one_record_per_item_and_rolls_back_to_them(tmp_path: Path) -> None:
+    """The copy kept for a rollback was one LMDB value holding every item: an agent of a million
+    items built and wrote a value of tens of MB in one piece.  It is now a record per item."""
+    store = Store(tmp_path)
+
+    def main(cls: str, seq: int) -> bytes:
+        return encode({"agent": cls, "version": 1, "state": {}, "collections": {}, "saved_at": 0.0, "seq": seq})
+
+    a_items = [(item_prefix("v", "data") + encode(i), encode(f"a{i}")) for i in range(1000)]
+    store.put_raw("v", main("m:A", 3), a_items)
+    store.put_raw("w", main("m:A", 1), [(item_prefix("w", "data") + encode(0), encode("w's"))])  # a neighbour
+    assert store.switch_version("v", "m:A", "m:B") is False  # B starts from A's records, a copy kept
+    with store.env.begin() as txn:
+        kept = [bytes(k) for k, _v in txn.cursor(db=store.versions)]
+    assert len(kept) == 1 + 1000 and all(k.startswith(b"v\x00m:A\x00") for k in kept)
+    assert store.kept_version("v", "m:A") == (main("m:A", 3), a_items)
+    b_items = [(item_prefix("v", "data") + encode("b"), encode("b's"))]
+    store.put_raw("v", main("m:B", 9), b_items)  # B commits on (its items replace A's)
+    assert store.switch_version("v", "m:B", "m:A") is True  # back to A's items, B's kept
+    assert sorted(store.scan_items(agent_prefix("v"))) == sorted(a_items)
+    assert store.kept_version("v", "m:B") == (main("m:B", 9), b_items)
+    assert list(store.scan_items(agent_prefix("w"))) == [(item_prefix("w", "data") + encode(0), encode("w's"))]
+    assert store.read("v")["seq"] == 10  # type: ignore[index]
+    store.close()
+
+
+def test_a_copy_kept_in_the_first_layout_still_rolls_back(tmp_path: Path) -> None:
+    """Copies made before the layout changed (one value of main and items) are read as they are."""
+    store = Store(tmp_path)
+    a_main = encode({"agent": "m:A", "version": 1, "state": {"n": 1}, "collections": {}, "saved_at": 0.0, "seq": 2})
+    a_items = [(item_prefix("v", "data") + encode("k"), encode("a's"))]
+    store._write(lambda txn: txn.put(b"v\x00m:A", encode({"main": a_main, "items": a_items}), db=store.versions))
+    store.put_raw("v", encode({"agent": "m:B", "version": 1, "state": {}, "collections": {}, "saved_at": 0.0,
+                               "seq": 5}), [])
+    assert store.switch_version("v", "m:B", "m:A") is True
+    assert store.read("v")["state"] == {"n": 1}  # type: ignore[index]
+    assert list(store.scan_items(agent_prefix("v"))) == a_items
+    assert store.switch_version("v", "m:A", "m:B") is True  # A's copy again, now in the new layout
+    with store.env.begin() as txn:
+        assert txn.get(b"v\x00m:A", db=store.versions) is None  # the old one replaced, not left beside
+        assert txn.get(b"v\x00m:A\x00", db=store.versions) is not None
     store.close()
 
 
