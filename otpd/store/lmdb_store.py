@@ -8,8 +8,9 @@ Layout (three named databases in one environment under ``state_dir/store``):
 * ``items``: ``agent_id NUL collection NUL key`` -> msgpack item, so changing a
   collection writes O(1) records and loading an agent reads O(1) records.
 * ``quarantine``: records moved aside by an operator, never deleted by otpd.
-* ``versions``: an agent's records as the other class of a version switch left them
-  (``agent_id NUL module:Class`` -> its main record and items), for a rollback.
+* ``versions``: an agent's records as the other class of a version switch left them, for a
+  rollback: ``agent_id NUL module:Class NUL`` -> its main record, and that prefix followed by
+  ``collection NUL key`` -> each item (``_kept_prefix``).
 * ``meta``: the daemon's own small records (feature flags set at run time).
 
 Beside them, ``logs/``: each agent's append-only log (``otpd.store.log``).  An agent's
