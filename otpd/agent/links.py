@@ -31,6 +31,7 @@ import select
 import selectors
 import socket
 import time
+from collections.abc import Callable
 from typing import Any
 
 from otpd import codec
@@ -43,9 +44,11 @@ SHAPE = "a call on an attached link is [id, request], id an integer"
 
 
 class Link:
-    __slots__ = ("sock", "selector", "unpacker", "out", "events", "replies", "closed", "eof", "whole", "owed")
+    __slots__ = ("sock", "selector", "unpacker", "out", "events", "replies", "closed", "eof", "whole", "owed",
+                 "on_close")
 
-    def __init__(self, sock: socket.socket, selector: selectors.BaseSelector) -> None:
+    def __init__(self, sock: socket.socket, selector: selectors.BaseSelector,
+                 on_close: Callable[[], None] | None = None) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.selector = selector
@@ -59,6 +62,7 @@ class Link:
         self.closed = False
         self.eof = False  # the client shut down its side: answered, then closed
         self.whole = True  # one whole frame per read so far (a client with one call in flight)
+        self.on_close = on_close
         selector.register(sock, selectors.EVENT_READ, self)
 
     def read(self) -> list[Any]:
@@ -153,6 +157,8 @@ class Link:
         if self.events:
             self.selector.unregister(self.sock)
         self.sock.close()
+        if self.on_close is not None:
+            self.on_close()
 
 
 def drain(links: list[Link], seconds: float) -> None:

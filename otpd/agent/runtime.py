@@ -799,13 +799,18 @@ class Runtime:
                 except OSError:
                     pass
             return
-        link = links.Link(socket.socket(fileno=fd), self.selector)
+        link = links.Link(socket.socket(fileno=fd), self.selector, self._count_links)
         self.links.append(link)
+        self._count_links()
         link.send(codec.pack(protocol.ok(frame.get("id"), {"id": self.spec.id, "pid": os.getpid()})))
         self.answering.add(link)
         pending = frame.get("pending")
         if type(pending) is bytes and pending:  # what the client sent before the daemon let go
             self._on_link(agent, link, link.feed(pending))
+
+    def _count_links(self) -> None:
+        """The links open, for ``status`` (the liveness page; a store per attach or close)."""
+        self.stamp.linked(sum(1 for link in self.links if not link.closed))
 
     def _dispatch(self, agent: Agent, frame: Any, replies: list[Any]) -> None:
         if type(frame) is list:  # a call: [ref, request]

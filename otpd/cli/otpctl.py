@@ -95,9 +95,10 @@ def main(ctx: click.Context, socket_path: str | None, as_json: bool) -> None:
 
 
 def _table(children: list[dict[str, Any]]) -> str:
-    rows = [("ID", "TYPE", "SUPERVISOR", "PID", "STATE", "RESTARTS", "RESTART")]
+    rows = [("ID", "TYPE", "SUPERVISOR", "PID", "STATE", "RESTARTS", "RESTART", "SEQ", "LINKS")]
     rows += [(c["id"], c["type"], c["supervisor"], "-" if c["pid"] is None else str(c["pid"]), c["state"],
-              str(c["restarts"]), c["restart"]) for c in children]
+              str(c["restarts"]), c["restart"], str(c.get("seq", "-")), str(c.get("links", "-")))
+             for c in children]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 

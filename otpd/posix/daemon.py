@@ -764,11 +764,25 @@ class Daemon:
                        "uptime_s": round(time.monotonic() - self.started_at, 3),
                        "connections": len(self.server.connections),
                        "config": str(self.config.path)},
-            "children": self.tree.snapshot(),
+            "children": self._children(),
         }
 
     def op_ps(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
-        return {"children": self.tree.snapshot()}
+        return {"children": self._children()}
+
+    def _children(self) -> list[dict[str, Any]]:
+        """The tree's nodes, each agent with the seq of its last commit (0: none yet, or no
+        persistent state) and how many attached links it has open, read from the liveness page."""
+        nodes = self.tree.snapshot()
+        for node in nodes:
+            if node["type"] != "agent":
+                continue
+            seq, links = self.seqs.get(node["id"], 0), 0
+            child = self.children.get(node["id"])
+            if child is not None and child.slot >= 0:
+                seq, links = max(seq, int(self.beats.seq[child.slot])), int(self.beats.links[child.slot])
+            node["seq"], node["links"] = seq, links
+        return nodes
 
     def op_kill(self, conn: Connection, req_id: Any, args: dict[str, Any]) -> Any:
         child_id = _arg(args, "id", str)

@@ -14,6 +14,8 @@ A third value per slot, ``seq[slot]``, is the seq of the child's last commit, st
 replies it covers go out: calls on an attached link (``otpctl``'s protocol, ``attach``) are
 answered by the agent itself, and the daemon reads what they committed here when the child
 exits, to check that its replacement loaded no less (a commit costs a store, not a message).
+A fourth, ``links[slot]``, is how many links the child has open; ``status`` and ``ps`` show
+both.
 
 An idle child writes nothing and is never woken.  The daemon's sweep finds a
 child that is hung by three rules, each with the child's
@@ -45,12 +47,13 @@ class Beats:
 
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
-        self.region = mmap.mmap(-1, capacity * 24, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
+        self.region = mmap.mmap(-1, capacity * 32, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
         view = memoryview(self.region).cast("d")
         self.busy = view[:capacity]
         self.woke = view[capacity:2 * capacity]
-        self.seq = view[2 * capacity:]
+        self.seq = view[2 * capacity:3 * capacity]
+        self.links = view[3 * capacity:]
         self.high = 0  # slots below this have been handed out at least once
         self.free: list[int] = []
 
@@ -66,6 +69,7 @@ class Beats:
         self.busy[slot] = now
         self.woke[slot] = now
         self.seq[slot] = 0.0
+        self.links[slot] = 0.0
         return slot
 
     def give_back(self, slot: int) -> None:
@@ -79,15 +83,22 @@ class Beats:
 
 
 class Stamp:
-    """The child's end: two stores per loop iteration, one per commit, nothing else."""
+    """The child's end: two stores per loop iteration, one per commit, one per link opened or
+    closed, nothing else."""
 
-    __slots__ = ("busy", "woke", "seq", "slot")
+    __slots__ = ("busy", "woke", "seq", "links", "slot")
 
     def __init__(self, beats: Beats | None, slot: int) -> None:
         self.busy = beats.busy if beats is not None and slot >= 0 else None
         self.woke = beats.woke if beats is not None and slot >= 0 else None
         self.seq = beats.seq if beats is not None and slot >= 0 else None
+        self.links = beats.links if beats is not None and slot >= 0 else None
         self.slot = slot
+
+    def linked(self, count: int) -> None:
+        """How many links the child has open now."""
+        if self.links is not None:
+            self.links[self.slot] = count
 
     def committed(self, seq: int) -> None:
         """The seq of a commit whose replies are about to go out (exact as a double below 2**53)."""

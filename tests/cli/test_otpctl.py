@@ -120,6 +120,8 @@ def test_json_status_is_one_document_with_the_design_fields(daemon):
     assert by_id["reader"]["supervisor"] == "pipeline" and by_id["writer"]["supervisor"] == "pipeline"
     for sup in ("pipeline", "workers"):
         assert by_id[sup]["type"] == "supervisor" and by_id[sup]["pid"] is None
+        assert "seq" not in by_id[sup] and "links" not in by_id[sup]
+    assert (by_id["echo"]["seq"], by_id["echo"]["links"]) == (0, 0)  # (agents only)
     agent_pids = {by_id[i]["pid"] for i in ("echo", "reader", "writer")}
     assert agent_pids == {c.pid for c in psutil.Process(d.pid).children()}
 
@@ -131,7 +133,7 @@ def test_human_status_ps_and_tree(daemon):
     assert f"pid {d.pid} running" in status.stdout and "5/5 children running" in status.stdout
     ps = otpctl(d, "ps")
     assert ps.returncode == 0 and ps.stdout.splitlines()[0].split() == [
-        "ID", "TYPE", "SUPERVISOR", "PID", "STATE", "RESTARTS", "RESTART"]
+        "ID", "TYPE", "SUPERVISOR", "PID", "STATE", "RESTARTS", "RESTART", "SEQ", "LINKS"]
     tree = otpctl(d, "tree")
     assert tree.returncode == 0
     assert "\n    reader [agent] running" in tree.stdout

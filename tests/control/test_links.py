@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,32 @@ def test_the_daemon_knows_what_a_link_committed_and_catches_state_going_back(dae
         d.request("start", {"id": "kv"})
         regressed = events.until(("seq_regressed", "kv"))[-1]
     assert regressed["seq"] == 1 and regressed["known"] == main["seq"]
+
+
+def test_status_and_ps_show_each_agents_committed_seq_and_open_links(daemon: Any) -> None:
+    d = daemon(KV)
+
+    def kv(op: str = "ps") -> tuple[int, int]:
+        row = next(c for c in d.request(op)["children"] if c["id"] == "kv")
+        return row["seq"], row["links"]
+
+    assert kv() == (0, 0)
+    d.request("call", {"id": "kv", "request": {"op": "put", "key": "a", "value": 1}})
+    assert kv() == (1, 0) == kv("status")
+    with d.attach("kv") as one, d.attach("kv") as two:
+        assert kv() == (1, 2)  # counted before the attach is answered
+        one.call({"op": "put", "key": "b", "value": 2})
+        two.call({"op": "put", "key": "c", "value": 3})
+        assert kv() == (3, 2)  # the links' commits, which the daemon never saw pass
+        pid = one.pid
+        one.close()
+        deadline = time.monotonic() + 10
+        while kv()[1] != 1 and time.monotonic() < deadline:  # (the agent reads the EOF in its own time)
+            pass
+        assert kv() == (3, 1)
+    os.kill(pid, signal.SIGKILL)
+    d.wait("kv", "running", not_pid=pid)
+    assert kv() == (3, 0)  # what the killed process committed, kept; its links gone with it
 
 
 @pytest.mark.parametrize("durability", ["process", "fsync"])
