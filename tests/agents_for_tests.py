@@ -64,6 +64,12 @@ class Controlled(Agent):
                 signal.pause()
 
 
+class Gated(Controlled):
+    """Controlled, with an arg only the config sets (``allowed``): a dynamic child takes its template's."""
+
+    config_args = ("allowed",)
+
+
 class CrashInInit(Agent):
     """Fails every start: ``init`` raises."""
 

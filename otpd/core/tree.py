@@ -34,7 +34,8 @@ their last child is down after they gave up or were asked to stop.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from otpd.core.intensity import add_restart, backoff_delay
@@ -326,7 +327,8 @@ class Tree:
             self._forget(node, now)
         return self._flush()
 
-    def reload(self, root: SupervisorSpec, now: float, new_code: frozenset[str] = frozenset()
+    def reload(self, root: SupervisorSpec, now: float, new_code: frozenset[str] = frozenset(),
+               config_args: Callable[[str], tuple[str, ...]] | None = None
                ) -> tuple[list[Action], dict[str, list[str]]]:
         """Move the running tree to a new spec; return its actions and what changed.
 
@@ -337,7 +339,9 @@ class Tree:
         supervisor's flags or template) is updated in place.  Untouched children
         keep their processes.  A node that moved to another supervisor, or a
         supervisor that changed kind, is removed and added.  Children of dynamic
-        supervisors are not in the config and are left as they are.
+        supervisors are not in the config and keep their specs, but for the args that only
+        the config sets (``config_args(agent)``: which code a workflow may run): those follow
+        their template's, and a child whose change restarts.
         """
         self.check_reload(root)
         summary: dict[str, list[str]] = {"added": [], "removed": [], "restarted": [], "updated": []}
@@ -369,6 +373,8 @@ class Tree:
                     summary["restarted"].append(child_id)
                 elif differs:  # (new code for an agent that is down: its next start runs it)
                     summary["updated"].append(child_id)
+        if config_args is not None:
+            self._follow_templates(config_args, summary)
         self._target = root
         self._add_missing(root, new, summary, now)
         if not any(n.removing for n in self.nodes.values()):
@@ -383,6 +389,30 @@ class Tree:
                 self._advance(sup, now)
         self._emit("reloaded", self.nodes[self.root_id], **{k: v for k, v in summary.items() if v})
         return self._flush(), summary
+
+    def _follow_templates(self, config_args: Callable[[str], tuple[str, ...]], summary: dict[str, list[str]]) -> None:
+        """A dynamic child's config-only args as its template has them now (set, or dropped)."""
+        for sup in [n for n in self.nodes.values() if n.is_supervisor and n.sup.template is not None]:
+            template = sup.sup.template
+            assert template is not None
+            if self._doomed(sup):
+                continue
+            for child_id in sup.children:
+                node = self.nodes[child_id]
+                spec = node.spec
+                if not isinstance(spec, AgentSpec) or node.removing:
+                    continue
+                locked = config_args(spec.agent)
+                args = {k: v for k, v in spec.args.items() if k not in locked}
+                args.update((k, template.args[k]) for k in locked if k in template.args)
+                if args == spec.args:
+                    continue
+                node.spec = replace(spec, args=args)
+                if node.state in UP_STATES:
+                    self._requeue(sup, child_id, [("stop", child_id), ("start", child_id)])
+                    summary["restarted"].append(child_id)
+                else:
+                    summary["updated"].append(child_id)
 
     def check_reload(self, root: SupervisorSpec) -> None:
         """``config_invalid`` if the new config names a child whose id a dynamic supervisor's

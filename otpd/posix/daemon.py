@@ -1113,7 +1113,7 @@ class Daemon:
                 if spare.spec.agent.partition(":")[0] in stale:
                     self._drop_spare(child_id)  # booted with the old code
             actions, summary = self.tree.reload(flags.resolve(new.root, self.flags), time.monotonic(),
-                                                frozenset(stale))
+                                                frozenset(stale), _config_args)
             summary["reimported"] = stale
             self.log_level = LEVELS[new.daemon.log_level]
             self._set_sweep()
@@ -1250,6 +1250,16 @@ def _is_task_agent(ref: str) -> bool:
     except Exception:  # not importable now: let the call go, and the agent answer for itself
         return True
     return isinstance(cls, type) and issubclass(cls, TaskAgent)
+
+
+def _config_args(ref: str) -> tuple[str, ...]:
+    """The args of ``ref``'s class that only the config sets (``Agent.config_args``)."""
+    from otpd.config import agent_class
+
+    try:
+        return tuple(getattr(agent_class(ref), "config_args", ()))
+    except Exception:  # not importable now: its child's next start says so; nothing follows
+        return ()
 
 
 def _record_only(_signum: int, _frame: Any) -> None:

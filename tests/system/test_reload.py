@@ -369,3 +369,44 @@ def test_a_reload_naming_a_module_that_calls_sys_exit_is_refused_and_the_daemon_
         d.request("reload")
     assert err.value.code == "config_invalid" and "SystemExit" in err.value.message
     assert d.pids("v") == before and d.status()["daemon"]["state"] == "running"
+
+
+GATED = """
+[[root.children]]
+id = "pool"
+supervisor = "dynamic"
+
+[root.children.template]
+agent = "agents_for_tests:Gated"
+args = {{ {args} }}
+"""
+
+
+def test_a_reload_gives_dynamic_children_their_templates_config_only_args(daemon):
+    """Narrowing what only the config may set (a workflow's ``handlers``) reached only children
+    added after the reload: the ones running went on with the old allowlist."""
+    d = daemon(GATED.format(args='allowed = ["a", "b"], colour = "red"'))
+    for n, child in ((1, "g1"), (2, "g2")):
+        d.request("add", {"supervisor": "pool", "id": child, "args": {"n": n}})
+        d.wait(child, "running")
+    d.request("stop", {"id": "g2"})
+    g1 = d.pid_of("g1")
+    d.write_config(GATED.format(args='allowed = ["a"], colour = "blue"'))
+    with d.events() as events:
+        summary = d.request("reload")
+        events.until(("ready", "g1"))
+    assert summary["restarted"] == ["g1"] and "g2" in summary["updated"]
+    assert d.pid_of("g1") != g1
+    # the config-only arg follows the template; the others stay as the child was added with
+    assert d.request("call", {"id": "g1", "request": "args"}) == {"allowed": ["a"], "colour": "red", "n": 1}
+    d.request("start", {"id": "g2"})
+    d.wait("g2", "running")
+    assert d.request("call", {"id": "g2", "request": "args"}) == {"allowed": ["a"], "colour": "red", "n": 2}
+    g1 = d.pid_of("g1")
+    assert d.request("reload")["restarted"] == []  # nothing changed: nothing restarts
+    d.write_config(GATED.format(args='colour = "blue"'))  # not set any more: the class's default
+    with d.events() as events:
+        assert sorted(d.request("reload")["restarted"]) == ["g1", "g2"]
+        events.until(("ready", "g1"))
+    assert d.request("call", {"id": "g1", "request": "args"}) == {"colour": "red", "n": 1}
+    assert d.pid_of("g1") != g1
