@@ -329,7 +329,14 @@ def migrate(cls: type, agent_id: str, version: int, state: dict[str, Any]) -> di
         step = migrations.get(version)
         if step is None:
             raise corrupt(agent_id, f"no migration from state_version {version} (class is at {target})")
-        state = step(state)
+        try:
+            state = step(state)
+        except Exception as exc:  # this record is not what the migration expects: kept, and said so
+            raise corrupt(agent_id, f"the migration from state_version {version} fails on it "
+                                    f"({type(exc).__name__}: {exc})") from None
+        if not isinstance(state, dict):
+            raise corrupt(agent_id, f"the migration from state_version {version} gave a "
+                                    f"{type(state).__name__}, not a dict of fields")
         version += 1
     return state
 

@@ -296,7 +296,7 @@ def state(c: Ctx, words: tuple[str, ...], config_path: str | None, dry_run: bool
             if len(rest) != 1:
                 raise click.UsageError("state import takes one FILE ('-' for stdin)")
             try:
-                with click.open_file(rest[0]) as fh:
+                with click.open_file(rest[0], "rb") as fh:  # (decoded line by line: an error names its line)
                     records = tools.parse_export(fh)
             except OSError as exc:
                 raise click.UsageError(f"cannot read {rest[0]}: {exc.strerror or exc}") from None

@@ -122,44 +122,69 @@ class Store:
 
     def read_raw(self, agent_id: str, log: bool = True) -> bytes | None:
         """The agent's newest main record: its log's, else LMDB's (``log=False``: LMDB's)."""
-        if not log:
-            return self._lmdb_raw(agent_id)
+        own = self.own
+        if log and own is not None and own.agent_id == agent_id:
+            return own.record if own.record is not None else self._lmdb_raw(agent_id)
+        with self.snapshot(agent_id, log) as (raw, _items):
+            return raw
+
+    @contextmanager
+    def snapshot(self, agent_id: str, log: bool = True
+                 ) -> Iterator[tuple[bytes | None, Callable[[bytes], Iterator[tuple[bytes, bytes]]]]]:
+        """The agent's main record and a reader of its items (``items(prefix)``: those under
+        ``prefix``, in key order), both as of one commit (``log=False``: as LMDB has them).
+
+        Read in one LMDB transaction, with the agent's log read once over it: a tool reading an
+        agent that runs sees one state, not a record of one commit and items of a later one.  A
+        checkpoint between the transaction's start and the read of the log (the log then starts
+        past the record's seq) is read again."""
+        for attempt in range(_SNAPSHOT_TRIES):
+            with self._read_txn() as txn:
+                data = txn.get(agent_id.encode(), db=self.main)
+                raw = bytes(data) if data is not None else None
+                overlay: dict[bytes, bytes | None] = {}
+                if log:
+                    found = self._log_over(agent_id, raw, last=attempt == _SNAPSHOT_TRIES - 1)
+                    if found is None:
+                        continue  # a checkpoint came between: again, in a new transaction
+                    record, overlay = found
+                    raw = record if record is not None else raw
+
+                def items(prefix: bytes, txn: lmdb.Transaction = txn,
+                          overlay: dict[bytes, bytes | None] = overlay) -> Iterator[tuple[bytes, bytes]]:
+                    return _merged(_scan(txn, self.items, prefix),
+                                   sorted((k, v) for k, v in overlay.items() if k.startswith(prefix)))
+                yield raw, items
+                return
+        raise AssertionError("unreachable: the last try reads or raises")
+
+    def _log_over(self, agent_id: str, raw: bytes | None, last: bool
+                  ) -> tuple[bytes | None, dict[bytes, bytes | None]] | None:
+        """The newest record and the item changes that the agent's log holds above ``raw``;
+        None if the log starts past it (a checkpoint since ``raw`` was read; ``last``: that is
+        store_corrupt, as for the agent: entries are missing)."""
         own = self.own
         if own is not None and own.agent_id == agent_id:
-            return own.record if own.record is not None else self._lmdb_raw(agent_id)
-        raw = self._lmdb_raw(agent_id)
-        record, _items = self._foreign_log(agent_id, raw)
-        return record if record is not None else raw
-
-    def _foreign_log(self, agent_id: str, raw: bytes | None) -> tuple[bytes | None, dict[bytes, bytes | None]]:
-        """What the log of an agent this process does not run holds above LMDB's record."""
+            return own.record, own.overlay
         path = agent_log.log_path(self.logs, agent_id)
         try:
             if path.stat().st_size == 0:
                 return None, {}
         except FileNotFoundError:
             return None, {}
-        return agent_log.read(path, agent_id).after(_seq_of(raw))
-
-    def _overlay(self, agent_id: str) -> dict[bytes, bytes | None]:
-        own = self.own
-        if own is not None and own.agent_id == agent_id:
-            return own.overlay
-        return self._foreign_log(agent_id, self._lmdb_raw(agent_id))[1]
+        replay = agent_log.read(path, agent_id)
+        base = _seq_of(raw)
+        if replay.entries and replay.entries[0][0] > base + 1:
+            if not last:
+                return None
+            raise corrupt(agent_id, f"its log starts at seq {replay.entries[0][0]}, but LMDB's record is at seq "
+                                    f"{base}: the entries between are missing")
+        return replay.after(base)
 
     def read(self, agent_id: str) -> dict[str, Any] | None:
         """The agent's main record, or None; ``store_corrupt`` if it does not decode."""
         data = self.read_raw(agent_id)
-        if data is None:
-            return None
-        try:
-            record = decode(data)
-        except Exception as exc:  # any decoding failure means the bytes are not ours
-            raise corrupt(agent_id, f"undecodable record ({type(exc).__name__}: {exc})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("version"), int) \
-                or not isinstance(record.get("state"), dict) or not isinstance(record.get("seq"), int):
-            raise corrupt(agent_id, "record is not {version, state, saved_at, seq}")
-        return record
+        return None if data is None else check_record(agent_id, data)
 
     def get_item(self, key: bytes) -> bytes | None:
         """One item: the log's change if it has one, else LMDB's, read in a transaction
@@ -193,28 +218,8 @@ class Store:
     def scan_items(self, prefix: bytes, log: bool = True) -> Iterator[tuple[bytes, bytes]]:
         """Every item under ``prefix`` (an agent's, or one collection's), in key order
         (``log=False``: as LMDB has them)."""
-        agent_id = prefix.split(SEP, 1)[0].decode()
-        overlay = {k: v for k, v in self._overlay(agent_id).items() if k.startswith(prefix)} if log else {}
-        if not overlay:
-            yield from self._scan_lmdb(prefix)
-            return
-        merged: dict[bytes, bytes | None] = dict(self._scan_lmdb(prefix))
-        merged.update(overlay)
-        for key in sorted(merged):
-            value = merged[key]
-            if value is not None:
-                yield key, value
-
-    def _scan_lmdb(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        with self._read_txn() as txn:
-            cursor = txn.cursor(db=self.items)
-            if not cursor.set_range(prefix):
-                return
-            for key, value in cursor:
-                key = bytes(key)
-                if not key.startswith(prefix):
-                    return
-                yield key, bytes(value)
+        with self.snapshot(prefix.split(SEP, 1)[0].decode(), log) as (_raw, items):
+            yield from items(prefix)
 
     def agent_ids(self) -> list[str]:
         """Every agent with a record: in LMDB, or only in its log so far."""
@@ -596,6 +601,60 @@ def _switch_needs_room(agent_id: str, was: str) -> Iterator[None]:
                         f"was changed. Free room (or raise [store] map_size_max_mb and restart otpd), or "
                         f"set the switch's flag back, then `otpctl start {agent_id}`",
                         {"id": agent_id, "switch": True}) from None
+
+
+_SNAPSHOT_TRIES = 5  # a checkpoint is every checkpoint_ms (100 ms): five in a row between two reads is not luck
+
+
+def check_record(agent_id: str, data: bytes) -> dict[str, Any]:
+    """A main record decoded, or ``store_corrupt`` saying what is wrong with it: what a
+    restart would trip on (the shape; each collection's markers, integers) is found here."""
+    try:
+        record = decode(data)
+    except Exception as exc:  # any decoding failure means the bytes are not ours
+        raise corrupt(agent_id, f"undecodable record ({type(exc).__name__}: {exc})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("version"), int) \
+            or not isinstance(record.get("state"), dict) or not isinstance(record.get("seq"), int):
+        raise corrupt(agent_id, "record is not {version, state, saved_at, seq}")
+    markers = record.get("collections")
+    if markers is not None and not (isinstance(markers, dict) and all(
+            isinstance(name, str) and isinstance(marks, dict)
+            and all(isinstance(k, str) and type(v) is int for k, v in marks.items())
+            for name, marks in markers.items())):
+        raise corrupt(agent_id, "its collections are not {name: {marker: integer}}")
+    return record
+
+
+def _scan(txn: lmdb.Transaction, db: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    cursor = txn.cursor(db=db)
+    if not cursor.set_range(prefix):
+        return
+    for key, value in cursor:
+        k = bytes(key)
+        if not k.startswith(prefix):
+            return
+        yield k, bytes(value)
+
+
+def _merged(base: Iterator[tuple[bytes, bytes]], changes: list[tuple[bytes, bytes | None]]
+            ) -> Iterator[tuple[bytes, bytes]]:
+    """``base`` (in key order) with ``changes`` (sorted; None deletes) over it, in key order:
+    a merge, so a million items and a few changes cost no copy of the million."""
+    i = 0
+    for key, value in base:
+        while i < len(changes) and changes[i][0] < key:
+            if changes[i][1] is not None:
+                yield changes[i]  # type: ignore[misc]
+            i += 1
+        if i < len(changes) and changes[i][0] == key:
+            if changes[i][1] is not None:
+                yield changes[i]  # type: ignore[misc]
+            i += 1
+        else:
+            yield key, value
+    for key, change in changes[i:]:
+        if change is not None:
+            yield key, change
 
 
 def _seq_of(raw: bytes | None, strict_for: str | None = None) -> int:

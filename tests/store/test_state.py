@@ -6,6 +6,7 @@ is what a restarted agent does; the tests with real SIGKILLs are in tests/system
 
 from __future__ import annotations
 
+import base64
 import collections
 import datetime
 from pathlib import Path
@@ -272,8 +273,9 @@ def test_import_keeps_seq_growing(tmp_path: Path) -> None:
 
 
 def test_a_broken_export_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    good = base64.b64encode(encode({"version": 1, "state": {}, "seq": 1})).decode()
     with pytest.raises(OtpdError) as err:
-        tools.parse_export(['{"type": "agent", "id": "a", "raw": "AQ=="}', "{not json"])
+        tools.parse_export([f'{{"type": "agent", "id": "a", "raw": "{good}"}}', "{not json"])
     assert err.value.code == "bad_request" and "line 2" in err.value.message
     with pytest.raises(OtpdError):
         tools.parse_export(['{"type": "item", "id": "a", "key": "AA==", "raw": "AQ=="}'])
