@@ -135,6 +135,32 @@ def test_a_frame_up_to_the_limit_is_taken_on_a_link(daemon: Any) -> None:
         assert next_frame(s, unpacker) == [2, True, {"len": 1, "puts": 1}]
 
 
+def test_a_frame_of_small_elements_over_the_limit_ends_the_link(daemon: Any) -> None:
+    """Found by a review helper: the decoder's buffer limit bounds only bytes it has not parsed,
+    so one frame of many small elements was taken whatever its size, and built in the agent's
+    memory (16 MiB sent: +128 MiB RSS; 256 MiB: 2 GB)."""
+    import struct
+
+    import psutil
+
+    d = daemon(KV)
+    agent = psutil.Process(d.pid_of("kv"))
+    before = agent.memory_info().rss
+    s, _unpacker = raw_attached(d)
+    inner = b"\xdc\xff\xff" + b"\xc0" * 65535  # [nil x 65535]
+    sent = 0
+    with s:
+        s.sendall(b"\x92\x05\xdd" + struct.pack(">I", 1_000_000))  # [5, [a million of them]]: 65 GB
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            while sent < 16 << 20:
+                s.sendall(inner * 16)
+                sent += len(inner) * 16
+    assert sent < 4 * protocol.MAX_FRAME  # (the socket's buffers hold some: the agent read ~1 MiB)
+    assert agent.memory_info().rss - before < 32 << 20
+    with d.attach("kv") as kv:  # the agent is unharmed
+        assert kv.pid == agent.pid and kv.call({"op": "len"}) == {"len": 0, "puts": 0}
+
+
 def test_attach_is_refused_with_a_stable_code_and_the_connection_stays_the_daemons(daemon: Any) -> None:
     d = daemon(KV + '\n[[root.children]]\nid = "later"\nagent = "otpd.agents.echo:EchoAgent"\nrestart = "temporary"\n')
     d.request("stop", {"id": "later"})
