@@ -793,7 +793,10 @@ class Daemon:
             raise OtpdError("bad_request", f"unknown signal {name!r}") from None
         node = self.tree.get(child_id)
         child = self.children.get(child_id)
-        if node.is_supervisor or child is None:
+        if node.is_supervisor:
+            raise OtpdError("bad_request", f"{child_id!r} is a supervisor, not an agent: it has no process",
+                            {"id": child_id, "type": "supervisor"})
+        if child is None:
             raise OtpdError("agent_down", f"{child_id!r} has no process ({node.state})", {"id": child_id})
         _kill(child.pid, signum)
         return {"id": child_id, "pid": child.pid, "signal": signal.Signals(signum).name}
@@ -968,6 +971,9 @@ class Daemon:
 
     def _running_child(self, child_id: str) -> Child:
         node = self.tree.get(child_id)
+        if node.is_supervisor:  # never an agent: bad_request, not agent_down (which a client retries on)
+            raise OtpdError("bad_request", f"{child_id!r} is a supervisor, not an agent: it takes no calls",
+                            {"id": child_id, "type": "supervisor"})
         child = self.children.get(child_id)
         if node.state != "running" or child is None or child.sock is None:
             why = f"is {node.state}" if node.state != "running" else "has just ended"

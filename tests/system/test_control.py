@@ -69,9 +69,14 @@ def test_call_to_unknown_id_is_not_found(daemon):
     assert err.code == "not_found" and err.details == {"id": "nosuch"}
 
 
-def test_call_to_a_supervisor_is_agent_down(daemon):
+@pytest.mark.parametrize("op", ["call", "cast", "attach", "kill"])
+def test_an_op_for_an_agent_naming_a_supervisor_is_bad_request(daemon, op):
+    """It was agent_down ("'sub' has just ended", state running: found by a review helper), the
+    code a client retries on: a client attaching again to reach the replacement looped for ever."""
     d = daemon(CONFIG)
-    assert error_of(d, "call", {"id": "sub", "request": 1}).code == "agent_down"
+    err = error_of(d, op, {"id": "sub", "request": 1, "message": 1})
+    assert err.code == "bad_request" and "is a supervisor, not an agent" in err.message
+    assert err.details == {"id": "sub", "type": "supervisor"}
 
 
 def test_error_raised_by_the_agent_comes_back_and_the_agent_lives_on(daemon):
@@ -133,10 +138,9 @@ def test_kill_accepts_names_and_numbers(daemon):
         assert wait_pid_exit(pid, 5.0)
 
 
-def test_kill_of_unknown_id_is_not_found_and_of_a_supervisor_agent_down(daemon):
+def test_kill_of_unknown_id_is_not_found(daemon):
     d = daemon(CONFIG)
     assert error_of(d, "kill", {"id": "nosuch"}).code == "not_found"
-    assert error_of(d, "kill", {"id": "sub"}).code == "agent_down"
 
 
 def test_wait_that_is_not_satisfied_in_time_is_a_timeout_error(daemon):
