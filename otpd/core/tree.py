@@ -287,8 +287,14 @@ class Tree:
         self._advance(parent, now)
         return self._flush()
 
+    def _not_removing(self, node: Node) -> None:
+        if self._doomed(node):
+            raise OtpdError("bad_request", f"{node.id!r} is being removed (a reload, or remove): it is not "
+                            "started again", {"id": node.id, "state": node.state})
+
     def start_child(self, child_id: str, now: float) -> list[Action]:
         node, parent = self._child_and_parent(child_id)
+        self._not_removing(node)
         node.held = False
         node.start_failures = 0
         if parent.state in UP_STATES:
@@ -298,6 +304,7 @@ class Tree:
 
     def restart_child(self, child_id: str, now: float) -> list[Action]:
         node, parent = self._child_and_parent(child_id)
+        self._not_removing(node)
         node.held = False
         if parent.state in UP_STATES:
             self._requeue(parent, child_id, [("stop", child_id), ("start", child_id)])
@@ -352,7 +359,7 @@ class Tree:
             new[spec.id] = (spec, parent)
             if isinstance(spec, SupervisorSpec):
                 stack.extend((c, spec.id) for c in spec.children)
-        for node in list(self.nodes.values()):
+        for node in reversed(list(self.nodes.values())):  # (removed ones stop in reverse start order)
             if self.nodes.get(node.id) is not node or self._is_dynamic_child(node):
                 continue
             spec_parent = new.get(node.id)
@@ -367,11 +374,10 @@ class Tree:
             new_version = isinstance(spec, AgentSpec) and spec.agent.partition(":")[0] in new_code
             if current.spec != spec or new_version:
                 restart = new_version or _needs_new_process(current.spec, spec)
-                differs, current.spec = current.spec != spec, spec
-                if restart and current.state in UP_STATES and current.parent is not None:
-                    self._requeue(self.nodes[current.parent], child_id, [("stop", child_id), ("start", child_id)])
+                differs, current.spec = _own(current.spec) != _own(spec), spec
+                if restart and self._restart_for_reload(current):
                     summary["restarted"].append(child_id)
-                elif differs:  # (new code for an agent that is down: its next start runs it)
+                elif differs:  # (down, or its next start is queued: that start runs it, new code too)
                     summary["updated"].append(child_id)
         if config_args is not None:
             self._follow_templates(config_args, summary)
@@ -379,16 +385,41 @@ class Tree:
         self._add_missing(root, new, summary, now)
         if not any(n.removing for n in self.nodes.values()):
             self._target = None  # no removal to wait for, so nothing to add after one: settled can be true
-        for node in self.nodes.values():  # converge: a permanent child that is down comes up
-            if node.parent is not None and not node.held and node.spec.restart == "permanent" \
-                    and node.state in ("stopped", "failed") and not self._is_dynamic_child(node) \
-                    and self.nodes[node.parent].state in UP_STATES:
+        for node in self.nodes.values():  # converge: a permanent child that is, or is going, down comes up
+            if node.parent is not None and not node.held and not node.removing and node.spec.restart == "permanent" \
+                    and not self._is_dynamic_child(node) and self.nodes[node.parent].state in UP_STATES \
+                    and not self._will_be_up(self.nodes[node.parent], node):
                 self.nodes[node.parent].queue.append(("start", node.id))
         for sup in [n for n in self.nodes.values() if n.is_supervisor]:
             if sup.id in self.nodes:
                 self._advance(sup, now)
         self._emit("reloaded", self.nodes[self.root_id], **{k: v for k, v in summary.items() if v})
         return self._flush(), summary
+
+    def _pending(self, sup: Node, child_id: str) -> list[str]:
+        """The ops ``sup`` has queued for ``child_id`` (a start held back by a backoff counts)."""
+        ops = [op for op, c in sup.queue if c == child_id]
+        if any(child_id in targets for targets in sup.delayed.values()):
+            ops.append("start")
+        return ops
+
+    def _will_be_up(self, sup: Node, node: Node) -> bool:
+        ops = self._pending(sup, node.id)
+        if ops:
+            return ops[-1] == "start"
+        return node.state in UP_STATES
+
+    def _restart_for_reload(self, node: Node) -> bool:
+        """Restart ``node`` on its new spec, if it runs under a supervisor that is up and has
+        nothing queued for it; False: it is down, or its supervisor stops it or restarts it
+        already (a group restart, an escalation), and the start to come takes the new spec."""
+        if node.parent is None or node.state not in UP_STATES:
+            return False
+        sup = self.nodes[node.parent]
+        if sup.state not in UP_STATES or self._pending(sup, node.id):
+            return False
+        self._requeue(sup, node.id, [("stop", node.id), ("start", node.id)])
+        return True
 
     def _follow_templates(self, config_args: Callable[[str], tuple[str, ...]], summary: dict[str, list[str]]) -> None:
         """A dynamic child's config-only args as its template has them now (set, or dropped)."""
@@ -408,11 +439,7 @@ class Tree:
                 if args == spec.args:
                     continue
                 node.spec = replace(spec, args=args)
-                if node.state in UP_STATES:
-                    self._requeue(sup, child_id, [("stop", child_id), ("start", child_id)])
-                    summary["restarted"].append(child_id)
-                else:
-                    summary["updated"].append(child_id)
+                summary["restarted" if self._restart_for_reload(node) else "updated"].append(child_id)
 
     def check_reload(self, root: SupervisorSpec) -> None:
         """``config_invalid`` if the new config names a child whose id a dynamic supervisor's
@@ -530,8 +557,8 @@ class Tree:
             self._settle(sup, now)
 
     def _do_start(self, sup: Node, child: Node, now: float) -> None:
-        if child.held or child.state in UP_STATES or child.state == "stopping":
-            return
+        if child.held or child.state in UP_STATES or child.state == "stopping" or sup.state not in UP_STATES:
+            return  # (a supervisor that is stopping starts nothing: what it stops stays down)
         self._set(child, "starting")
         if child.started_once:
             child.restarts += 1
@@ -701,6 +728,11 @@ def _same_kind(old: ChildSpec, new: ChildSpec) -> bool:
     if isinstance(old, SupervisorSpec) and isinstance(new, SupervisorSpec):
         return old.kind == new.kind
     return isinstance(old, AgentSpec) and isinstance(new, AgentSpec)
+
+
+def _own(spec: ChildSpec) -> ChildSpec:
+    """A spec without its children: what is a supervisor's own (a change below it is not its)."""
+    return replace(spec, children=()) if isinstance(spec, SupervisorSpec) else spec
 
 
 def _needs_new_process(old: ChildSpec, new: ChildSpec) -> bool:

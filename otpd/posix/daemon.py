@@ -24,6 +24,7 @@ import gc
 import heapq
 import math
 import os
+import select
 import selectors
 import signal
 import socket
@@ -330,7 +331,8 @@ class Daemon:
         if spare is None:
             return False
         go = {"t": "go", "flags": self.flags}
-        if spare.spec != action.spec or spare.sock is None or not self._send_child(spare, go):
+        if spare.spec != action.spec or spare.sock is None or not _silent(spare.sock) \
+                or not self._send_child(spare, go):
             _kill(spare.pid, signal.SIGKILL)  # made for another spec (or dying): reaped and forgotten
             return False
         spare.spare = False
@@ -1056,6 +1058,8 @@ class Daemon:
 
         if not ID_RE.match(child_id):
             raise OtpdError("bad_request", f"{child_id!r} is not a valid id")
+        if self.tree.nodes[self.tree.root_id].state not in core.UP_STATES:
+            raise OtpdError("shutting_down", "the daemon is stopping: nothing is added")
         node = self.tree.get(sup_id)
         template = node.sup.template if node.is_supervisor else None
         if template is None:
@@ -1266,6 +1270,15 @@ def _config_args(ref: str) -> tuple[str, ...]:
         return tuple(getattr(agent_class(ref), "config_args", ()))
     except Exception:  # not importable now: its child's next start says so; nothing follows
         return ()
+
+
+def _silent(sock: socket.socket) -> bool:
+    """A spare sends nothing before its go: anything on its channel (EOF, a reset) says it is
+    dead or dying, killed with its agent perhaps (``pkill -f kv`` matches both), its exit
+    not reaped yet.  Promoted, its death would count as the agent failing to start."""
+    poll = select.poll()
+    poll.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+    return not poll.poll(0)
 
 
 def _record_only(_signum: int, _frame: Any) -> None:

@@ -388,7 +388,8 @@ def test_reload_starts_added_stops_removed_restarts_changed_and_keeps_the_rest()
     new_root = sup("root", agent("a"), changed_b, sup("s", agent("d"), agent("e")), agent("f"))
     actions, summary = sim.tree.reload(new_root, sim.now)
     sim.apply(actions)
-    assert summary == {"added": ["e", "f"], "removed": ["c"], "restarted": ["b"], "updated": ["root", "s"]}
+    # ("updated" names no supervisor whose only change is below it)
+    assert summary == {"added": ["e", "f"], "removed": ["c"], "restarted": ["b"], "updated": []}
     assert "c" not in sim.tree.nodes
     assert sim.pid("a") == pids["a"] and sim.pid("d") == pids["d"]
     assert sim.pid("b") != pids["b"] and sim.tree.nodes["b"].spec == changed_b
@@ -464,3 +465,83 @@ def test_reload_removing_a_supervisor_stops_its_subtree() -> None:
     sim.apply(actions)
     assert [c for c, _ in sim.signals] == ["c", "b"]
     assert set(sim.tree.nodes) == {"root", "a"}
+
+
+# -- reload against what is in flight (found by a review helper) -------------------------------
+
+
+def _echo(cid: str, restart: str = "permanent", v: int = 0) -> AgentSpec:
+    return AgentSpec(id=cid, agent="otpd.agents.echo:EchoAgent", restart=restart, shutdown_ms=1000, args={"v": v})
+
+
+def test_a_reload_restarts_nothing_inside_a_supervisor_that_is_stopping() -> None:
+    """It queued [stop, start] whatever the parent's state, and a stopping supervisor started the
+    child again: it ran on under a stopped (or failed) supervisor, and no shutdown stopped it."""
+    sim = Sim(sup("root", sup("s", _echo("x"), _echo("y"))), auto_exit_on_term=False).start()
+    sim.apply(sim.tree.stop_child("s", sim.now))  # s stops y, then x
+    acts, summary = sim.tree.reload(sup("root", sup("s", _echo("x", v=1), _echo("y"))), sim.now)
+    sim.apply(acts)
+    assert summary["restarted"] == [] and summary["updated"] == ["x"]
+    sim.apply(sim.tree.exited("y", "shutdown", sim.now))
+    sim.apply(sim.tree.exited("x", "shutdown", sim.now))
+    assert sim.state("s") == "stopped" and sim.state("x") == "stopped"
+    sim.apply(sim.tree.start_child("s", sim.now))  # its next start takes the new spec
+    assert sim.state("x") == "running" and sim.tree.nodes["x"].spec.args == {"v": 1}
+
+
+def test_a_reload_during_a_group_restart_keeps_its_order() -> None:
+    """rest_for_one: c depends on b.  The reload moved b's ops to the end of the queue: a and c
+    started while b ran its old process, then b restarted under the running c."""
+    sim = Sim(sup("root", _echo("a"), _echo("b"), _echo("c"), strategy="rest_for_one"),
+              auto_exit_on_term=False).start()
+    sim.crash("a")  # stop c (slow), stop b, start a, b, c
+    acts, summary = sim.tree.reload(sup("root", _echo("a"), _echo("b", v=1), _echo("c"), strategy="rest_for_one"),
+                                    sim.now)
+    sim.apply(acts)
+    assert summary["restarted"] == [] and summary["updated"] == ["b"]  # its restart is under way
+    sim.clear()
+    sim.apply(sim.tree.exited("c", "shutdown", sim.now))
+    assert sim.state("b") == "stopping" and sim.state("c") == "stopped"
+    sim.apply(sim.tree.exited("b", "shutdown", sim.now))
+    assert sim.spawns == ["a", "b", "c"] and sim.tree.nodes["b"].spec.args == {"v": 1}
+    assert [sim.state(c) for c in "abc"] == ["running"] * 3
+
+
+def test_a_child_made_permanent_while_a_group_restart_stops_it_comes_back() -> None:
+    """y is temporary, so the group restart stops it for good; a reload made it permanent before
+    its stop ran, and it stayed stopped under a running root."""
+    sim = Sim(sup("root", _echo("x"), _echo("z"), _echo("y", "temporary"), strategy="one_for_all"),
+              auto_exit_on_term=False).start()
+    sim.crash("x")  # stop y (waits), stop z, start x, z
+    acts, _summary = sim.tree.reload(sup("root", _echo("x"), _echo("z"), _echo("y"), strategy="one_for_all"),
+                                     sim.now)
+    sim.apply(acts)
+    for cid in ("y", "z"):
+        sim.apply(sim.tree.exited(cid, "shutdown", sim.now))
+    assert sim.state("root") == "running"
+    assert [sim.state(c) for c in "xzy"] == ["running"] * 3
+
+
+def test_a_child_being_removed_is_not_started_again() -> None:
+    """A start (or restart) of a child a reload removes cleared its hold, the queued stop went,
+    and it ran on out of the config while the reload waited for it for ever."""
+    sim = Sim(sup("root", _echo("slow"), _echo("b")), auto_exit_on_term=False).start()
+    acts, summary = sim.tree.reload(sup("root"), sim.now)
+    sim.apply(acts)
+    assert sorted(summary["removed"]) == ["b", "slow"]
+    for op in (sim.tree.start_child, sim.tree.restart_child):
+        with pytest.raises(OtpdError) as err:
+            op("b", sim.now)
+        assert err.value.code == "bad_request" and "being removed" in err.value.message
+    for cid in ("b", "slow"):
+        if cid in sim.tree.nodes and sim.state(cid) == "stopping":
+            sim.apply(sim.tree.exited(cid, "shutdown", sim.now))
+    assert set(sim.tree.nodes) == {"root"} and sim.tree.settled()
+
+
+def test_removed_children_stop_in_reverse_start_order() -> None:
+    sim = Sim(sup("root", _echo("a"), _echo("b"), _echo("c")), auto_exit_on_term=False).start()
+    sim.clear()
+    acts, _summary = sim.tree.reload(sup("root", _echo("b")), sim.now)
+    sim.apply(acts)
+    assert sim.signals[0] == ("c", "TERM")

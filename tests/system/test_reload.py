@@ -410,3 +410,44 @@ def test_a_reload_gives_dynamic_children_their_templates_config_only_args(daemon
         events.until(("ready", "g1"))
     assert d.request("call", {"id": "g1", "request": "args"}) == {"colour": "red", "n": 1}
     assert d.pid_of("g1") != g1
+
+
+ESCALATING = """
+[[root.children]]
+id = "s"
+supervisor = "static"
+restart = "temporary"
+max_restarts = 0
+
+[[root.children.children]]
+id = "a"
+agent = "agents_for_tests:Controlled"
+
+[[root.children.children]]
+id = "b"
+agent = "agents_for_tests:Controlled"
+args = {{ v = {v} }}
+
+[[root.children.children]]
+id = "c"
+agent = "agents_for_tests:IgnoresTerm"
+shutdown_ms = 1000
+"""
+
+
+def test_a_reload_during_an_escalation_starts_nothing_under_the_supervisor_giving_up(daemon):
+    """Found by a review helper: the reload restarted b inside s while s stopped its children (it
+    had given up), so b ran on under a failed s, and the daemon's shutdown never stopped it."""
+    d = daemon(ESCALATING.format(v=1))
+    b = d.pid_of("b")
+    d.kill("a")  # s is over its intensity: it stops c (ignores SIGTERM: 1 s), then b
+    d.wait("c", "stopping")
+    d.write_config(ESCALATING.format(v=2))
+    assert "b" not in d.request("reload")["restarted"]
+    d.wait("s", "failed", timeout=15)
+    children = d.children()
+    assert [children[c]["state"] for c in "abc"] == ["failed", "stopped", "stopped"], children
+    assert wait_pid_exit(b, 5.0)
+    d.request("start", {"id": "s"})  # its next start takes the new args
+    d.wait("s", "running")
+    assert d.request("call", {"id": "b", "request": "args"}) == {"v": 2}

@@ -85,3 +85,76 @@ def test_stopping_an_agent_ends_its_spare(daemon):
     d.request("stop", {"id": "kv"})
     d.wait("kv", "stopped")
     assert wait_pid_exit(spare, 5.0)
+
+
+def _dead(pid: int, timeout: float = 10.0) -> None:
+    """Wait until ``pid`` (not ours) has ended: its pidfd is readable once it is a zombie."""
+    import os
+    import select
+
+    fd = os.pidfd_open(pid)
+    try:
+        assert select.select([fd], [], [], timeout)[0], f"{pid} still alive"
+    finally:
+        os.close(fd)
+
+
+def test_an_agent_killed_with_its_spare_is_one_crash_and_forks_anew(daemon):
+    """``pkill -f kv`` matches "otpd: agent kv" and "otpd: spare kv".  The daemon is stopped
+    while both die, so it finds both dead when it looks: one crash, a new fork, the state kept.
+    (The race a review helper found, the spare's death seen only after the agent's exit was
+    handled, cannot be ordered from outside: ``test_a_spare_that_died_is_not_silent`` checks
+    the test ``_promote`` now makes.)"""
+    import os
+    import signal
+
+    d = daemon("[root]\nmax_restarts = 1\nmax_seconds = 60\n" + CONFIG.format(policy="always"))
+    spare, agent = _first_spare(d, "kv"), d.pid_of("kv")
+    d.request("call", {"id": "kv", "request": {"op": "put", "key": "a", "value": 1}})
+    with d.events() as events:
+        os.kill(d.pid, signal.SIGSTOP)
+        try:
+            d.record_pid(spare)
+            os.kill(agent, signal.SIGKILL)
+            os.kill(spare, signal.SIGKILL)
+            _dead(agent)
+            _dead(spare)
+        finally:
+            os.kill(d.pid, signal.SIGCONT)
+        seen = events.until(lambda e: e["event"] in ("ready", "escalated") and e["id"] in ("kv", "root"))
+    assert seen[-1]["event"] == "ready", seen
+    assert not [e for e in seen if e["event"] == "exited" and e.get("start_failure")], seen
+    assert d.pid_of("kv") not in (agent, spare)
+    assert d.request("call", {"id": "kv", "request": {"op": "get", "key": "a"}}) == {"found": True, "value": 1}
+
+
+def test_a_spare_that_died_is_not_silent():
+    """Found by a review helper: a spare killed with its agent but whose EOF the daemon had not
+    read yet was handed the agent, and its death counted as the agent failing to start (with
+    max_restarts = 1, the root gave up).  Before the go, a spare sends nothing: anything on its
+    channel says it is gone."""
+    import os
+    import signal
+    import socket
+
+    from otpd.posix.daemon import _silent
+
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the spare: holds its end and waits, as a real one does
+        ours.close()
+        signal.pause()
+        os._exit(0)
+    theirs.close()
+    reaped = False
+    try:
+        assert _silent(ours)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        reaped = True
+        assert not _silent(ours)
+    finally:
+        ours.close()
+        if not reaped:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
