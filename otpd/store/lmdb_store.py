@@ -129,7 +129,7 @@ class Store:
             return raw
 
     @contextmanager
-    def snapshot(self, agent_id: str, log: bool = True
+    def snapshot(self, agent_id: str, log: bool = True, salvage: list[str] | None = None
                  ) -> Iterator[tuple[bytes | None, Callable[[bytes], Iterator[tuple[bytes, bytes]]]]]:
         """The agent's main record and a reader of its items (``items(prefix)``: those under
         ``prefix``, in key order), both as of one commit (``log=False``: as LMDB has them).
@@ -137,14 +137,18 @@ class Store:
         Read in one LMDB transaction, with the agent's log read once over it: a tool reading an
         agent that runs sees one state, not a record of one commit and items of a later one.  A
         checkpoint between the transaction's start and the read of the log (the log then starts
-        past the record's seq) is read again."""
+        past the record's seq) is read again.
+
+        A corrupt log is ``store_corrupt``; with ``salvage`` (a list), what is said of it goes
+        there instead, and the state is LMDB's with the log's entries up to the bad one: what
+        was acknowledged before it (an export, so that a quarantine and an import keep it)."""
         for attempt in range(_SNAPSHOT_TRIES):
             with self._read_txn() as txn:
                 data = txn.get(agent_id.encode(), db=self.main)
                 raw = bytes(data) if data is not None else None
                 overlay: dict[bytes, bytes | None] = {}
                 if log:
-                    found = self._log_over(agent_id, raw, last=attempt == _SNAPSHOT_TRIES - 1)
+                    found = self._log_over(agent_id, raw, attempt == _SNAPSHOT_TRIES - 1, salvage)
                     if found is None:
                         continue  # a checkpoint came between: again, in a new transaction
                     record, overlay = found
@@ -158,11 +162,11 @@ class Store:
                 return
         raise AssertionError("unreachable: the last try reads or raises")
 
-    def _log_over(self, agent_id: str, raw: bytes | None, last: bool
+    def _log_over(self, agent_id: str, raw: bytes | None, last: bool, salvage: list[str] | None = None
                   ) -> tuple[bytes | None, dict[bytes, bytes | None]] | None:
         """The newest record and the item changes that the agent's log holds above ``raw``;
         None if the log starts past it (a checkpoint since ``raw`` was read; ``last``: that is
-        store_corrupt, as for the agent: entries are missing)."""
+        store_corrupt, as for the agent: entries are missing).  ``salvage``: see ``snapshot``."""
         own = self.own
         if own is not None and own.agent_id == agent_id:
             return own.record, own.overlay
@@ -172,13 +176,21 @@ class Store:
                 return None, {}
         except FileNotFoundError:
             return None, {}
-        replay = agent_log.read(path, agent_id)
+        replay = agent_log.read(path, agent_id, salvage is not None)
         base = _seq_of(raw)
         if replay.entries and replay.entries[0][0] > base + 1:
             if not last:
                 return None
-            raise corrupt(agent_id, f"its log starts at seq {replay.entries[0][0]}, but LMDB's record is at seq "
-                                    f"{base}: the entries between are missing")
+            why = f"its log starts at seq {replay.entries[0][0]}, but LMDB's record is at seq {base}: the " \
+                  "entries between are missing"
+            if salvage is None:
+                raise corrupt(agent_id, why)
+            salvage.append(f"{why}; this is LMDB's state (seq {base}), without the log")
+            return None, {}
+        if replay.bad is not None and salvage is not None:
+            last_good = replay.entries[-1][0] if replay.entries else base
+            salvage.append(f"{replay.bad}; this is the state as of seq {max(base, last_good)}, with the entries "
+                           "before it (the log is kept as it is)")
         return replay.after(base)
 
     def read(self, agent_id: str) -> dict[str, Any] | None:

@@ -54,6 +54,7 @@ class Replay:
     entries: list[tuple[int, bytes, list[tuple[bytes, bytes | None]]]] = field(default_factory=list)
     end: int = 0  # bytes of whole entries
     torn: bool = False
+    bad: str | None = None  # (``salvage``) why it stops short: the corruption found
 
     def after(self, seq: int) -> tuple[bytes | None, dict[bytes, bytes | None]]:
         """The newest main record and the item changes of the entries above ``seq``."""
@@ -66,8 +67,20 @@ class Replay:
         return record, items
 
 
-def parse(data: bytes, agent_id: str) -> Replay:
+def parse(data: bytes, agent_id: str, salvage: bool = False) -> Replay:
+    """The entries of a log.  Corruption is ``store_corrupt``; with ``salvage``, the entries
+    before it, and what it is in ``bad`` (for an export: what was acknowledged up to there)."""
     out = Replay()
+    try:
+        _parse(data, agent_id, out)
+    except OtpdError as err:
+        if not salvage:
+            raise
+        out.bad = err.message.split("; the log is kept")[0]
+    return out
+
+
+def _parse(data: bytes, agent_id: str, out: Replay) -> None:
     pos, size = 0, len(data)
     while pos < size:
         if size - pos < HEADER.size:
@@ -93,17 +106,16 @@ def parse(data: bytes, agent_id: str) -> Replay:
             raise _corrupt(agent_id, f"log entry at byte {pos} has seq {entry[0]} after {out.entries[-1][0]}")
         out.entries.append(entry)
         pos = out.end = end
-    return out
 
 
-def read(path: Path, agent_id: str) -> Replay:
+def read(path: Path, agent_id: str, salvage: bool = False) -> Replay:
     """The log of an agent this process does not own (it may be appending meanwhile:
     a write in progress shows as a torn tail and is left out)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return Replay()
-    return parse(data, agent_id)
+    return parse(data, agent_id, salvage)
 
 
 def _corrupt(agent_id: str, why: str) -> OtpdError:

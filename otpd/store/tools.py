@@ -19,7 +19,6 @@ absent (``{"$bytes": ...}`` turns back into bytes).
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -89,14 +88,9 @@ def show(store: Store, agent_id: str, max_items: int = 1000) -> dict[str, Any]:
 def export(store: Store, ids: Iterable[str] | None = None) -> Iterator[str]:
     """JSON lines for the given agents (all when ``ids`` is None), each agent as of one commit."""
     for agent_id in (ids if ids is not None else store.agent_ids()):
-        log_error = None
-        with contextlib.ExitStack() as stack:
-            try:
-                raw, scan = stack.enter_context(store.snapshot(agent_id))
-            except OtpdError as err:  # its log is corrupt: export what LMDB has, and say so
-                log_error = err.message
-                raw, scan = stack.enter_context(store.snapshot(agent_id, log=False))
-            yield from _export_agent(agent_id, raw, scan, log_error)
+        problems: list[str] = []  # a corrupt log: what was acknowledged before the bad entry, and why
+        with store.snapshot(agent_id, salvage=problems) as (raw, scan):
+            yield from _export_agent(agent_id, raw, scan, "; ".join(problems) or None)
 
 
 def _export_agent(agent_id: str, raw: bytes | None, scan: Callable[[bytes], Iterator[tuple[bytes, bytes]]],

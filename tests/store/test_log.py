@@ -272,6 +272,30 @@ def test_an_export_with_a_corrupt_log_keeps_going_and_says_so(tmp_path: Path) ->
     store.close()
 
 
+def test_an_export_with_a_corrupt_log_keeps_what_was_acknowledged_before_the_bad_entry(tmp_path: Path) -> None:
+    """An export took LMDB's state alone, and quarantine and import then lost the good entries
+    before the bad one (found by a review helper): now it takes them, and says from where."""
+    crash_after(tmp_path, counting(5))  # five commits, all in the log
+    data = bytearray(log_file(tmp_path).read_bytes())
+    pos = 0
+    for _ in range(3):
+        pos += agent_log.HEADER.size + agent_log.HEADER.unpack_from(data, pos)[0]
+    data[pos + agent_log.HEADER.size + 2] ^= 0xFF  # inside the fourth entry
+    log_file(tmp_path).write_bytes(bytes(data))
+    with pytest.raises(OtpdError):
+        boot(tmp_path)  # the agent is store_corrupt, as before
+    store = Store(tmp_path)
+    lines = list(tools.export(store, ["c1"]))
+    assert "checksum" in lines[0] and "as of seq 3" in lines[0]
+    records = tools.parse_export(lines)
+    store.quarantine("c1")
+    tools.import_records(store, records)
+    store.close()
+    agent, keeper = boot(tmp_path)
+    assert agent.count == 3  # the three commits before the bad entry
+    keeper.store.close()
+
+
 def test_an_agent_that_waited_for_a_tools_lock_does_not_write_into_the_file_the_tool_moved(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     crash_after(tmp_path, counting(1))
