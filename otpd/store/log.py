@@ -89,6 +89,11 @@ def _parse(data: bytes, agent_id: str, out: Replay) -> None:
         length, crc = HEADER.unpack_from(data, pos)
         end = pos + HEADER.size + length
         if end > size:
+            if _entry_after(data, pos + HEADER.size, out.entries[-1][0] if out.entries else 0):
+                # Not the last write cut short: its length is wrong (a bad byte), and an entry
+                # written after it follows. Taken as torn, the ones after it would be dropped.
+                raise _corrupt(agent_id, f"log entry at byte {pos} has a length past the end of the log, "
+                                         "and whole entries follow it")
             out.torn = True
             break
         payload = data[pos + HEADER.size:end]
@@ -106,6 +111,26 @@ def _parse(data: bytes, agent_id: str, out: Replay) -> None:
             raise _corrupt(agent_id, f"log entry at byte {pos} has seq {entry[0]} after {out.entries[-1][0]}")
         out.entries.append(entry)
         pos = out.end = end
+
+
+def _entry_after(data: bytes, start: int, last_seq: int) -> bool:
+    """Is there a whole entry in ``data`` past ``start``, one that a later write made (its seq
+    past the one after ``last_seq``)?  A write cut short holds part of one entry only: the
+    search for a frame whose checksum matches, and that decodes as an entry, finds none there
+    (a zero-filled tail, as a power cut leaves one, neither)."""
+    size = len(data)
+    for at in range(start, size - HEADER.size + 1):
+        length, crc = HEADER.unpack_from(data, at)
+        end = at + HEADER.size + length
+        if length == 0 or end > size or zlib.crc32(data[at + HEADER.size:end]) != crc:
+            continue
+        try:
+            seq = codec.unpack(data[at + HEADER.size:end])[0]
+        except Exception:
+            continue
+        if type(seq) is int and seq > last_seq + 1:
+            return True
+    return False
 
 
 def read(path: Path, agent_id: str, salvage: bool = False) -> Replay:

@@ -161,6 +161,25 @@ def test_a_bad_entry_before_good_ones_is_store_corrupt_and_the_log_is_left_as_it
     keeper.store.close()
 
 
+def test_a_length_past_the_end_with_entries_after_it_is_store_corrupt_not_a_torn_tail(tmp_path: Path) -> None:
+    """A bad byte in a length made an entry reach past the end: read as a last write cut short,
+    the acknowledged entries after it were dropped (found by a review helper)."""
+    crash_after(tmp_path, counting(3))
+    good = log_file(tmp_path).read_bytes()
+    data = bytearray(good)
+    data[3] = 0x7F  # the first entry's length (little endian): now ~2 GB
+    log_file(tmp_path).write_bytes(bytes(data))
+    with pytest.raises(OtpdError) as err:
+        boot(tmp_path)
+    assert err.value.code == "store_corrupt" and "length past the end" in err.value.message
+    assert log_file(tmp_path).read_bytes() == bytes(data)  # kept as it is
+    # while a write cut short, even one a power cut left zero-filled, is still a torn tail
+    log_file(tmp_path).write_bytes(good + agent_log.HEADER.pack(5000, 1234) + b"\x00" * 700)
+    agent, keeper = boot(tmp_path)
+    assert agent.count == 3
+    keeper.store.close()
+
+
 def test_a_gap_in_the_seqs_is_store_corrupt(tmp_path: Path) -> None:
     crash_after(tmp_path, counting(1))
     with log_file(tmp_path).open("ab") as f:
