@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+import msgpack
+
 from otpd import codec
 from otpd.errors import OtpdError
 
@@ -89,7 +91,7 @@ def _parse(data: bytes, agent_id: str, out: Replay) -> None:
         length, crc = HEADER.unpack_from(data, pos)
         end = pos + HEADER.size + length
         if end > size:
-            if _entry_after(data, pos + HEADER.size, out.entries[-1][0] if out.entries else 0):
+            if _entry_after(data, pos, out.entries[-1][0] if out.entries else 0):
                 # Not the last write cut short: its length is wrong (a bad byte), and an entry
                 # written after it follows. Taken as torn, the ones after it would be dropped.
                 raise _corrupt(agent_id, f"log entry at byte {pos} has a length past the end of the log, "
@@ -113,23 +115,31 @@ def _parse(data: bytes, agent_id: str, out: Replay) -> None:
         pos = out.end = end
 
 
-def _entry_after(data: bytes, start: int, last_seq: int) -> bool:
-    """Is there a whole entry in ``data`` past ``start``, one that a later write made (its seq
-    past the one after ``last_seq``)?  A write cut short holds part of one entry only: the
-    search for a frame whose checksum matches, and that decodes as an entry, finds none there
-    (a zero-filled tail, as a power cut leaves one, neither)."""
+def _entry_after(data: bytes, pos: int, last_seq: int) -> bool:
+    """Is there a whole entry in ``data`` after the one at ``pos`` (whose length reaches past
+    the end), written after it: the entry of the next seq, its checksum right?  A write cut
+    short holds part of one entry only (a zero-filled tail, as a power cut leaves, neither).
+
+    The next seq is the one after this entry's own (read from its payload's first bytes, or
+    after ``last_seq``); its entry's payload begins with those bytes, found by ``bytes.find``:
+    a few candidates, not a checksum at every offset."""
+    start = pos + HEADER.size
+    seq = last_seq + 1
+    try:
+        head = msgpack.Unpacker()
+        head.feed(data[start:start + 16])
+        if head.read_array_header() == 3:
+            seq = int(head.unpack())
+    except Exception:  # its payload's first bytes are bad too: the seq after the last good one
+        pass
+    needle = b"\x93" + codec.pack(seq + 1)
     size = len(data)
-    for at in range(start, size - HEADER.size + 1):
-        length, crc = HEADER.unpack_from(data, at)
-        end = at + HEADER.size + length
-        if length == 0 or end > size or zlib.crc32(data[at + HEADER.size:end]) != crc:
-            continue
-        try:
-            seq = codec.unpack(data[at + HEADER.size:end])[0]
-        except Exception:
-            continue
-        if type(seq) is int and seq > last_seq + 1:
+    at = data.find(needle, start + HEADER.size)
+    while at >= 0:
+        length, crc = HEADER.unpack_from(data, at - HEADER.size)
+        if at + length <= size and zlib.crc32(data[at:at + length]) == crc:
             return True
+        at = data.find(needle, at + 1)
     return False
 
 
