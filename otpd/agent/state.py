@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 _MISSING = object()
 # The longest item key (agent id, collection, encoded key): LMDB takes at most 511 bytes, and a
-# quarantine puts its records under the agent id plus "@<time>" (18 bytes more).
+# quarantine puts its records under the agent id plus "@<time>" (18 bytes more), a version
+# switch's copy under the agent id plus a 16-byte tag of the class (17 more).
 MAX_ITEM_KEY = 511 - 32
 _COLLECTIONS, _SAVED_AT, _SEQ = encode("collections"), encode("saved_at"), encode("seq")
 

@@ -9,8 +9,8 @@ Layout (three named databases in one environment under ``state_dir/store``):
   collection writes O(1) records and loading an agent reads O(1) records.
 * ``quarantine``: records moved aside by an operator, never deleted by otpd.
 * ``versions``: an agent's records as the other class of a version switch left them, for a
-  rollback: ``agent_id NUL module:Class NUL`` -> its main record, and that prefix followed by
-  ``collection NUL key`` -> each item (``_kept_prefix``).
+  rollback: ``agent_id NUL tag NUL`` -> its main record (``tag``: a hash of ``module:Class``),
+  and that prefix followed by ``collection NUL key`` -> each item (``_kept_prefix``).
 * ``meta``: the daemon's own small records (feature flags set at run time).
 
 Beside them, ``logs/``: each agent's append-only log (``otpd.store.log``).  An agent's
@@ -25,6 +25,7 @@ process) and syncs periodically; ``"fsync"`` syncs every commit.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -494,7 +495,7 @@ class Store:
         main = bytes(main)
         kept = _kept_prefix(agent_id, was)
         self._delete_prefixed(txn, self.versions, kept)
-        txn.delete(kept[:-1], db=self.versions)  # a copy in the first layout (one value), replaced too
+        txn.delete(_first_layout(agent_id, was), db=self.versions)  # a copy in the first layout, replaced too
         txn.put(kept, main, db=self.versions)
         prefix = agent_prefix(agent_id)
 
@@ -527,7 +528,7 @@ class Store:
         kept = _kept_prefix(agent_id, was)
         main = txn.get(kept, db=self.versions)
         if main is None:
-            old = txn.get(kept[:-1], db=self.versions)  # the first layout: one value of them all
+            old = txn.get(_first_layout(agent_id, was), db=self.versions)  # one value of them all
             if old is None:
                 return None
             record = decode(bytes(old))
@@ -592,11 +593,18 @@ class Store:
             self._write(work, agent_id)
 
 
+def _first_layout(agent_id: str, was: str) -> bytes:
+    return agent_id.encode() + SEP + was.encode()
+
+
 def _kept_prefix(agent_id: str, was: str) -> bytes:
-    """versions/: ``agent_id NUL was NUL`` -> the main record; that and an item's key past the
-    agent's prefix (``collection NUL key``) -> the item.  (The first layout, still read: one
-    value at ``agent_id NUL was``, msgpack ``{"main", "items"}``.)"""
-    return agent_id.encode() + SEP + was.encode() + SEP
+    """versions/: ``agent_id NUL tag NUL`` -> the main record; that and an item's key past the
+    agent's prefix (``collection NUL key``) -> the item.  ``tag`` names the class ``was`` in
+    16 bytes (a hash): an item key may take all but 32 of LMDB's 511 bytes (``MAX_ITEM_KEY``),
+    so a class's whole name would not fit beside it.  (The main record says which class wrote
+    it.  The first layout, still read: one value at ``agent_id NUL was``, msgpack
+    ``{"main", "items"}``.)"""
+    return agent_id.encode() + SEP + hashlib.blake2b(was.encode(), digest_size=8).hexdigest().encode() + SEP
 
 
 @contextmanager

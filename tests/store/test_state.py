@@ -20,7 +20,7 @@ from otpd.agent.base import Agent
 from otpd.agent.state import PersistentMap, PersistentQueue, StateKeeper, validate_declaration
 from otpd.errors import OtpdError
 from otpd.store import tools
-from otpd.store.lmdb_store import Store, agent_prefix, encode, item_prefix
+from otpd.store.lmdb_store import Store, _kept_prefix, agent_prefix, encode, item_prefix
 
 
 class Counter(Agent):
@@ -361,7 +361,7 @@ def test_a_version_switch_keeps_one_record_per_item_and_rolls_back_to_them(tmp_p
     assert store.switch_version("v", "m:A", "m:B") is False  # B starts from A's records, a copy kept
     with store.env.begin() as txn:
         kept = [bytes(k) for k, _v in txn.cursor(db=store.versions)]
-    assert len(kept) == 1 + 1000 and all(k.startswith(b"v\x00m:A\x00") for k in kept)
+    assert len(kept) == 1 + 1000 and all(k.startswith(_kept_prefix("v", "m:A")) for k in kept)
     assert store.kept_version("v", "m:A") == (main("m:A", 3), a_items)
     b_items = [(item_prefix("v", "data") + encode("b"), encode("b's"))]
     store.put_raw("v", main("m:B", 9), b_items)  # B commits on (its items replace A's)
@@ -370,6 +370,24 @@ def test_a_version_switch_keeps_one_record_per_item_and_rolls_back_to_them(tmp_p
     assert store.kept_version("v", "m:B") == (main("m:B", 9), b_items)
     assert list(store.scan_items(agent_prefix("w"))) == [(item_prefix("w", "data") + encode(0), encode("w's"))]
     assert store.read("v")["seq"] == 10  # type: ignore[index]
+    store.close()
+
+
+def test_a_version_switch_copies_item_keys_as_long_as_a_collection_takes(tmp_path: Path) -> None:
+    """Found by a review helper: the copy's keys held the class's whole name, so with item keys
+    near MAX_ITEM_KEY and a class name over ~31 bytes they passed LMDB's 511 (MDB_BAD_VALSIZE),
+    and the agent could not start under the switch."""
+    from otpd.agent.state import MAX_ITEM_KEY
+
+    store = Store(tmp_path)
+    was = "myapp.agents.counters_with_a_long_module_name:CounterAgent"
+    prefix = item_prefix("v", "data")
+    key = prefix + encode("k" * (MAX_ITEM_KEY - len(prefix) - 3))
+    assert len(key) == MAX_ITEM_KEY
+    store.put_raw("v", encode({"agent": was, "version": 1, "state": {}, "collections": {"data": {"len": 1}},
+                               "saved_at": 0.0, "seq": 1}), [(key, encode(1))])
+    assert store.switch_version("v", was, was + "V2") is False
+    assert store.kept_version("v", was) == (store.read_raw("v"), [(key, encode(1))])
     store.close()
 
 
@@ -387,7 +405,7 @@ def test_a_copy_kept_in_the_first_layout_still_rolls_back(tmp_path: Path) -> Non
     assert store.switch_version("v", "m:A", "m:B") is True  # A's copy again, now in the new layout
     with store.env.begin() as txn:
         assert txn.get(b"v\x00m:A", db=store.versions) is None  # the old one replaced, not left beside
-        assert txn.get(b"v\x00m:A\x00", db=store.versions) is not None
+        assert txn.get(_kept_prefix("v", "m:A"), db=store.versions) is not None
     store.close()
 
 
