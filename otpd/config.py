@@ -39,7 +39,7 @@ from otpd.core.spec import (
 from otpd.errors import OtpdError
 from otpd.store.lmdb_store import StoreSettings
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,127}$")
+ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@:-]{0,127}\Z")  # (\Z: "$" would take a final newline)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DURABILITIES = ("process", "fsync", "none")
 SYNC_HELPERS = ("auto", "always", "never")  # [store] sync_helper, under fsync: see otpd.agent.runtime.Syncer

@@ -410,13 +410,14 @@ class Tree:
         return node.state in UP_STATES
 
     def _restart_for_reload(self, node: Node) -> bool:
-        """Restart ``node`` on its new spec, if it runs under a supervisor that is up and has
-        nothing queued for it; False: it is down, or its supervisor stops it or restarts it
-        already (a group restart, an escalation), and the start to come takes the new spec."""
+        """Restart ``node`` on its new spec, if it runs under a supervisor that is up and does
+        not stop it already; False: it is down, or its supervisor stops it (a group restart, an
+        escalation), and the start to come, if any, takes the new spec.  (A start queued for a
+        child that is up does nothing: that is no restart.)"""
         if node.parent is None or node.state not in UP_STATES:
             return False
         sup = self.nodes[node.parent]
-        if sup.state not in UP_STATES or self._pending(sup, node.id):
+        if sup.state not in UP_STATES or "stop" in self._pending(sup, node.id):
             return False
         self._requeue(sup, node.id, [("stop", node.id), ("start", node.id)])
         return True

@@ -545,3 +545,18 @@ def test_removed_children_stop_in_reverse_start_order() -> None:
     acts, _summary = sim.tree.reload(sup("root", _echo("b")), sim.now)
     sim.apply(acts)
     assert sim.signals[0] == ("c", "TERM")
+
+
+def test_a_reload_restarts_a_running_child_whose_only_pending_op_is_a_start() -> None:
+    """Found by a review helper: a start queued for a child that is up (``otpctl start`` while
+    its supervisor waits on a sibling) counted as a restart to come; it does nothing, so the
+    child ran its old spec for good."""
+    sim = Sim(sup("root", _echo("b"), _echo("c")), auto_ready=False).start()
+    sim.ready("b")  # b runs; c starts (a slow init)
+    sim.apply(sim.tree.start_child("b", sim.now))  # queued behind c's start: nothing to do for b
+    acts, summary = sim.tree.reload(sup("root", _echo("b", v=1), _echo("c")), sim.now)
+    sim.apply(acts)
+    assert summary["restarted"] == ["b"]
+    sim.ready("c")
+    sim.ready("b")
+    assert sim.tree.settled() and sim.spawns.count("b") == 2 and sim.tree.nodes["b"].spec.args == {"v": 1}

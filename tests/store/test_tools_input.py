@@ -131,6 +131,15 @@ def test_an_import_refuses_an_id_that_is_no_agent_id_and_touches_nothing(tmp_pat
         store.close()
 
 
+def test_an_id_with_a_final_newline_is_no_agent_id() -> None:
+    """Found by a review helper: the id pattern ended in "$", which matches before a final
+    newline (in the config, an add and an import alike)."""
+    line = json.dumps({"type": "agent", "id": "a\n", "value": kv_record()})
+    with pytest.raises(OtpdError) as err:
+        tools.parse_export([line])
+    assert err.value.code == "bad_request" and "not an agent id" in err.value.message
+
+
 @pytest.mark.parametrize("text", [
     '{"type": "agent", "id": "kv", "value": 18446744073709551616}\n',  # too large for msgpack
     '{"type": "agent", "id": "\\ud800", "raw": "AQ=="}\n',  # a lone surrogate
