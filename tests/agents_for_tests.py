@@ -39,6 +39,8 @@ class Controlled(Agent):
             os._exit(5)
         if request == "unencodable":
             return {"not msgpack": object()}
+        if isinstance(request, dict) and "reply_bytes" in request:
+            return "x" * request["reply_bytes"]
         if request == "hang":
             while True:
                 signal.pause()

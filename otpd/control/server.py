@@ -35,8 +35,14 @@ Handler = Callable[["Connection", Any, dict[str, Any]], Any]
 CompactCall = Callable[["Compact", Any, Any, Any, Any], Any]
 DEFERRED = object()  # a handler's result meaning "the reply comes later"
 MAX_ID, OUT_CAP, MAX_FRAME = protocol.MAX_ID, protocol.OUT_CAP, protocol.MAX_FRAME
+MAX_REPLY = OUT_CAP // 2  # one reply larger is an error: queued, it would close the connection, unanswered
 READ_SIZE = codec.READ_SIZE
 _pack = protocol.pack
+
+
+def _too_big(size: int) -> OtpdError:
+    return OtpdError("bad_request", f"the reply is {size:,} bytes, more than a reply may be ({MAX_REPLY:,}): "
+                     "ask for less (a limit, a filter)", {"bytes": size, "limit": MAX_REPLY})
 
 
 class Compact:
@@ -52,7 +58,11 @@ class Compact:
         conn = self.conn
         conn.owed -= 1
         if not conn.closed:  # [req_id, True, result], packed around its two values
-            conn._queue(b"\x93%b\xc3%b" % (_pack(req_id), _pack(result)))
+            packed = _pack(result)
+            if len(packed) > MAX_REPLY:
+                conn._queue(_pack([req_id, False, _too_big(len(packed)).to_wire()]))
+                return
+            conn._queue(b"\x93%b\xc3%b" % (_pack(req_id), packed))
 
     def error(self, req_id: Any, err: OtpdError) -> None:
         self.conn.owed -= 1
@@ -89,7 +99,11 @@ class Connection:
         # once for every call the daemon answers, and building the map costs more than packing it
         self.owed -= 1
         if not self.closed:
-            self._queue(b"\x83\xa2id%b\xa2ok\xc3\xa6result%b" % (_pack(req_id), _pack(result)))
+            packed = _pack(result)
+            if len(packed) > MAX_REPLY:
+                self._queue(_pack(protocol.fail(req_id, _too_big(len(packed)).to_wire())))
+                return
+            self._queue(b"\x83\xa2id%b\xa2ok\xc3\xa6result%b" % (_pack(req_id), packed))
 
     def error(self, req_id: Any, err: OtpdError) -> None:
         self.owed -= 1

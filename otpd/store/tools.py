@@ -152,7 +152,7 @@ def parse_export(lines: Iterable[str | bytes]) -> dict[str, tuple[bytes, list[tu
                     raise ValueError(f"a second item of {agent_id!r} at the same key")
                 keys.add((agent_id, key))
                 items.setdefault(agent_id, []).append((key, raw))
-    except OtpdError:
+    except (OtpdError, OSError):  # (a read that failed is not a bad line: the caller says so)
         raise
     except Exception as exc:  # anything a line can hold (not UTF-8, not JSON, too deep, too large)
         raise OtpdError("bad_request", f"line {number + (number == 0)}: not an export record "

@@ -275,3 +275,17 @@ def test_control_socket_is_private_to_its_owner(daemon):
 def test_call_with_a_non_finite_timeout_is_bad_request(daemon, timeout):
     d = daemon(CONFIG)
     assert error_of(d, "call", {"id": "echo", "request": 1, "timeout": timeout}).code == "bad_request"
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_a_reply_too_large_to_queue_is_an_error_and_the_connection_goes_on(daemon, compact):
+    """Found by a review helper: a reply over the connection's 16 MiB queue (``task list`` of
+    large tasks) closed the connection, unanswered: the client saw the daemon as unreachable."""
+    d = daemon(CONFIG)
+    request = {"reply_bytes": 9 << 20}
+    with d.client(timeout=30) as c:
+        with pytest.raises(OtpdError) as err:
+            c.call("ctl", request) if compact else c.request("call", {"id": "ctl", "request": request})
+        assert err.value.code == "bad_request" and "more than a reply may be" in err.value.message
+        assert err.value.details["bytes"] > 9 << 20
+        assert c.request("call", {"id": "ctl", "request": {"reply_bytes": 3}}) == "xxx"  # the same connection
