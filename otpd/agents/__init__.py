@@ -21,8 +21,14 @@ def timeout_arg(value: Any, name: str, code: str) -> float:
 
 
 def error_text(error: BaseException) -> str:
-    """What a task's or a step's failure is recorded as: its type and message, at most 2,000 characters."""
-    text = f"{type(error).__name__}: {error}"
+    """What a task's or a step's failure is recorded as: its type and message, at most 2,000
+    characters.  A message that cannot be had (a ``__str__`` that raises, or gives no string)
+    is said to be so: user code must not crash the agent that records its failure."""
+    try:
+        message = str(error)
+    except Exception as exc:
+        message = f"<its message could not be read: {type(exc).__name__}>"
+    text = f"{type(error).__name__}: {message}"
     return text if len(text) <= 2000 else text[:2000] + "..."
 
 

@@ -32,14 +32,16 @@ import uuid
 from typing import Any
 
 from otpd.agent.base import Agent
+from otpd.agent.runtime import load_class
 from otpd.agent.state import PersistentMap, PersistentQueue
 from otpd.agents import handler_patterns, int_arg, timeout_arg, unknown_args
-from otpd.agents.workflow import FINAL, check_definition
+from otpd.agents.workflow import FINAL, WorkflowProcess, check_definition
 from otpd.config import ID_RE
 from otpd.errors import OtpdError
 
 
 class CoordinatorAgent(Agent):
+    RETRY_S = 1.0  # a launch or a removal the daemon could not take now: tried again after this
     state_version = 1
     fields = {"completed_count": 0, "failed_count": 0, "cancelled_count": 0, "started_count": 0}
     persistent_fields = tuple(fields)
@@ -96,10 +98,33 @@ class CoordinatorAgent(Agent):
             raise OtpdError("bad_request", f"{wf_id!r} is not a valid workflow id")
         elif wf_id in self.workflows:
             return {"workflow_id": wf_id, "existing": True}
+        else:
+            self._refuse_taken(wf_id)
         self.workflows[wf_id] = {"status": "running", "definition": definition, "created_at": time.time()}
         self.started_count += 1
         self.after_commit(lambda: self._launch(wf_id))  # recorded before its process exists
         return {"workflow_id": wf_id}
+
+    def _refuse_taken(self, wf_id: str) -> None:
+        """``already_exists`` for an id that is another child's, or has another agent's records:
+        as a workflow, its records would be read as the workflow's, and deleted past retention."""
+        taken = any(c["id"] == wf_id and c["supervisor"] != self.supervisor for c in self.system("ps")["children"])
+        if taken or not self._a_workflows(wf_id):
+            raise OtpdError("already_exists", f"{wf_id!r} is the id of another agent: choose another workflow id",
+                            {"workflow_id": wf_id})
+
+    def _a_workflows(self, wf_id: str) -> bool:
+        """Are ``wf_id``'s records (if any) a workflow's?  Only those are ever deleted here."""
+        try:
+            record = self.read_state(wf_id)
+        except OtpdError:  # corrupt: not ours to judge, and never to delete
+            return False
+        if record is None:
+            return True
+        try:
+            return issubclass(load_class(str(record.get("agent"))), WorkflowProcess)
+        except Exception:  # a class that is not there (any more): not a workflow we know
+            return False
 
     def op_status(self, request: dict[str, Any]) -> Any:
         wf_id = self._known(request)
@@ -141,9 +166,13 @@ class CoordinatorAgent(Agent):
         entry = self.workflows[wf_id]
         if entry["status"] != "parked":
             raise OtpdError("bad_request", f"{wf_id} is {entry['status']}, not parked")
-        self.workflows[wf_id] = {**entry, "status": "running"}
+        # (how is kept with it: a daemon killed before the workflow's process took it up
+        # relaunches it the same way at the reconcile, not parked again)
+        record = self.read_state(wf_id)
+        self.workflows[wf_id] = {**entry, "status": "running", "resume": how,
+                                 "resume_seq": (record or {}).get("seq", 0)}
         self.failed_count -= 1
-        self.after_commit(lambda: self._launch(wf_id, resume=how))
+        self.after_commit(lambda: self._launch(wf_id))
         return {"workflow_id": wf_id, "status": "running"}
 
     def _known(self, request: dict[str, Any]) -> str:
@@ -157,30 +186,48 @@ class CoordinatorAgent(Agent):
 
     # -- processes and outcomes -----------------------------------------------
 
-    def _launch(self, wf_id: str, resume: str | None = None) -> None:
+    def _launch(self, wf_id: str) -> None:
         entry = self.workflows.get(wf_id)
         if entry is None or entry["status"] != "running":
             return
         args = {"workflow_id": wf_id, "definition": entry["definition"], "poison_after": self.poison_after,
                 "step_timeout_s": self.step_timeout_s}
-        if resume:
-            args["resume"] = resume
+        if entry.get("resume"):
+            args["resume"] = entry["resume"]
         try:
             self.system("add", supervisor=self.supervisor, id=wf_id, args=args)
         except OtpdError as err:
             if err.details.get("refused_args"):  # refused by the template's class: it never runs
-                self.workflows[wf_id] = {**entry, "parked_reason": f"not started: {err.message}"}
-                self.log(f"workflow {wf_id} parked, not started: {err.message}")
-                self._finalise(wf_id, "parked")
-            elif err.code != "already_exists":  # running already: nothing to do
-                raise
+                self._park(wf_id, f"not started: {err.message}")
+            elif err.code == "already_exists":  # running already, or the id is another child's
+                if not self._ours(wf_id):
+                    self._park(wf_id, f"not started: {wf_id!r} is the id of another child")
+            elif err.code == "shutting_down":  # the supervisor is stopped: its "ready" reconciles
+                self.log(f"workflow {wf_id} waits for {self.supervisor!r}: {err.message}")
+            else:  # the daemon busy (timeout), a supervisor gone from the config: again later
+                self.log(f"workflow {wf_id} not started yet ({err.code}: {err.message}); trying again")
+                self.send_after(self.RETRY_S, ("launch", wf_id))
+
+    def _ours(self, wf_id: str) -> bool:
+        try:
+            return any(c["id"] == wf_id and c["supervisor"] == self.supervisor
+                       for c in self.system("ps")["children"])
+        except OtpdError:
+            return True  # cannot tell now: as before, taken as running already
+
+    def _park(self, wf_id: str, why: str) -> None:
+        self.workflows[wf_id] = {**self.workflows[wf_id], "parked_reason": why}
+        self.log(f"workflow {wf_id} parked, {why}")
+        self._finalise(wf_id, "parked")
 
     def _remove(self, wf_id: str) -> None:
         try:
             self.system("remove", id=wf_id)
         except OtpdError as err:
-            if err.code != "not_found":
-                raise
+            if err.code in ("timeout", "shutting_down"):
+                self.send_after(self.RETRY_S, ("remove", wf_id))
+            elif err.code != "not_found":  # (refused: not a child of the supervisor; nothing to stop)
+                self.log(f"workflow {wf_id}: its process not removed ({err.code}: {err.message})")
 
     def handle_event(self, event: dict[str, Any]) -> None:
         child, kind = event.get("id"), event.get("event")
@@ -188,44 +235,71 @@ class CoordinatorAgent(Agent):
             self.send_after(0, "reconcile")  # the supervisor came back (empty): restart what runs
         elif isinstance(child, str) and kind in ("exited", "stopped") and child in self.workflows:
             if event.get("reason") != "crash":  # a crash is restarted by the supervisor
-                self._settle(child)
+                self._settle(child, ended_itself=kind == "exited")
 
     def handle_info(self, message: Any) -> None:
         if message == "reconcile":
             self._reconcile()
         elif isinstance(message, tuple) and message[0] == "forget":
             self._forget(message[1])
+        elif isinstance(message, tuple) and message[0] == "launch":
+            self._launch(message[1])
+        elif isinstance(message, tuple) and message[0] == "remove":
+            self._remove(message[1])
 
     def _forget(self, wf_id: str) -> None:
         """Delete a workflow's records past retention; its process may still be finishing
         (it holds its log until it exits): then try again a little later."""
         if wf_id not in self.forgetting:
             return  # done already (a retry that was scheduled twice)
+        if not self._a_workflows(wf_id):  # (an agent that took the id since): never deleted here
+            self.log(f"workflow {wf_id} forgotten; the records under its id are not a workflow's: kept")
+            del self.forgetting[wf_id]
+            return
         try:
             self.delete_state(wf_id)
         except OtpdError as err:
-            if not err.details.get("running"):
-                raise
-            self.send_after(0.2, ("forget", wf_id))
+            if err.details.get("running"):
+                self.send_after(0.2, ("forget", wf_id))
+            else:  # kept for the next start of this agent to try again
+                self.log(f"workflow {wf_id}: its records not deleted yet ({err.code}: {err.message})")
             return
         del self.forgetting[wf_id]
 
-    def _settle(self, wf_id: str) -> None:
-        """The workflow's process is down for good: its own record says how it ended."""
+    def _settle(self, wf_id: str, ended_itself: bool = False) -> None:
+        """The workflow's process is down for good: its own record says how it ended.  One that
+        ended on its own unfinished (a step that called ``os._exit(0)``, say) starts again: its
+        attempt is on disk, so such a step is parked after ``poison_after`` of them."""
         entry = self.workflows.get(wf_id)
         if entry is None or entry["status"] != "running":
             return
         record = self.read_state(wf_id)
-        status = (record or {}).get("state", {}).get("status")
-        if status in FINAL:
+        status = self._outcome(entry, record)
+        if status is not None:
             self._finalise(wf_id, status)
+        elif ended_itself:
+            self.log(f"workflow {wf_id} ended unfinished, at step {(record or {}).get('state', {}).get('current_step')}"
+                     "; starting it again")
+            self.after_commit(lambda: self._launch(wf_id))
+
+    @staticmethod
+    def _outcome(entry: dict[str, Any], record: dict[str, Any] | None) -> str | None:
+        """The final status a workflow's own record gives, or None if it is still to run: a
+        retry or skip asked for and not yet taken up by its process (the record still parked,
+        with no commit since the ask) is still to run."""
+        status = (record or {}).get("state", {}).get("status")
+        if status == "parked" and entry.get("resume") and (record or {}).get("seq", 0) <= entry.get("resume_seq", 0):
+            return None
+        return status if status in FINAL else None
 
     def _finalise(self, wf_id: str, status: str) -> None:
         """running -> a final status, once: the counters move only on this transition."""
         entry = self.workflows[wf_id]
         if entry["status"] != "running":
             return
-        self.workflows[wf_id] = {**entry, "status": status, "finished_at": time.time()}
+        self.workflows[wf_id] = {**{k: v for k, v in entry.items() if k not in ("resume", "resume_seq")},
+                                 "status": status,
+                                 "finished_at": time.time()}
         if status == "completed":
             self.completed_count += 1
         elif status == "parked":
@@ -235,6 +309,8 @@ class CoordinatorAgent(Agent):
         self.finished.append(wf_id)
         while len(self.finished) > self.retention:  # the counters stay lifetime counts
             old = self.finished.popleft()
+            if self.workflows.get(old, {}).get("status") not in FINAL:
+                continue  # parked, then retried or skipped: running again (it comes back here at its end)
             if self.workflows.pop(old, None) is not None:
                 self.forgetting[old] = True
                 self.after_commit(lambda old=old: self._forget(old))
@@ -250,9 +326,8 @@ class CoordinatorAgent(Agent):
         for wf_id, entry in list(self.workflows.items()):
             if entry["status"] != "running" or wf_id in children:
                 continue
-            record = self.read_state(wf_id)
-            status = (record or {}).get("state", {}).get("status")
-            if status in FINAL:
+            status = self._outcome(entry, self.read_state(wf_id))
+            if status is not None:
                 self._finalise(wf_id, status)
             else:
                 self.after_commit(lambda wf_id=wf_id: self._launch(wf_id))

@@ -10,12 +10,15 @@ committed after every step, and the step's attempt count is committed *before* t
 runs, so:
 
 * after a crash it resumes at ``current_step``; a step whose result was saved never runs again;
-* a step that crashed the process ``poison_after`` times is not run again: the workflow is
-  *parked* with the reason, and exits normally (the supervisor leaves it down);
+* a step that failed ``poison_after`` times (it raised, or the process died in it) is not run
+  again: the workflow is *parked* with the reason, and exits normally (the supervisor leaves it
+  down);
 * a normal finish is a normal exit.  Its record stays in the store for the coordinator.
 
 Steps run on a worker thread, so the process keeps its heartbeat during a long step.  A step
-that raises crashes the process (the supervisor restarts it and it tries the step again).
+that raises is a failed attempt: once why is committed, the same process tries again.  It is
+no crash: crashes count against the supervisor's restart intensity, and one bad input given to
+many workflows (a step that raises on it) would take the supervisor, then the root, down.
 
 Which handlers may run is the config's: ``args.handlers`` (fnmatch patterns on
 ``module:function``, default ``["otpd.examples.steps:*"]``), set in the dynamic supervisor's
@@ -36,6 +39,7 @@ import fnmatch
 import time
 from typing import Any
 
+from otpd import codec
 from otpd.agent.base import Agent
 from otpd.agents import error_text, handler_patterns, int_arg, load_handler, timeout_arg, unknown_args
 from otpd.errors import OtpdError
@@ -69,10 +73,6 @@ def check_definition(definition: Any, patterns: list[str], whose: str = "the coo
 
 def allowed(handler: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(handler, p) for p in patterns)
-
-
-class StepCrashed(Exception):
-    """A step handler raised: the process ends as a crash, to be restarted."""
 
 
 class WorkflowProcess(Agent):
@@ -151,16 +151,9 @@ class WorkflowProcess(Agent):
         return list(self.definition.get("steps") or [])
 
     def handle_info(self, message: Any) -> None:
-        # ("crash", error) comes one turn of the loop after it was asked for, so after the
-        # commit that records why, and whether that commit worked or not (store_full): a
-        # step that is done must never leave the process idle.
         if isinstance(message, tuple):
             if message[0] == "timeout":
                 self._timed_out(message[1])
-            elif message[0] == "crash":
-                error = message[1]
-                raise StepCrashed(f"step {self.current_step} of {self.workflow_id} raised "
-                                  f"{type(error).__name__}: {error}") from error
             return
         if message != "step" or self.status != "running" or self.asked or self.in_step:
             return  # (a retry that comes while the step it was for is asked or runs)
@@ -186,7 +179,7 @@ class WorkflowProcess(Agent):
         if tries >= int(self.args.get("poison_after", 3)):
             self.status, self.finished_at = "parked", time.time()
             self.parked_reason = (f"step {self.current_step} ({step.get('name') or step.get('handler')}) "
-                                  f"crashed {tries} times")
+                                  f"failed {tries} times")
             if key in self.errors:
                 self.parked_reason += f"; the last one {self.errors[key]}"
             self.after_commit(self.stop)
@@ -221,7 +214,7 @@ class WorkflowProcess(Agent):
             fn = load_handler(step["handler"])
         except OtpdError as err:  # a failed attempt like a step that raised, with why in errors
             self.in_step = False
-            self._attempt_failed(f"did not start: {err.message}", err)
+            self._attempt_failed(f"did not start: {err.message}")
             return
         timeout = self._timeout(step)
         self.run_in_worker(fn, dict(step.get("args") or {}), list(self.task_results), done=self._step_done,
@@ -241,11 +234,12 @@ class WorkflowProcess(Agent):
         self.log(f"step {index} of {self.workflow_id} {text}; ending this process to free its worker")
         self.end_after_commit(system.EXIT_TIMEOUT)
 
-    def _attempt_failed(self, why: str, error: BaseException) -> None:
-        """Record why the current step's attempt failed; the process crashes a turn later, after
-        the commit that keeps why (and the attempt counts, as any attempt the process died in)."""
+    def _attempt_failed(self, why: str) -> None:
+        """Record why the current step's attempt failed; once that is committed, the next
+        attempt (its count is on disk already), or the park after ``poison_after``.  If the
+        commit fails (store_full), ``on_rollback`` tries the step again later."""
         self.errors = {**self.errors, str(self.current_step): why}
-        self.send_after(0, ("crash", error))
+        self.after_commit(lambda: self.send_after(0, "step"))
 
     def _step_done(self, result: Any, error: BaseException | None) -> None:
         self.in_step = False
@@ -254,7 +248,13 @@ class WorkflowProcess(Agent):
             self.deadline = None
         key = str(self.current_step)
         if error is not None:
-            self._attempt_failed(f"raised {error_text(error)}", error)
+            self._attempt_failed(f"raised {error_text(error)}")
+            return
+        try:
+            codec.pack(result)
+        except Exception as exc:  # (a set, an object): saved, it would fail every commit after it
+            self._attempt_failed(f"returned what cannot be saved ({type(exc).__name__}: {exc}; a step returns "
+                                 "msgpack values: None, bool, int, float, str, bytes, list, dict)")
             return
         self.errors.pop(key, None)  # "why the last attempt failed": it did not
         self.task_results.append(result)

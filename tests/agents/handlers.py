@@ -62,3 +62,21 @@ class Hog(Agent):
         if request == "held_mb":
             return sum(len(b) for b in self.held) >> 20
         return request
+
+
+class _BadStr(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no str for you")
+
+
+class _NotStr(Exception):
+    def __str__(self) -> str:
+        return 42  # type: ignore[return-value]
+
+
+def raises_bad_str(payload: Any) -> None:
+    raise _BadStr()
+
+
+def raises_not_str(payload: Any) -> None:
+    raise _NotStr()

@@ -31,3 +31,29 @@ def boom(args: dict[str, Any], results: list[Any]) -> Any:
 
 def crash(args: dict[str, Any], results: list[Any]) -> Any:
     os._exit(3)
+
+
+class BadStr(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no str for you")
+
+
+class NotStr(Exception):
+    def __str__(self) -> str:
+        return 42  # type: ignore[return-value]
+
+
+def raises_bad_str(args: dict[str, Any], results: list[Any]) -> Any:
+    _log(args, "bad_str")
+    raise BadStr()
+
+
+def returns_a_set(args: dict[str, Any], results: list[Any]) -> Any:
+    _log(args, "set")
+    return {1, 2, 3}
+
+
+def exits_0(args: dict[str, Any], results: list[Any]) -> Any:
+    """Ends the process with status 0, as a normal exit looks."""
+    _log(args, "exit0")
+    os._exit(0)
