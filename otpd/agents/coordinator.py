@@ -27,12 +27,12 @@ no limit) bounds each step of every workflow; a step's own ``timeout_s`` overrid
 
 from __future__ import annotations
 
+import sys
 import time
 import uuid
 from typing import Any
 
 from otpd.agent.base import Agent
-from otpd.agent.runtime import load_class
 from otpd.agent.state import PersistentMap, PersistentQueue
 from otpd.agents import handler_patterns, int_arg, timeout_arg, unknown_args
 from otpd.agents.workflow import FINAL, WorkflowProcess, check_definition
@@ -121,10 +121,12 @@ class CoordinatorAgent(Agent):
             return False
         if record is None:
             return True
-        try:
-            return issubclass(load_class(str(record.get("agent"))), WorkflowProcess)
-        except Exception:  # a class that is not there (any more): not a workflow we know
-            return False
+        # The writer's class, looked up among the modules imported already (the daemon imported
+        # every agent class of the config before it forked this process): a name read from the
+        # store is never imported here.
+        module, _, name = str(record.get("agent")).partition(":")
+        cls = getattr(sys.modules.get(module), name, None)
+        return isinstance(cls, type) and issubclass(cls, WorkflowProcess)
 
     def op_status(self, request: dict[str, Any]) -> Any:
         wf_id = self._known(request)
