@@ -98,6 +98,9 @@ class CoordinatorAgent(Agent):
             raise OtpdError("bad_request", f"{wf_id!r} is not a valid workflow id")
         elif wf_id in self.workflows:
             return {"workflow_id": wf_id, "existing": True}
+        elif wf_id in self.forgetting:  # its records are still to delete: a new one would lose its own
+            raise OtpdError("already_exists", f"{wf_id!r} was a workflow whose records are being deleted: "
+                            "try again in a moment, or choose another id", {"workflow_id": wf_id})
         else:
             self._refuse_taken(wf_id)
         self.workflows[wf_id] = {"status": "running", "definition": definition, "created_at": time.time()}
@@ -206,6 +209,8 @@ class CoordinatorAgent(Agent):
                     self._park(wf_id, f"not started: {wf_id!r} is the id of another child")
             elif err.code == "shutting_down":  # the supervisor is stopped: its "ready" reconciles
                 self.log(f"workflow {wf_id} waits for {self.supervisor!r}: {err.message}")
+            elif err.code in ("bad_request", "not_found", "config_invalid"):  # no retry would change it
+                self._park(wf_id, f"not started: {err.message}")
             else:  # the daemon busy (timeout), a supervisor gone from the config: again later
                 self.log(f"workflow {wf_id} not started yet ({err.code}: {err.message}); trying again")
                 self.send_after(self.RETRY_S, ("launch", wf_id))
@@ -275,7 +280,7 @@ class CoordinatorAgent(Agent):
         entry = self.workflows.get(wf_id)
         if entry is None or entry["status"] != "running":
             return
-        record = self.read_state(wf_id)
+        record = self._record(wf_id)
         status = self._outcome(entry, record)
         if status is not None:
             self._finalise(wf_id, status)
@@ -283,6 +288,15 @@ class CoordinatorAgent(Agent):
             self.log(f"workflow {wf_id} ended unfinished, at step {(record or {}).get('state', {}).get('current_step')}"
                      "; starting it again")
             self.after_commit(lambda: self._launch(wf_id))
+
+    def _record(self, wf_id: str) -> dict[str, Any] | None:
+        """A workflow's own record; one that does not load is read as parked, with why (its
+        process cannot start on it either): one bad record must not stop this agent."""
+        try:
+            return self.read_state(wf_id)
+        except OtpdError as err:
+            self.workflows[wf_id] = {**self.workflows[wf_id], "parked_reason": f"its record: {err.message}"}
+            return {"state": {"status": "parked"}, "seq": 1 << 62}
 
     @staticmethod
     def _outcome(entry: dict[str, Any], record: dict[str, Any] | None) -> str | None:
@@ -299,20 +313,23 @@ class CoordinatorAgent(Agent):
         entry = self.workflows[wf_id]
         if entry["status"] != "running":
             return
+        queued = entry.get("in_finished", False)  # parked before, then retried: its place is kept
         self.workflows[wf_id] = {**{k: v for k, v in entry.items() if k not in ("resume", "resume_seq")},
-                                 "status": status,
-                                 "finished_at": time.time()}
+                                 "status": status, "finished_at": time.time(), "in_finished": True}
         if status == "completed":
             self.completed_count += 1
         elif status == "parked":
             self.failed_count += 1
         else:
             self.cancelled_count += 1
-        self.finished.append(wf_id)
+        if not queued:
+            self.finished.append(wf_id)
         while len(self.finished) > self.retention:  # the counters stay lifetime counts
             old = self.finished.popleft()
-            if self.workflows.get(old, {}).get("status") not in FINAL:
-                continue  # parked, then retried or skipped: running again (it comes back here at its end)
+            kept = self.workflows.get(old)
+            if kept is not None and kept["status"] not in FINAL:  # parked, then retried: running again
+                self.workflows[old] = {**kept, "in_finished": False}  # (queued again at its end)
+                continue
             if self.workflows.pop(old, None) is not None:
                 self.forgetting[old] = True
                 self.after_commit(lambda old=old: self._forget(old))
@@ -328,7 +345,7 @@ class CoordinatorAgent(Agent):
         for wf_id, entry in list(self.workflows.items()):
             if entry["status"] != "running" or wf_id in children:
                 continue
-            status = self._outcome(entry, self.read_state(wf_id))
+            status = self._outcome(entry, self._record(wf_id))
             if status is not None:
                 self._finalise(wf_id, status)
             else:

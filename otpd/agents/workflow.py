@@ -123,7 +123,8 @@ class WorkflowProcess(Agent):
         self.asked = False  # a step's attempt is counted, not yet committed: it runs once it is
         self.in_step = False  # a step runs on the worker
         self.succeeded = False  # a step's result is recorded, not yet committed
-        self.redo = False  # a rollback lost that result: run the step again, as the same attempt
+        self.redo = False  # a rollback lost that result: run the step again, as the same attempt...
+        self.redos = 0  # ... up to poison_after times in a row; then as new attempts, which park it
         if not self.workflow_id:  # the first start: the definition comes with the args
             self.workflow_id = self.args.get("workflow_id") or self.id
             self.definition = self.args["definition"]
@@ -161,10 +162,13 @@ class WorkflowProcess(Agent):
             self.status, self.finished_at = "completed", time.time()
             self.after_commit(self.stop)  # a final status on disk first: a rollback keeps it running
             return
-        if self.redo:  # its attempt succeeded and is counted already: not one more, not a crash
-            self.redo, self.asked = False, True
+        if self.redo and self.redos < int(self.args.get("poison_after", 3)):
+            # its attempt succeeded and is counted already: not one more, not a crash (but a
+            # result that never fits, store_full every time, must not run again for ever)
+            self.redo, self.asked, self.redos = False, True, self.redos + 1
             self.after_commit(self._run_step)
             return
+        self.redo = False
         key = str(self.current_step)
         tries = self.attempts.get(key, 0)
         step = self.steps[self.current_step]
@@ -251,7 +255,7 @@ class WorkflowProcess(Agent):
             self._attempt_failed(f"raised {error_text(error)}")
             return
         try:
-            codec.pack(result)
+            codec.unpack(codec.pack(result))  # (a tuple as a map key packs, and does not load back)
         except Exception as exc:  # (a set, an object): saved, it would fail every commit after it
             self._attempt_failed(f"returned what cannot be saved ({type(exc).__name__}: {exc}; a step returns "
                                  "msgpack values: None, bool, int, float, str, bytes, list, dict)")
@@ -263,7 +267,7 @@ class WorkflowProcess(Agent):
         self.after_commit(self._advance)  # the result is committed before the next step starts
 
     def _advance(self) -> None:
-        self.succeeded = False
+        self.succeeded, self.redos = False, 0
         self.send_after(0, "step")
 
     def handle_call(self, request: Any) -> Any:

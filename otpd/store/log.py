@@ -90,6 +90,9 @@ def _parse(data: bytes, agent_id: str, out: Replay) -> None:
             break
         length, crc = HEADER.unpack_from(data, pos)
         end = pos + HEADER.size + length
+        if length == 0 and not data[pos:].strip(b"\0"):  # zeros to the end: a power cut after the file grew
+            out.torn = True
+            break
         if end > size:
             if _entry_after(data, pos, out.entries[-1][0] if out.entries else 0):
                 # Not the last write cut short: its length is wrong (a bad byte), and an entry

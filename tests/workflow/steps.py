@@ -57,3 +57,15 @@ def exits_0(args: dict[str, Any], results: list[Any]) -> Any:
     """Ends the process with status 0, as a normal exit looks."""
     _log(args, "exit0")
     os._exit(0)
+
+
+def tuple_key(args: dict[str, Any], results: list[Any]) -> Any:
+    """Packs (a tuple as a map key), and does not load back."""
+    _log(args, "tuple")
+    return {(1, 2): "x"}
+
+
+def big(args: dict[str, Any], results: list[Any]) -> Any:
+    """A result a 1 MiB store can never take."""
+    _log(args, "big")
+    return b"x" * (2 << 20)

@@ -155,6 +155,7 @@ def test_one_bad_input_given_to_many_workflows_parks_them_and_nothing_else(daemo
 @pytest.mark.parametrize("step, why", [
     ("raises_bad_str", "raised BadStr: <its message could not be read: ValueError>"),
     ("returns_a_set", "returned what cannot be saved (TypeError"),
+    ("tuple_key", "returned what cannot be saved (TypeError"),  # (it packed: its record did not load, exit 4)
 ])
 def test_a_step_that_fails_oddly_is_parked_with_why(daemon: Any, tmp_path: Path, step: str, why: str) -> None:
     d = daemon(TREE)
@@ -194,3 +195,84 @@ args = {{ handler = "tests.agents.handlers:{handler}", max_attempts = 3 }}
     task = _until(lambda: (t := d.request("task.get", {"id": "tasks", "task_id": "odd"}))["state"] == "dead" and t)
     assert d.pid_of("tasks") == pid, task
     assert task["last_error"] == error and task["attempts"] == 3
+
+
+def test_a_result_the_store_can_never_take_is_parked_not_run_for_ever(daemon: Any, tmp_path: Path) -> None:
+    """Found by a review helper: each store_full ran the step again as the same attempt, once a
+    second for ever.  Now as the same attempt poison_after times in a row at most."""
+    d = daemon("[store]\nmap_size_mb = 1\nmap_size_max_mb = 1\n" + TREE)
+    log = tmp_path / "log"
+    wf = d.request("workflow.start", {"definition": {"steps": [
+        {"handler": STEPS + "big", "args": {"log": str(log)}}]}})["workflow_id"]
+    parked = until_status(d, wf, "parked", timeout=60)
+    assert "failed 3 times" in parked["parked_reason"] and len(log.read_text().split()) <= 2 * 3
+
+
+def test_retention_counts_a_workflow_parked_then_skipped_once(daemon: Any, tmp_path: Path) -> None:
+    """It was queued among the finished at its park and again at its end: two workflows ended,
+    retention 2, and the first was forgotten (found by a review helper)."""
+    d = daemon(KEEPING.format(retention=2))
+    log = tmp_path / "log"
+    a = d.request("workflow.start", {"definition": {"steps": [
+        {"handler": STEPS + "boom", "args": {"log": str(log)}},
+        {"handler": STEPS + "record", "args": {"name": "a", "log": str(log)}}]}})["workflow_id"]
+    until_status(d, a, "parked")
+    d.request("workflow.skip", {"workflow_id": a})
+    until_status(d, a, "completed")
+    b = d.request("workflow.start", {"definition": {"steps": [
+        {"handler": STEPS + "record", "args": {"name": "b", "log": str(log)}}]}})["workflow_id"]
+    until_status(d, b, "completed")
+    assert {r["workflow_id"] for r in d.request("workflow.list")["workflows"]} == {a, b}
+
+
+def test_the_id_of_a_workflow_being_forgotten_is_taken_only_once_it_is(daemon: Any, tmp_path: Path) -> None:
+    """Taken at once, the new workflow's launch met the old process, and the old one's pending
+    deletion took the new one's records (found by a review helper)."""
+    d = daemon(KEEPING.format(retention=0))
+    log, fifo = tmp_path / "log", tmp_path / "gate.fifo"
+    os.mkfifo(fifo)
+    d.request("workflow.start", {"workflow_id": "reuse", "definition": {"steps": [
+        {"handler": STEPS + "gate", "args": {"fifo": str(fifo), "log": str(log)}}]}})
+    writer = os.open(fifo, os.O_WRONLY)  # its step runs: the process holds its records
+    second = {"steps": [{"handler": STEPS + "record", "args": {"name": "second", "log": str(log)}}]}
+    try:
+        d.request("workflow.cancel", {"workflow_id": "reuse"})  # retention 0: forgotten once it is down
+        with pytest.raises(OtpdError) as err:
+            d.request("workflow.start", {"workflow_id": "reuse", "definition": second})
+        assert err.value.code == "already_exists" and "being deleted" in err.value.message
+    finally:
+        os.close(writer)
+
+    def taken() -> bool:
+        try:
+            d.request("workflow.start", {"workflow_id": "reuse", "definition": second})
+        except OtpdError as exc:
+            assert exc.code == "already_exists", exc
+            return False
+        return True
+    _until(taken)
+    assert d.request("workflow.status", {"workflow_id": "reuse"})["status"] in ("running", "completed")
+    assert _until(lambda: "second" in log.read_text().split())
+
+
+def test_a_launch_the_daemon_refuses_for_good_parks_the_workflow(daemon: Any) -> None:
+    """The coordinator's supervisor is not a dynamic one: the launch was retried every second
+    for ever, the workflow running (found by a review helper)."""
+    d = daemon("""
+[[root.children]]
+id = "static"
+supervisor = "static"
+
+[[root.children.children]]
+id = "echo"
+agent = "otpd.agents.echo:EchoAgent"
+
+[[root.children]]
+id = "coordinator"
+agent = "otpd.agents.coordinator:CoordinatorAgent"
+args = { supervisor = "static" }
+""")
+    wf = d.request("workflow.start", {"definition": {"steps": [
+        {"handler": "otpd.examples.steps:words", "args": {"text": "a"}}]}})["workflow_id"]
+    parked = until_status(d, wf, "parked")
+    assert "not a dynamic supervisor" in parked["parked_reason"]
